@@ -1,0 +1,187 @@
+"""Datasets and the deterministic sample plan: training, calibration, sensitivity batch pool, evaluation.
+
+Usage:
+    spec = DataSpec(name="digits")
+    train, test = load_split(spec, "train"), load_split(spec, "test")
+    plan = SamplePlan(len(train), calibration_samples=256, pool_batches=8, batch_size=64, seed=0)
+    x, y = stack(train, plan.pool_batch(3))          # sensitivity batch 3
+    batches = sensitivity_set(n=4, set_id=1, pool_batches=8, seed=0)   # batch ids of set_4x1
+
+`digits` is scikit-learn's bundled 8x8 handwritten digits (no download). CIFAR-10/100 are read by
+torchvision from a local root (download=False); ImageNet-style data from `root/{train,val}/<class>/*`.
+Calibration samples and the sensitivity pool are disjoint parts of the training split; evaluation
+uses the held-out split only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+__all__ = ["DATASETS", "DataSpec", "load_split", "SamplePlan", "sensitivity_set", "stack", "iterate"]
+
+DATASETS = {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100), "imagenet": (3, 1000)}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a dataset lives and how it is prepared.
+
+    Args:
+        name: digits | cifar10 | cifar100 | imagenet.
+        root: local directory (required for everything but digits).
+        test_fraction: held-out fraction of digits (stratified, seeded split).
+        image_size: ImageNet crop size (resize is 8/7 of it).
+        seed: seed of the digits split.
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    test_fraction: float = 0.25
+    image_size: int = 224
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.name not in DATASETS:
+            raise ValueError(f"dataset name {self.name!r}: expected one of {sorted(DATASETS)}")
+        if self.name != "digits":
+            if not self.root:
+                raise ValueError(f"dataset {self.name!r} needs a local 'root' directory")
+            if not Path(self.root).is_dir():
+                raise FileNotFoundError(f"dataset root {self.root!r} for {self.name!r} is not a directory")
+
+    @property
+    def in_channels(self) -> int:
+        return DATASETS[self.name][0]
+
+    @property
+    def num_classes(self) -> int:
+        return DATASETS[self.name][1]
+
+
+def _digits(spec: DataSpec, split: str) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)  # (1797, 64) in 0..16
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=spec.test_fraction, random_state=spec.seed, stratify=y
+    )
+    mean, std = x_tr.mean(), x_tr.std()  # statistics of the training split only
+    x_sel, y_sel = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+    images = torch.tensor((x_sel - mean) / std, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    return TensorDataset(images, torch.tensor(y_sel, dtype=torch.long))
+
+
+def _cifar(spec: DataSpec, split: str) -> Dataset:
+    import torchvision
+    import torchvision.transforms as T
+
+    cls = torchvision.datasets.CIFAR10 if spec.name == "cifar10" else torchvision.datasets.CIFAR100
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    try:
+        return cls(spec.root, train=split == "train", transform=tf, download=False)
+    except RuntimeError as err:
+        raise FileNotFoundError(f"{spec.name} not found under root {spec.root!r}: {err}") from None
+
+
+def _imagenet(spec: DataSpec, split: str) -> Dataset:
+    import torchvision
+    import torchvision.transforms as T
+
+    folder = Path(spec.root) / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ImageNet-style folder {str(folder)!r} does not exist (expected <root>/train and <root>/val)")
+    tf = T.Compose(
+        [
+            T.Resize(spec.image_size * 8 // 7),
+            T.CenterCrop(spec.image_size),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    return torchvision.datasets.ImageFolder(str(folder), transform=tf)
+
+
+def load_split(spec: DataSpec, split: str) -> Dataset:
+    """The `train` or `test` split of a dataset (ImageNet's `val` serves as `test`)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split {split!r}: expected 'train' or 'test'")
+    loader = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar, "imagenet": _imagenet}[spec.name]
+    return loader(spec, split)
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Seeded, disjoint use of the training split: calibration samples, then the sensitivity pool.
+
+    Args:
+        n_train: size of the training split.
+        calibration_samples: samples used to calibrate quantizers.
+        pool_batches: number of sensitivity batches in the pool.
+        batch_size: samples per sensitivity batch.
+        seed: seed of the permutation.
+    """
+
+    n_train: int
+    calibration_samples: int
+    pool_batches: int
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self):
+        need = self.calibration_samples + self.pool_batches * self.batch_size
+        if need > self.n_train:
+            raise ValueError(
+                f"calibration_samples + pool_batches*batch_size = {need} exceeds the "
+                f"{self.n_train} training samples"
+            )
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng(self.seed).permutation(self.n_train)
+
+    def calibration(self) -> np.ndarray:
+        """Indices of the calibration samples."""
+        return self._perm()[: self.calibration_samples]
+
+    def pool_batch(self, b: int) -> np.ndarray:
+        """Indices of sensitivity batch b (0-based). Batch b does not depend on pool size."""
+        if not 0 <= b < self.pool_batches:
+            raise ValueError(f"batch index {b} outside the pool 0..{self.pool_batches - 1}")
+        start = self.calibration_samples + b * self.batch_size
+        return self._perm()[start : start + self.batch_size]
+
+
+def sensitivity_set(n: int, set_id: int, pool_batches: int, seed: int = 0) -> list[int]:
+    """Batch ids of `set_{n}x{set_id}`: a seeded shuffle of the pool, disjoint across ids while it lasts."""
+    if not 1 <= n <= pool_batches:
+        raise ValueError(f"set size {n} must be within 1..pool_batches={pool_batches}")
+    perm = np.random.default_rng(seed + 7919).permutation(pool_batches)
+    return sorted(int(perm[(set_id * n + k) % pool_batches]) for k in range(n))
+
+
+def stack(dataset: Dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather samples into one batch: images (B, C, H, W) and labels (B,)."""
+    if isinstance(dataset, TensorDataset):
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return dataset.tensors[0][idx], dataset.tensors[1][idx]
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def iterate(dataset: Dataset, batch_size: int, indices=None, workers: int = 0):
+    """Yield (x, y) batches over `indices` (default: all) in order."""
+    indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+    if isinstance(dataset, TensorDataset) or workers == 0:
+        for s in range(0, len(indices), batch_size):
+            yield stack(dataset, indices[s : s + batch_size])
+        return
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=workers
+    )
+    yield from loader

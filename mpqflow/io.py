@@ -1,0 +1,102 @@
+"""Atomic artifact writing and reading: every output appears whole under its final name or not at all.
+
+Usage:
+    save_json(path, {"top1": 0.98})            # temp file in the same directory, fsync, rename
+    save_torch(path, state_dict)
+    save_npz(path, G=G, count=n)
+    with atomic_path("plot.png") as tmp: fig.savefig(tmp)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["atomic_path", "save_json", "load_json", "save_torch", "save_npz", "load_npz", "setup_logging"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None):
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonable(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_json(path: str | Path, data) -> None:
+    """Write `data` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def load_json(path: str | Path):
+    """Read a JSON artifact; a broken file is an error naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def save_torch(path: str | Path, obj) -> None:
+    """torch.save, atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_npz(path: str | Path, **arrays) -> None:
+    """np.savez_compressed, atomically (`path` keeps its .npz name)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def load_npz(path: str | Path) -> dict:
+    """All arrays of an .npz file as a dict (0-d arrays of strings become str)."""
+    with np.load(path, allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files}
+    return {k: (str(v) if v.dtype.kind == "U" and v.ndim == 0 else v) for k, v in out.items()}
+
+
+def setup_logging(log_file: str | Path | None) -> logging.Logger:
+    """Send the `mpqflow` logger and stderr (tqdm, warnings, tracebacks) to a rule's log file."""
+    logger = logging.getLogger("mpqflow")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        stream = open(log_file, "w", buffering=1)
+        sys.stderr = stream
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    return logger

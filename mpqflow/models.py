@@ -1,0 +1,192 @@
+"""Model zoo: the digits CNN, CIFAR-style ResNet-20/32/56 and any torchvision classifier.
+
+Usage:
+    model = build_model("resnet20", in_channels=1, num_classes=10)
+    model = build_model("torchvision:resnet18", num_classes=1000, weights="/data/resnet18.pth")
+
+Weights are only ever read from a local file (never downloaded). `quantizable_layers(model)` lists the
+Conv2d/Linear layers in execution order; the first and last are the ones fixed at 8 bits by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "ARCHS",
+    "DigitsCNN",
+    "CifarResNet",
+    "build_model",
+    "load_weights",
+    "quantizable_layers",
+    "layer_macs",
+    "file_sha256",
+]
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 8x8 digits: two 3x3 convs, a pooled linear head."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):  # (B, C, H, W)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)  # (B, 2w, H/2, W/2)
+        x = F.relu(self.conv3(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, 2w)
+        return self.fc(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; the shortcut is a 1x1 conv + BN when the shape changes (option B)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style ResNet (He et al. 2016, section 4.2): 3 stages of n blocks, widths 16/32/64."""
+
+    def __init__(self, depth: int, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for b in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if b == 0 else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):  # (B, C, H, W)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))  # (B, 64, H/4, W/4)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, 64)
+        return self.fc(x)
+
+
+ARCHS = {
+    "digits_cnn": lambda c, k: DigitsCNN(c, k),
+    "resnet20": lambda c, k: CifarResNet(20, c, k),
+    "resnet32": lambda c, k: CifarResNet(32, c, k),
+    "resnet56": lambda c, k: CifarResNet(56, c, k),
+}
+
+
+def build_model(arch: str, in_channels: int = 3, num_classes: int = 10, weights: str | None = None):
+    """Build a model by name; load a local state_dict if `weights` is given.
+
+    Args:
+        arch: one of ARCHS, or `torchvision:<name>` for any torchvision classification model.
+        in_channels: image channels (zoo models only; torchvision models take 3).
+        num_classes: classifier outputs.
+        weights: path to a local state_dict (or full checkpoint with a `state_dict` key).
+    """
+    if arch.startswith("torchvision:"):
+        import torchvision
+
+        name = arch.split(":", 1)[1]
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown torchvision classification model {name!r} in arch {arch!r}")
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    elif arch in ARCHS:
+        model = ARCHS[arch](in_channels, num_classes)
+    else:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHS)} or 'torchvision:<name>'")
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a local state_dict file into `model` (strict); a missing file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights file {str(path)!r} does not exist (weights are never downloaded)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {str(path)!r} does not fit the model: {err}") from None
+    return model
+
+
+def quantizable_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order they execute on `example`."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per sample of each Conv2d/Linear layer (grouped convs counted per group)."""
+    macs: dict[str, int] = {}
+
+    def hook(mod, inp, out, name):
+        per_out = mod.weight[0].numel()  # (C_in/groups * kh * kw) MACs per output element
+        macs[name] = macs.get(name, 0) + per_out * out[0].numel()
+
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, name=name: hook(mod, i, o, name))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (identifies a checkpoint in every artifact)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,78 @@
+"""Train a full-precision model (the embedded default trains ResNet-20 on digits in about a minute).
+
+Usage:
+    model = train_model(model, train_set, TrainConfig(epochs=40), device="cpu")
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import stack
+
+__all__ = ["TrainConfig", "train_model", "seed_everything"]
+log = logging.getLogger("mpqflow")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD with momentum, cosine learning-rate decay, random-shift augmentation."""
+
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment_shift: int = 1  # max pixels of random translation (0 = off)
+    seed: int = 0
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch and numpy; return a torch generator for sampling."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to max_shift pixels with zero padding (per batch)."""
+    if max_shift == 0:
+        return x
+    dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=gen))
+    padded = F.pad(x, (max_shift,) * 4)  # (B, C, H+2s, W+2s)
+    h, w = x.shape[-2:]
+    return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
+
+
+def train_model(model, train_set, cfg: TrainConfig, device="cpu"):
+    """Train `model` in place on `train_set`; returns the model in eval mode."""
+    gen = seed_everything(cfg.seed)
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    steps = cfg.epochs * -(-len(train_set) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    bar = tqdm(range(cfg.epochs), desc="train", mininterval=2)
+    for epoch in bar:
+        perm = torch.randperm(len(train_set), generator=gen).numpy()
+        total, correct, loss_sum = 0, 0, 0.0
+        for s in range(0, len(perm), cfg.batch_size):
+            x, y = stack(train_set, perm[s : s + cfg.batch_size])
+            x, y = _shift(x, cfg.augment_shift, gen).to(device), y.to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+        bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+        log.info("epoch %d loss %.4f train-acc %.4f", epoch, loss_sum / total, correct / total)
+    return model.eval()
