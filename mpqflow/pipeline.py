@@ -25,6 +25,7 @@ from .quant import ModelQuantizer, QuantScheme
 from .train import TrainConfig, seed_everything, train_model
 
 __all__ = [
+    "stage_config",
     "resolve_device",
     "data_spec",
     "sample_plan",
@@ -35,8 +36,18 @@ __all__ = [
     "Context",
     "load_context",
     "evaluate_assignment",
+    "parse_option",
+    "evaluate_uniform",
 ]
 log = logging.getLogger("mpqflow")
+
+
+def stage_config(params_cfg: dict, config: dict, threads: int) -> dict:
+    """A stage's config: the sections its rule passes as params, plus execution settings (device, threads).
+
+    Execution settings are not params, so changing them reruns nothing.
+    """
+    return {**params_cfg, "device": config.get("device", "auto"), "threads": threads}
 
 
 def resolve_device(cfg: dict) -> torch.device:
@@ -173,13 +184,15 @@ def calibrate(cfg: dict, model: str, checkpoint: str, out_path: str) -> None:
     seed_everything(cfg["seed"])
     spec = data_spec(cfg, model)
     train = load_split(spec, "train")
-    plan = sample_plan(cfg, len(train))
+    # The calibration samples do not depend on the sensitivity pool, so growing the pool keeps them.
+    plan = SamplePlan(len(train), cfg["quant"]["calibration_samples"], 0, 1, cfg["seed"])
     net = load_model(cfg, model, checkpoint, device)
     example, _ = stack(train, plan.calibration()[:2])
     table = layer_table(cfg, net, example.to(device))
     quantizer = _quantizer(cfg, net, table)
-    bs = cfg["sensitivity"]["batch_size"]
-    batches = (x.to(device) for x, _ in iterate(train, bs, plan.calibration(), cfg["models"][model]["dataset"]["workers"]))
+    bs = cfg["quant"]["calibration_batch_size"]
+    workers = cfg["models"][model]["dataset"]["workers"]
+    batches = (x.to(device) for x, _ in iterate(train, bs, plan.calibration(), workers))
     quantizer.calibrate(batches)
     save_torch(
         out_path,
@@ -267,4 +280,23 @@ def evaluate_assignment(ctx: Context, assignment: dict) -> dict:
         gbitops=ctx.table.bitops(assignment) / 1e9,
         assignment={l: list(o) for l, o in assignment.items()},
     )
+    return metrics
+
+
+def parse_option(name: str) -> tuple[int, int]:
+    """(4, 8) for 'w4a8'."""
+    w, a = name[1:].split("a")
+    return int(w), int(a)
+
+
+def evaluate_uniform(cfg: dict, model: str, checkpoint: str, calibration: str, option: str) -> dict:
+    """Evaluate every candidate layer at one option (fixed layers at their bits), next to the FP metrics."""
+    ctx = load_context(cfg, model, checkpoint, calibration)
+    opt = parse_option(option)
+    if opt not in ctx.table.options:
+        raise ValueError(f"option {option!r} is not in the option table {ctx.table.options}")
+    metrics = evaluate_assignment(ctx, ctx.uniform_assignment(opt))
+    fp = torch.load(checkpoint, map_location="cpu", weights_only=False)["fp_metrics"]
+    metrics.update(method="uniform", option=option, fp_top1=fp["top1"], fp_loss=fp["loss"])
+    log.info("uniform %s: top1 %.4f (FP %.4f)", option, metrics["top1"], fp["top1"])
     return metrics
