@@ -99,4 +99,7 @@ def setup_logging(log_file: str | Path | None) -> logging.Logger:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
+    if os.environ.get("SLURM_JOB_ID"):
+        # Proof (and a pointer for `sacct`) that this job ran under the scheduler.
+        logger.info("SLURM_JOB_ID=%s", os.environ["SLURM_JOB_ID"])
     return logger
