@@ -1,0 +1,174 @@
+"""ACIQ clipping: alpha* is a stationary point of the analytic MSE, the closed forms match quadrature,
+and alpha* agrees with a brute-force minimization of the empirical MSE on large samples.
+GEMMLOWP qparams represent 0.0 exactly and give at most 2^bits values per channel."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+
+from mpqflow.quant.aciq import (
+    aciq_alpha,
+    aciq_mse,
+    aciq_mse_grad,
+    aciq_range,
+    fit_prior,
+    gemmlowp_qparams,
+    optimal_clip_ratio,
+)
+
+CASES = [(p, one) for p in ("laplace", "gauss") for one in (False, True)]
+
+
+def _grid(alpha, bits, one_sided):
+    """The quantizer ACIQ models: 2^M levels spanning [-alpha, alpha] or [0, alpha]."""
+    return np.linspace(0.0 if one_sided else -alpha, alpha, 2**bits)
+
+
+def _quantize(x, alpha, bits, one_sided):
+    lo = 0.0 if one_sided else -alpha
+    step = (alpha - lo) / (2**bits - 1)
+    return lo + torch.clamp(torch.round((x - lo) / step), 0, 2**bits - 1) * step
+
+
+@pytest.mark.parametrize("prior,one_sided", CASES)
+@pytest.mark.parametrize("model", ["grid", "banner"])
+def test_alpha_is_stationary_point(prior, one_sided, model):
+    scale = 1.7
+    for bits in (2, 3, 4, 8, 12):
+        alpha = optimal_clip_ratio(bits, prior, one_sided=one_sided, model=model) * scale
+        kw = dict(one_sided=one_sided, model=model)
+        slope = abs(aciq_mse_grad(0.5 * alpha, bits, prior, scale, **kw))
+        # the analytic derivative is the derivative of the MSE ...
+        for a in (0.5 * alpha, alpha, 1.5 * alpha):
+            h = 1e-5 * a
+            fd = (aciq_mse(a + h, bits, prior, scale, **kw) - aciq_mse(a - h, bits, prior, scale, **kw)) / (2 * h)
+            assert aciq_mse_grad(a, bits, prior, scale, **kw) == pytest.approx(fd, rel=1e-4, abs=1e-5 * slope)
+        # ... it vanishes at alpha*, which is a minimum
+        assert abs(aciq_mse_grad(alpha, bits, prior, scale, **kw)) < 1e-8 * slope
+        mse = aciq_mse(alpha, bits, prior, scale, **kw)
+        assert mse < aciq_mse(0.97 * alpha, bits, prior, scale, **kw)
+        assert mse < aciq_mse(1.03 * alpha, bits, prior, scale, **kw)
+
+
+def test_banner_model_reproduces_published_constants():
+    # Banner et al. 2019: alpha* = 2.83b, 3.89b, 5.03b (Laplace), 1.71s, 2.15s, 2.55s (Gauss), M = 2, 3, 4
+    for prior, want in (("laplace", [2.83, 3.89, 5.03]), ("gauss", [1.71, 2.15, 2.55])):
+        got = [optimal_clip_ratio(m, prior, model="banner") for m in (2, 3, 4)]
+        assert got == pytest.approx(want, abs=0.01)
+    # one-sided with M bits has the two-sided Banner step of M + 1 bits
+    assert optimal_clip_ratio(3, "gauss", one_sided=True, model="banner") == pytest.approx(
+        optimal_clip_ratio(4, "gauss", model="banner"))
+    # 1 bit two-sided: levels +-alpha, optimum alpha = E|X| (b, sigma sqrt(2/pi))
+    assert optimal_clip_ratio(1, "laplace") == pytest.approx(1.0, rel=1e-9)
+    assert optimal_clip_ratio(1, "gauss") == pytest.approx(math.sqrt(2 / math.pi), rel=1e-9)
+
+
+@pytest.mark.parametrize("prior,one_sided", CASES)
+def test_grid_mse_matches_quadrature(prior, one_sided):
+    s = 0.8
+    if prior == "laplace":
+        pdf = (lambda x: math.exp(-x / s) / s) if one_sided else (lambda x: math.exp(-abs(x) / s) / (2 * s))
+    else:
+        pdf = (lambda x: 2 * math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi))) if one_sided \
+            else (lambda x: math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi)))
+    for bits, alpha in ((2, 1.3), (3, 2.9), (4, 0.7)):
+        lv = _grid(alpha, bits, one_sided)
+        edges = np.concatenate([[0.0 if one_sided else -60 * s], (lv[1:] + lv[:-1]) / 2, [60 * s]])
+        want = sum(integrate.quad(lambda x, q=q: (x - q) ** 2 * pdf(x), a, b, epsabs=1e-13)[0]
+                   for q, a, b in zip(lv, edges[:-1], edges[1:]))
+        assert aciq_mse(alpha, bits, prior, s, one_sided=one_sided) == pytest.approx(want, rel=1e-8)
+
+
+def _stratified(prior, n, scale, seed):
+    """A random sample of the prior with one draw per probability stratum (lower-variance MC)."""
+    g = torch.Generator().manual_seed(seed)
+    u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=g, dtype=torch.float64)) / n
+    if prior == "laplace":
+        return -scale * torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs())
+    return scale * torch.special.ndtri(u)
+
+
+class _EmpiricalMSE:
+    """Exact empirical MSE of the 2^M-level grid for any alpha in O(2^M log N) via prefix sums."""
+
+    def __init__(self, x):
+        self.xs, _ = torch.sort(x.double())
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.p = [torch.cat([zero, torch.cumsum(self.xs**k, 0)]) for k in (0, 1, 2)]
+
+    def __call__(self, alpha, bits, one_sided):
+        lv = torch.from_numpy(_grid(alpha, bits, one_sided))
+        cut = torch.searchsorted(self.xs, (lv[1:] + lv[:-1]) / 2)
+        idx = torch.cat([torch.tensor([0]), cut, torch.tensor([self.xs.numel()])])
+        s0, s1, s2 = (p[idx[1:]] - p[idx[:-1]] for p in self.p)
+        return float((s2 - 2 * lv * s1 + lv * lv * s0).sum() / self.xs.numel())
+
+
+def _brute_force_argmin(f, center):
+    grid = center * np.linspace(0.5, 1.7, 49)
+    i = int(np.argmin([f(a) for a in grid]))
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+    for _ in range(40):  # golden section on the bracket around the best grid point
+        c, d = b - 0.618 * (b - a), a + 0.618 * (b - a)
+        a, b = (a, d) if f(c) < f(d) else (c, b)
+    return (a + b) / 2
+
+
+@pytest.mark.parametrize("prior", ["laplace", "gauss"])
+def test_alpha_matches_brute_force_empirical_minimum(prior):
+    x = _stratified(prior, 2**22, scale=1.7, seed=0)
+    for one_sided in (False, True):
+        xx = x.abs() if one_sided else x
+        emp = _EmpiricalMSE(xx)
+        for bits in (2, 3, 4, 8):
+            alpha = float(aciq_alpha(xx, bits, prior))  # fitted on the sample; one-sided auto-detected
+            err = xx - _quantize(xx, alpha, bits, one_sided)
+            assert emp(alpha, bits, one_sided) == pytest.approx(float((err**2).mean()), rel=1e-9)
+            best = _brute_force_argmin(lambda a: emp(a, bits, one_sided), alpha)
+            assert alpha == pytest.approx(best, rel=0.02), (prior, one_sided, bits)
+
+
+def test_per_channel_statistics_and_range():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 2000, generator=g) * torch.tensor([[0.1], [1.0], [10.0]])  # (C, K)
+    sigma = fit_prior(w, "gauss", ch_axis=0)
+    assert sigma.shape == (3,)
+    assert (sigma / torch.tensor([0.1, 1.0, 10.0])).tolist() == pytest.approx([1, 1, 1], abs=0.05)
+    alpha = aciq_alpha(w, 4, "gauss", ch_axis=0)
+    assert alpha.tolist() == pytest.approx((sigma * optimal_clip_ratio(4, "gauss")).tolist())
+    lo, hi = aciq_range(w, 4, "gauss", ch_axis=0)
+    assert torch.all(lo >= w.amin(1)) and torch.all(hi <= w.amax(1)) and torch.all(lo < 0)
+    # the range stops at the data: at 8 bits alpha* (~3.9 sigma) exceeds max|w| of 2000 samples
+    lo8, hi8 = aciq_range(w, 8, "gauss", ch_axis=0)
+    assert torch.equal(hi8, w.amax(1)) or torch.all(hi8 <= w.amax(1))
+    relu = torch.relu(w.T)  # (K, C) post-ReLU activations, channel axis 1
+    lo, hi = aciq_range(relu, 3, "laplace", ch_axis=1)
+    assert torch.all(lo == 0) and torch.all(hi > 0)
+    # one-sided fit ignores the exact zeros: b is the mean of the positive part
+    b = fit_prior(relu, "laplace", one_sided=True, ch_axis=1)
+    assert b[2] == pytest.approx(float(relu[:, 2][relu[:, 2] > 0].mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gemmlowp_zero_exact_and_at_most_2_pow_bits_values(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(5, 300, generator=g) * 3  # (C, K)
+    x[1] = x[1].abs() + 0.5  # all positive: range is nudged to include 0
+    x[2] = -x[2].abs() - 0.5  # all negative
+    x[3, :10] = 0.0
+    scale, zp, qmin, qmax = gemmlowp_qparams(x.amin(1), x.amax(1), bits)
+    assert (qmin, qmax) == (0, 2**bits - 1)
+    assert zp.dtype == torch.int32 and torch.all((zp >= qmin) & (zp <= qmax))
+    xq = torch.fake_quantize_per_channel_affine(x, scale, zp, 0, qmin, qmax)
+    zeros = torch.fake_quantize_per_channel_affine(torch.zeros_like(x), scale, zp, 0, qmin, qmax)
+    assert torch.all(zeros == 0.0)  # 0.0 is exactly representable in every channel
+    assert torch.all(xq[3, :10] == 0.0)
+    for c in range(x.shape[0]):
+        assert xq[c].unique().numel() <= 2**bits
+    # every value lies in the nudged range, so the error is at most half a step
+    assert torch.all((xq - x).abs() <= scale[:, None] / 2 + 1e-5)
+    s, z, _, _ = gemmlowp_qparams(torch.tensor(0.0), torch.tensor(0.0), bits)  # degenerate range
+    assert float(s) == 1.0 and int(z) == 0
