@@ -1,0 +1,136 @@
+"""Per-channel bit allocation meets the quota exactly and lowers the MSE; bias correction zeroes the
+per-channel mean error (and variance correction the norm error); entropy_bits measures the bit-rate.
+(Bias correction and entropy live here because they are the other per-channel post-processing
+pieces of the same issue.)"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mpqflow.quant.aciq import aciq_alpha
+from mpqflow.quant.bias_correction import bias_correction_terms, correct_bias
+from mpqflow.quant.bitalloc import aciq_mse_fn, allocate_bits, allocate_bits_aciq, uniform_mse_fn
+from mpqflow.quant.entropy import entropy_bits, mean_entropy_bits
+
+
+def _laplace(shape, scale, g):
+    u = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5
+    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
+
+
+def _quantize_channels(x, alpha, bits):
+    """Uniform 2^M-level grid on [-alpha_c, alpha_c] per row of x (C, K), round to nearest."""
+    n = (2.0 ** bits.double() - 1)[:, None]
+    step = 2 * alpha[:, None] / n
+    return -alpha[:, None] + torch.clamp(torch.round((x + alpha[:, None]) / step), torch.zeros_like(n), n) * step
+
+
+@pytest.mark.parametrize("method", ["aciq", "optimal"])
+def test_quota_met_exactly_and_bounds_respected(method):
+    g = torch.Generator().manual_seed(0)
+    for n, avg in ((64, 4), (64, 2.5), (10, 3.1), (7, 8), (33, 1)):
+        alpha = torch.exp(3 * torch.randn(n, generator=g))  # ranges over orders of magnitude
+        bits = allocate_bits(alpha, avg, method=method, min_bits=1, max_bits=8)
+        assert bits.dtype == torch.int64 and bits.shape == (n,)
+        assert int(bits.sum()) == round(avg * n)
+        assert bits.min() >= 1 and bits.max() <= 8
+    assert allocate_bits(torch.ones(6), 3).tolist() == [3] * 6
+    with pytest.raises(ValueError, match="not an integer"):
+        allocate_bits(torch.ones(3), 2.5)
+    with pytest.raises(ValueError, match="outside"):
+        allocate_bits(torch.ones(4), 9, max_bits=8)
+
+
+def test_paper_rule_before_retargeting():
+    # 2/3 rule: alpha ratio 8 -> bins ratio 4 -> 2 bits apart; the mean is 3 already
+    bits = allocate_bits(torch.tensor([1.0, 8.0]), 3)
+    assert bits.tolist() == [2, 4]
+
+
+def test_optimal_is_integer_optimum_on_small_instance():
+    g = torch.Generator().manual_seed(3)
+    alpha = torch.exp(2 * torch.randn(5, generator=g))
+    mse = aciq_mse_fn(alpha.numpy(), "laplace")
+    table = np.stack([mse(m) for m in range(1, 9)], 1)  # (C, 8)
+    best = min((sum(table[c, b - 1] for c, b in enumerate(combo)), combo)
+               for combo in itertools.product(range(1, 9), repeat=5) if sum(combo) == 15)
+    got = allocate_bits(alpha, 3, max_bits=8, mse=mse, method="optimal")
+    assert sum(table[c, b - 1] for c, b in enumerate(got.tolist())) == pytest.approx(best[0], rel=1e-12)
+    paper = allocate_bits(alpha, 3, max_bits=8, mse=mse, method="aciq")
+    assert sum(table[c, b - 1] for c, b in enumerate(got.tolist())) <= \
+        sum(table[c, b - 1] for c, b in enumerate(paper.tolist())) + 1e-15
+
+
+@pytest.mark.parametrize("method", ["aciq", "optimal"])
+def test_allocation_lowers_mse_vs_equal_bits(method):
+    g = torch.Generator().manual_seed(1)
+    scales = torch.tensor([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0], dtype=torch.float64)
+    w = _laplace((8, 4000), scales[:, None], g)  # (C_out, K) weights, ranges over 3.5 decades
+    for avg in (2, 3, 4):
+        bits = allocate_bits_aciq(w, avg, "laplace", ch_axis=0, max_bits=8, method=method)
+        assert int(bits.sum()) == 8 * avg and len(set(bits.tolist())) > 1
+        equal = torch.full((8,), avg)
+        alpha_mixed = torch.stack([aciq_alpha(w[c], int(b), "laplace") for c, b in enumerate(bits)])
+        alpha_equal = aciq_alpha(w, avg, "laplace", ch_axis=0)
+        mse_mixed = ((w - _quantize_channels(w, alpha_mixed, bits)) ** 2).mean()
+        mse_equal = ((w - _quantize_channels(w, alpha_equal, equal)) ** 2).mean()
+        assert mse_mixed < 0.5 * mse_equal, (avg, bits.tolist())
+    # the uniform (no clipping) model also prefers wide channels
+    alpha = w.abs().amax(1)
+    bits = allocate_bits(alpha, 4, mse=uniform_mse_fn(alpha.numpy()), max_bits=8)
+    assert bits[-1] > bits[0]
+
+
+def test_activation_channels_axis_1():
+    g = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(16, 4, 8, 8, generator=g) * torch.tensor([0.1, 1.0, 1.0, 10.0])[None, :, None, None])
+    bits = allocate_bits_aciq(x, 4, "gauss", ch_axis=1)  # one-sided, detected from the data
+    assert bits.shape == (4,) and int(bits.sum()) == 16
+    assert bits[0] < bits[3] and bits[1] == bits[2]
+
+
+@pytest.mark.parametrize("variance", [False, True])
+def test_bias_correction_zeroes_channel_mean_error(variance):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 3, 3, 3, generator=g) * 0.2 + 0.05  # (C_out, C_in, kh, kw)
+    step = 0.15
+    w_q = torch.round(w / step) * step  # coarse grid: visible per-channel mean errors
+    dims = (1, 2, 3)
+    assert (w_q.mean(dims) - w.mean(dims)).abs().max() > 1e-4
+    w_c = correct_bias(w, w_q, 0, variance=variance)
+    assert w_c.dtype == w.dtype and w_c.shape == w.shape
+    torch.testing.assert_close(w_c.mean(dims), w.mean(dims), atol=1e-6, rtol=0)
+    centered = lambda t: (t - t.mean(dims, keepdim=True)).flatten(1).norm(dim=1)  # noqa: E731
+    if variance:
+        torch.testing.assert_close(centered(w_c), centered(w), atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(w_c - w_q, (w.mean(dims) - w_q.mean(dims)).view(-1, 1, 1, 1).expand_as(w))
+    # other channel axis (e.g. a transposed layout), and a channel the quantizer made constant
+    wt = w.transpose(0, 1).contiguous()
+    w_qt = w_q.transpose(0, 1).contiguous()
+    w_qt[:, 2] = 0.0
+    w_ct = correct_bias(wt, w_qt, 1, variance=variance)
+    torch.testing.assert_close(w_ct.mean((0, 2, 3)), wt.mean((0, 2, 3)), atol=1e-6, rtol=0)
+    xi, _, _ = bias_correction_terms(wt, w_qt, 1, variance=variance)
+    assert xi[2] == 1.0
+
+
+def test_entropy_bits():
+    assert entropy_bits(torch.zeros(100, dtype=torch.int32)) == 0.0
+    assert entropy_bits(torch.arange(16).repeat(10)) == pytest.approx(4.0)
+    q = torch.tensor([0] * 50 + [1] * 25 + [2] * 25)
+    assert entropy_bits(q) == pytest.approx(1.5)
+    # per channel: two channels each uniform over 2 of their own values -> 1 bit, whole tensor -> 2 bits
+    q2 = torch.tensor([[0, 1] * 8, [2, 3] * 8])
+    assert entropy_bits(q2, ch_axis=0) == pytest.approx(1.0)
+    assert entropy_bits(q2) == pytest.approx(2.0)
+    assert entropy_bits(q2.T, ch_axis=1) == pytest.approx(1.0)
+    assert mean_entropy_bits([torch.zeros(30), torch.arange(4).repeat(10)]) == pytest.approx(40 * 2 / 70)
+    # a 4-bit quantized Gaussian needs fewer than 4 bits per element
+    x = torch.randn(10000, generator=torch.Generator().manual_seed(0))
+    codes = torch.clamp(torch.round(x / (2 * x.abs().max() / 15)) + 8, 0, 15)
+    assert 1.0 < entropy_bits(codes) < 4.0 - 0.5
+    assert math.isfinite(entropy_bits(codes.float(), ch_axis=0))
