@@ -22,8 +22,11 @@ from mpqflow.quant.aciq import (
 CASES = [(p, one) for p in ("laplace", "gauss") for one in (False, True)]
 
 
-def _grid(alpha, bits, one_sided):
-    """The quantizer ACIQ models: 2^M levels spanning [-alpha, alpha] or [0, alpha]."""
+def _grid(alpha, bits, one_sided, model="grid"):
+    """The quantizers ACIQ models: 2^M levels spanning [-alpha, alpha] or [0, alpha] ("grid"), or
+    the two's-complement grid k * 2 alpha / (2^M - 1), k = -2^(M-1) .. 2^(M-1) - 1 ("signed_grid")."""
+    if model == "signed_grid" and not one_sided:
+        return np.arange(-(2 ** (bits - 1)), 2 ** (bits - 1)) * (2 * alpha / (2**bits - 1))
     return np.linspace(0.0 if one_sided else -alpha, alpha, 2**bits)
 
 
@@ -34,7 +37,7 @@ def _quantize(x, alpha, bits, one_sided):
 
 
 @pytest.mark.parametrize("prior,one_sided", CASES)
-@pytest.mark.parametrize("model", ["grid", "banner"])
+@pytest.mark.parametrize("model", ["grid", "signed_grid", "banner"])
 def test_alpha_is_stationary_point(prior, one_sided, model):
     scale = 1.7
     for bits in (2, 3, 4, 8, 12):
@@ -67,7 +70,8 @@ def test_banner_model_reproduces_published_constants():
 
 
 @pytest.mark.parametrize("prior,one_sided", CASES)
-def test_grid_mse_matches_quadrature(prior, one_sided):
+@pytest.mark.parametrize("model", ["grid", "signed_grid"])
+def test_grid_mse_matches_quadrature(prior, one_sided, model):
     s = 0.8
     if prior == "laplace":
         pdf = (lambda x: math.exp(-x / s) / s) if one_sided else (lambda x: math.exp(-abs(x) / s) / (2 * s))
@@ -75,11 +79,11 @@ def test_grid_mse_matches_quadrature(prior, one_sided):
         pdf = (lambda x: 2 * math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi))) if one_sided \
             else (lambda x: math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi)))
     for bits, alpha in ((2, 1.3), (3, 2.9), (4, 0.7)):
-        lv = _grid(alpha, bits, one_sided)
+        lv = _grid(alpha, bits, one_sided, model)
         edges = np.concatenate([[0.0 if one_sided else -60 * s], (lv[1:] + lv[:-1]) / 2, [60 * s]])
         want = sum(integrate.quad(lambda x, q=q: (x - q) ** 2 * pdf(x), a, b, epsabs=1e-13)[0]
                    for q, a, b in zip(lv, edges[:-1], edges[1:]))
-        assert aciq_mse(alpha, bits, prior, s, one_sided=one_sided) == pytest.approx(want, rel=1e-8)
+        assert aciq_mse(alpha, bits, prior, s, one_sided=one_sided, model=model) == pytest.approx(want, rel=1e-8)
 
 
 def _stratified(prior, n, scale, seed):
@@ -99,8 +103,8 @@ class _EmpiricalMSE:
         zero = torch.zeros(1, dtype=torch.float64)
         self.p = [torch.cat([zero, torch.cumsum(self.xs**k, 0)]) for k in (0, 1, 2)]
 
-    def __call__(self, alpha, bits, one_sided):
-        lv = torch.from_numpy(_grid(alpha, bits, one_sided))
+    def __call__(self, alpha, bits, one_sided, model="grid"):
+        lv = torch.from_numpy(_grid(alpha, bits, one_sided, model))
         cut = torch.searchsorted(self.xs, (lv[1:] + lv[:-1]) / 2)
         idx = torch.cat([torch.tensor([0]), cut, torch.tensor([self.xs.numel()])])
         s0, s1, s2 = (p[idx[1:]] - p[idx[:-1]] for p in self.p)
@@ -129,6 +133,10 @@ def test_alpha_matches_brute_force_empirical_minimum(prior):
             assert emp(alpha, bits, one_sided) == pytest.approx(float((err**2).mean()), rel=1e-9)
             best = _brute_force_argmin(lambda a: emp(a, bits, one_sided), alpha)
             assert alpha == pytest.approx(best, rel=0.02), (prior, one_sided, bits)
+            if not one_sided:
+                alpha = float(aciq_alpha(xx, bits, prior, model="signed_grid"))
+                best = _brute_force_argmin(lambda a: emp(a, bits, False, "signed_grid"), alpha)
+                assert alpha == pytest.approx(best, rel=0.02), (prior, "signed_grid", bits)
 
 
 def test_per_channel_statistics_and_range():

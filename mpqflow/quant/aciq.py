@@ -11,12 +11,17 @@ analytic derivative and Brent's method (no lookup table). Because the priors are
 alpha* = c(M) * scale with c(M) computed once per (M, prior, one_sided, model) and cached.
 
 Two MSE models:
-- ``model="grid"`` (default): the MSE of the quantizer actually used, 2^M levels uniformly spanning
+- ``model="grid"`` (default): the MSE of the paper's quantizer with 2^M levels uniformly spanning
   [-alpha, alpha] (two-sided) or [0, alpha] (one-sided), round to nearest, values beyond the range
   clipped to the outermost level. For M <= 8 it is exact: a sum over the bins of closed-form partial
   moments of the prior. For M > 8 it is the high-resolution limit
   clip(alpha) + Delta^2/12 * P(|X| <= alpha) with Delta the grid step (it moves alpha* by less
   than 1e-4 relative at M = 8, less beyond).
+- ``model="signed_grid"``: the grid :func:`mpqflow.quant.functional.choose_qparams` builds from the
+  range [-alpha, alpha] (symmetric signed, and affine after rounding the zero point): levels
+  k Delta, k = -2^(M-1) .. 2^(M-1) - 1, Delta = 2 alpha / (2^M - 1), i.e. [-alpha - Delta/2,
+  alpha - Delta/2] with 0 exact. Same as "grid" for one-sided tensors (levels k alpha / (2^M - 1)).
+  This is the model the ``aciq_*`` observers use: it is the quantizer that is then applied.
 - ``model="banner"``: the paper's approximation, clip(alpha) + alpha^2 / (3 * 4^M) two-sided,
   clip(alpha) + alpha^2 / (12 * 4^M) one-sided (step alpha / 2^M). It ignores the within-bin shape
   of the density and the probability mass inside the range; its alpha* is 8-25% off the grid
@@ -56,20 +61,22 @@ __all__ = [
 ]
 
 PRIORS = ("laplace", "gauss")
-MODELS = ("grid", "banner")
+MODELS = ("grid", "signed_grid", "banner")
 _EXACT_MAX_BITS = 8  # above this the grid model uses its high-resolution limit
 _INF = 1e3  # stands in for +inf in unit-scale moments (exp(-1e3) == 0 in float64)
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 
 
-def _check(bits: int, prior: str, model: str) -> None:
+def _check(bits: int, prior: str, model: str, one_sided: bool = False) -> None:
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if not (isinstance(bits, (int, np.integer)) and 1 <= bits <= 16):
         raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
+    if model == "signed_grid" and bits == 1 and not one_sided:
+        raise ValueError("a 1-bit signed grid has no symmetric range (levels {-2 alpha, 0})")
 
 
 def _moments(prior: str, a: np.ndarray, b: np.ndarray):
@@ -101,12 +108,22 @@ def _density(prior: str, a):
     return 2 * np.exp(-a * a / 2) / _SQRT2PI, special.erf(a / _SQRT2)
 
 
-def _half_levels(bits: int, one_sided: bool) -> np.ndarray:
-    """Non-negative levels of the unit grid (alpha = 1); two-sided grids are symmetric about 0."""
+def _moments_two_sided(prior: str, a: np.ndarray, b: np.ndarray):
+    """Partial moments of the unit two-sided density f(x) = f_half(|x|) / 2 on [a, b] (any signs)."""
+    pos = _moments(prior, np.maximum(a, 0.0), np.maximum(b, 0.0))
+    neg = _moments(prior, -np.minimum(b, 0.0), -np.minimum(a, 0.0))  # x = -y, y >= 0
+    return tuple((p + (-1) ** k * q) / 2 for k, (p, q) in enumerate(zip(pos, neg)))
+
+
+def _unit_levels(bits: int, one_sided: bool, model: str) -> tuple[np.ndarray, bool]:
+    """Levels of the unit grid (alpha = 1) and whether they are the non-negative half of a grid
+    symmetric about 0 (then the half distribution carries the whole MSE)."""
     n = 2**bits
     if one_sided:
-        return np.linspace(0.0, 1.0, n)
-    return (np.arange(n // 2) + 0.5) * (2.0 / (n - 1))
+        return np.linspace(0.0, 1.0, n), True
+    if model == "signed_grid":
+        return np.arange(-(n // 2), n // 2) * (2.0 / (n - 1)), False
+    return (np.arange(n // 2) + 0.5) * (2.0 / (n - 1)), True
 
 
 def _rel_step(bits: int, one_sided: bool, model: str) -> float:
@@ -115,20 +132,39 @@ def _rel_step(bits: int, one_sided: bool, model: str) -> float:
     return width / (2**bits if model == "banner" else 2**bits - 1)
 
 
+def _sides(bits: int, one_sided: bool, model: str) -> list[tuple[float, float]]:
+    """(clip point / alpha, weight of the half distribution) of each clipped tail."""
+    if model == "signed_grid" and not one_sided:  # outermost levels -alpha - D/2 and alpha - D/2
+        d = 1.0 / (2**bits - 1)
+        return [(1.0 - d, 0.5), (1.0 + d, 0.5)]
+    return [(1.0, 1.0)]
+
+
 def _unit_mse(a: float, bits: int, prior: str, one_sided: bool, model: str) -> tuple[float, float]:
     """(MSE, dMSE/dalpha) at unit scale."""
-    if model == "grid" and bits <= _EXACT_MAX_BITS:
-        lv = _half_levels(bits, one_sided) * a  # (K,)
-        edges = np.concatenate([[0.0], (lv[1:] + lv[:-1]) / 2, [_INF]])  # (K+1,)
-        m0, m1, m2 = _moments(prior, edges[:-1], edges[1:])
+    if model != "banner" and bits <= _EXACT_MAX_BITS:
+        lv, half = _unit_levels(bits, one_sided, model)
+        lv = lv * a
+        mid = (lv[1:] + lv[:-1]) / 2
+        if half:
+            edges = np.concatenate([[0.0], mid, [_INF]])
+            m0, m1, m2 = _moments(prior, edges[:-1], edges[1:])
+        else:
+            edges = np.concatenate([[-_INF], mid, [_INF]])
+            m0, m1, m2 = _moments_two_sided(prior, edges[:-1], edges[1:])
         mse = float(np.sum(m2 - 2 * lv * m1 + lv * lv * m0))
         return mse, float(-2.0 / a * np.sum(lv * (m1 - lv * m0)))
     c = _rel_step(bits, one_sided, model) ** 2 / 12
-    clip, dclip = _clip(prior, a)
     if model == "banner":
+        clip, dclip = _clip(prior, a)
         return float(clip + c * a * a), float(dclip + 2 * c * a)
-    f, p_in = _density(prior, a)
-    return float(clip + c * a * a * p_in), float(dclip + 2 * c * a * p_in + c * a * a * f)
+    mse = grad = 0.0
+    for u, w in _sides(bits, one_sided, model):  # high-resolution limit, one term per clipped tail
+        clip, dclip = _clip(prior, u * a)
+        f, p_in = _density(prior, u * a)
+        mse += w * (clip + c * a * a * p_in)
+        grad += w * (u * dclip + 2 * c * a * p_in + c * a * a * u * f)
+    return float(mse), float(grad)
 
 
 def aciq_mse(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: bool = False,
@@ -141,9 +177,10 @@ def aciq_mse(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: 
         prior: "laplace" (scale = b) or "gauss" (scale = sigma).
         scale: b or sigma, broadcast against alpha.
         one_sided: range [0, alpha] for non-negative tensors (half distributions).
-        model: "grid" (the real 2^M-level grid, default) or "banner" (the paper's approximation).
+        model: "grid" (2^M levels spanning the range, default), "signed_grid" (the two's-complement
+            grid with 0 exact, as applied by the core) or "banner" (the paper's approximation).
     """
-    _check(bits, prior, model)
+    _check(bits, prior, model, one_sided)
     a, s = np.broadcast_arrays(np.asarray(alpha, float), np.asarray(scale, float))
     out = np.array([s_ ** 2 * _unit_mse(a_ / s_, bits, prior, one_sided, model)[0]
                     for a_, s_ in zip(a.ravel(), s.ravel())]).reshape(a.shape)
@@ -153,7 +190,7 @@ def aciq_mse(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: 
 def aciq_mse_grad(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: bool = False,
                   model: str = "grid"):
     """Derivative dMSE/dalpha of :func:`aciq_mse` (analytic). Same arguments."""
-    _check(bits, prior, model)
+    _check(bits, prior, model, one_sided)
     a, s = np.broadcast_arrays(np.asarray(alpha, float), np.asarray(scale, float))
     out = np.array([s_ * _unit_mse(a_ / s_, bits, prior, one_sided, model)[1]
                     for a_, s_ in zip(a.ravel(), s.ravel())]).reshape(a.shape)
@@ -168,7 +205,7 @@ def optimal_clip_ratio(bits: int, prior: str = "laplace", *, one_sided: bool = F
     Scans the analytic derivative on a log grid of alpha in [0.02, 60] (unit scale) for sign changes
     from - to +, then solves dMSE/dalpha = 0 with Brent's method in the best bracket.
     """
-    _check(bits, prior, model)
+    _check(bits, prior, model, one_sided)
     grid = np.geomspace(0.02, 60.0, 400)
     vals = np.array([_unit_mse(a, bits, prior, one_sided, model) for a in grid])  # (400, 2)
     idx = np.flatnonzero((vals[:-1, 1] < 0) & (vals[1:, 1] >= 0))
