@@ -1,0 +1,103 @@
+"""Quantization scheme: a frozen, self-validating description of how one kind of tensor is quantized.
+
+    w = QuantScheme(observer="mse", granularity="per_channel")          # weights
+    a = QuantScheme.from_dict({"observer": "ema_minmax", "symmetric": False})  # activations
+    QuantScheme.from_dict(a.to_dict()) == a
+
+The bit-width is not part of the scheme: one scheme serves every bit-width of a layer. Observer
+names are looked up in :data:`OBSERVERS`, a registry that :mod:`mpqflow.quant.observers` fills and
+later modules extend (``register_observer("aciq_laplace")(factory)``); new knobs (non-uniform levels,
+bias correction) become new fields with defaults that keep old dicts loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["GRANULARITIES", "OBSERVERS", "QuantScheme", "register_observer"]
+
+GRANULARITIES = ("per_tensor", "per_channel")
+
+# name -> factory(scheme, bits, signed) returning an Observer (filled by mpqflow.quant.observers)
+OBSERVERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_observer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator that registers an observer factory ``factory(scheme, bits, signed) -> Observer``.
+
+    Args:
+        name: the value of ``QuantScheme.observer`` that selects the factory.
+    """
+
+    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        OBSERVERS[name] = factory
+        return factory
+
+    return deco
+
+
+def _fail(field: str, value: Any, expected: str) -> None:
+    raise ValueError(f"QuantScheme.{field}: expected {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How a tensor is quantized (everything but the bit-width).
+
+    Args:
+        observer: statistics that choose the range: "minmax" (running min/max), "ema_minmax"
+            (exponential moving average of batch min/max), "mse" (per batch, the clipping ratio of
+            the min/max range with the lowest quantization MSE; running min/max of those ranges),
+            "ema_mse" (moving average of the per-batch MSE-optimal ranges), or a registered name.
+        granularity: "per_tensor" or "per_channel" (one scale per channel along ch_axis).
+        symmetric: zero point 0 (True) or affine (False).
+        pow2_scale: round scales up to powers of two.
+        ch_axis: channel axis of per-channel weights (0 = output channels of Conv2d/Linear).
+        averaging_constant: EMA weight c of the newest batch, range <- range + c (batch - range).
+        mse_grid: number of clipping ratios r in linspace(0.01, 1, mse_grid) searched by MSE observers.
+    """
+
+    observer: str = "minmax"
+    granularity: str = "per_tensor"
+    symmetric: bool = True
+    pow2_scale: bool = False
+    ch_axis: int = 0
+    averaging_constant: float = 0.01
+    mse_grid: int = 100
+
+    def __post_init__(self) -> None:
+        if self.observer not in OBSERVERS:
+            _fail("observer", self.observer, f"one of {sorted(OBSERVERS)}")
+        if self.granularity not in GRANULARITIES:
+            _fail("granularity", self.granularity, f"one of {list(GRANULARITIES)}")
+        for name in ("symmetric", "pow2_scale"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "a bool")
+        if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int):
+            _fail("ch_axis", self.ch_axis, "an int")
+        c = self.averaging_constant
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+            _fail("averaging_constant", c, "a number in (0, 1]")
+        g = self.mse_grid
+        if isinstance(g, bool) or not isinstance(g, int) or not 2 <= g <= 10000:
+            _fail("mse_grid", g, "an int in [2, 10000]")
+
+    @property
+    def per_channel(self) -> bool:
+        """True for per-channel granularity."""
+        return self.granularity == "per_channel"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantScheme:
+        """Build from a dict of field values (missing fields take defaults); unknown keys raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"QuantScheme: unknown key(s) {unknown}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        """All fields as a plain dict (JSON/YAML-ready); ``from_dict(s.to_dict()) == s``."""
+        return dataclasses.asdict(self)
