@@ -1,5 +1,15 @@
-"""Quantization core: stateless qparams and fake quantization (:mod:`.functional`), schemes and the
-observer registry (:mod:`.scheme`), observers that turn statistics into qparams (:mod:`.observers`)."""
+"""Quantization core: schemes, observers, fake quantization and per-layer assignments on a model.
+
+    from mpqflow.quant import ModelQuantizer, QuantScheme
+    q = ModelQuantizer(model, layers, QuantScheme(granularity="per_channel"),
+                       QuantScheme(observer="ema_minmax", symmetric=False), w_bits=[2, 4, 8], a_bits=[4, 8])
+    q.calibrate(batches)
+    with q.applied({"layer1.0.conv1": (4, 8), "fc": (8, None)}):
+        logits = model(x)
+
+Modules: :mod:`.functional` (stateless qparams and fake-quant), :mod:`.scheme` (QuantScheme and the
+observer registry), :mod:`.observers` (statistics -> qparams), :mod:`.quantizer` (ModelQuantizer).
+"""
 
 from .functional import (
     choose_qparams,
@@ -11,6 +21,7 @@ from .functional import (
 )
 from .scheme import GRANULARITIES, OBSERVERS, QuantScheme, register_observer
 from .observers import EMAMinMaxObserver, EMAMSEObserver, MinMaxObserver, MSEObserver, Observer, make_observer
+from .quantizer import ModelQuantizer, QParams
 
 __all__ = [
     "quant_range",
@@ -29,4 +40,6 @@ __all__ = [
     "MSEObserver",
     "EMAMSEObserver",
     "make_observer",
+    "ModelQuantizer",
+    "QParams",
 ]
