@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import integrate
 
+from mpqflow.quant import fake_quantize
 from mpqflow.quant.aciq import (
     aciq_alpha,
     aciq_mse,
@@ -179,4 +180,6 @@ def test_gemmlowp_zero_exact_and_at_most_2_pow_bits_values(bits):
     # every value lies in the nudged range, so the error is at most half a step
     assert torch.all((xq - x).abs() <= scale[:, None] / 2 + 1e-5)
     s, z, _, _ = gemmlowp_qparams(torch.tensor(0.0), torch.tensor(0.0), bits)  # degenerate range
-    assert float(s) == 1.0 and int(z) == 0
+    assert float(s) > 0 and int(z) == 0
+    # applied with the core's fake_quantize: same result as torch's kernel
+    torch.testing.assert_close(fake_quantize(x, scale, zp, qmin, qmax, ch_axis=0), xq)

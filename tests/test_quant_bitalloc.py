@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from mpqflow.quant.aciq import aciq_alpha
+from mpqflow.quant import choose_qparams, fake_quantize
+from mpqflow.quant.aciq import aciq_alpha, aciq_range
 from mpqflow.quant.bias_correction import bias_correction_terms, correct_bias
-from mpqflow.quant.bitalloc import aciq_mse_fn, allocate_bits, allocate_bits_aciq, uniform_mse_fn
+from mpqflow.quant.bitalloc import (
+    aciq_mse_fn,
+    allocate_bits,
+    allocate_bits_aciq,
+    fake_quantize_per_channel_bits,
+    uniform_mse_fn,
+)
 from mpqflow.quant.entropy import entropy_bits, mean_entropy_bits
 
 
@@ -82,6 +89,29 @@ def test_allocation_lowers_mse_vs_equal_bits(method):
     alpha = w.abs().amax(1)
     bits = allocate_bits(alpha, 4, mse=uniform_mse_fn(alpha.numpy()), max_bits=8)
     assert bits[-1] > bits[0]
+
+
+def test_per_channel_bits_through_the_core_fake_quant():
+    g = torch.Generator().manual_seed(7)
+    scales = torch.tensor([0.02, 0.1, 0.5, 2.0, 10.0, 0.3])
+    w = _laplace((6, 3, 3, 3), scales[:, None, None, None], g).float()  # (C_out, C_in, kh, kw)
+    bits = allocate_bits_aciq(w, 4, "laplace", ch_axis=0, min_bits=2, max_bits=8, method="optimal")
+    assert int(bits.sum()) == 24
+    lo, hi = aciq_range(w, bits, "laplace", ch_axis=0, model="signed_grid")
+    w_q = fake_quantize_per_channel_bits(w, bits, lo, hi, 0, symmetric=True, signed=True)
+    for c in range(6):
+        assert w_q[c].unique().numel() <= 2 ** int(bits[c])
+    lo4, hi4 = aciq_range(w, 4, "laplace", ch_axis=0, model="signed_grid")
+    equal = fake_quantize_per_channel_bits(w, torch.full((6,), 4), lo4, hi4, 0, symmetric=True, signed=True)
+    assert ((w_q - w) ** 2).mean() < 0.5 * ((equal - w) ** 2).mean()
+    # one bit-width for all channels is the core's per-channel fake quant
+    scale, zp, qmin, qmax = choose_qparams(lo4, hi4, 4, symmetric=True, signed=True)
+    torch.testing.assert_close(equal, fake_quantize(w, scale, zp, qmin, qmax, ch_axis=0))
+    # activations (N, C, H, W), unsigned affine per channel along axis 1
+    x = torch.relu(torch.randn(4, 6, 5, 5, generator=g)) * scales[None, :, None, None]
+    xq = fake_quantize_per_channel_bits(x, bits, x.amin((0, 2, 3)), x.amax((0, 2, 3)), 1, symmetric=False, signed=False)
+    for c in range(6):
+        assert xq[:, c].unique().numel() <= 2 ** int(bits[c])
 
 
 def test_activation_channels_axis_1():

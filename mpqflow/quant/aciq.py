@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from scipy import optimize, special
 
+from .functional import choose_qparams
+
 __all__ = [
     "PRIORS",
     "MODELS",
@@ -248,13 +250,13 @@ def fit_prior(x: torch.Tensor, prior: str = "laplace", *, one_sided: bool = Fals
     return x.std(dims, correction=0)
 
 
-def aciq_alpha(x: torch.Tensor, bits: int, prior: str = "laplace", *, one_sided: bool | None = None,
+def aciq_alpha(x: torch.Tensor, bits: int | torch.Tensor, prior: str = "laplace", *, one_sided: bool | None = None,
                ch_axis: int | None = None, model: str = "grid") -> torch.Tensor:
     """ACIQ clipping value alpha* = c(M) * scale per tensor (0-dim) or per channel ((C,)).
 
     Args:
         x: the tensor (weights or calibration activations).
-        bits: bit-width M.
+        bits: bit-width M, or a (C,) tensor of bit-widths per channel (with ch_axis).
         prior: "laplace" or "gauss".
         one_sided: range [0, alpha]; None decides from the data (True when x.min() >= 0).
         ch_axis: channel axis for per-channel statistics, None for per-tensor.
@@ -263,10 +265,13 @@ def aciq_alpha(x: torch.Tensor, bits: int, prior: str = "laplace", *, one_sided:
     if one_sided is None:
         one_sided = bool(x.min() >= 0)
     scale = fit_prior(x, prior, one_sided=one_sided, ch_axis=ch_axis)
-    return optimal_clip_ratio(bits, prior, one_sided=one_sided, model=model) * scale
+    if isinstance(bits, torch.Tensor) and bits.dim() > 0:  # (C,) bits per channel
+        ratio = {int(b): optimal_clip_ratio(int(b), prior, one_sided=one_sided, model=model) for b in bits.unique()}
+        return torch.tensor([ratio[int(b)] for b in bits], dtype=scale.dtype, device=scale.device) * scale
+    return optimal_clip_ratio(int(bits), prior, one_sided=one_sided, model=model) * scale
 
 
-def aciq_range(x: torch.Tensor, bits: int, prior: str = "laplace", *, one_sided: bool | None = None,
+def aciq_range(x: torch.Tensor, bits: int | torch.Tensor, prior: str = "laplace", *, one_sided: bool | None = None,
                ch_axis: int | None = None, model: str = "grid") -> tuple[torch.Tensor, torch.Tensor]:
     """Observer-ready (min_val, max_val) in x's dtype: [mean - alpha, mean + alpha] or [0, alpha].
 
@@ -288,23 +293,17 @@ def aciq_range(x: torch.Tensor, bits: int, prior: str = "laplace", *, one_sided:
     return min_val.to(x.dtype), max_val.to(x.dtype)
 
 
-def gemmlowp_qparams(min_val: torch.Tensor, max_val: torch.Tensor, bits: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def gemmlowp_qparams(min_val, max_val, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """GEMMLOWP-style affine unsigned qparams: (scale, zero_point, quant_min, quant_max).
 
     The integer range is [0, 2^M - 1]. The real range is first nudged to include 0
     (min <= 0 <= max), scale = (max - min) / (2^M - 1), and the zero point is the integer
     round(-min / scale) clamped to [0, 2^M - 1], so 0.0 maps exactly to an integer and back.
-    Works per tensor (0-dim) or per channel ((C,)); a degenerate range gets scale 1.
+    This is :func:`mpqflow.quant.functional.choose_qparams` with symmetric=False, signed=False;
+    apply with :func:`mpqflow.quant.functional.fake_quantize`. Per tensor (0-dim) or per channel ((C,)).
 
     Args:
-        min_val, max_val: observed (or clipped) range.
+        min_val, max_val: observed (or clipped, e.g. :func:`aciq_range`) range.
         bits: bit-width M.
     """
-    qmin, qmax = 0, 2**bits - 1
-    min_val = torch.clamp(torch.as_tensor(min_val, dtype=torch.float64), max=0.0)
-    max_val = torch.clamp(torch.as_tensor(max_val, dtype=torch.float64), min=0.0)
-    scale = (max_val - min_val) / (qmax - qmin)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.clamp(torch.round(qmin - min_val / scale), qmin, qmax)
-    return scale.float(), zero_point.to(torch.int32), qmin, qmax
+    return choose_qparams(min_val, max_val, bits, symmetric=False, signed=False)

@@ -3,6 +3,8 @@
     bits = allocate_bits_aciq(w, avg_bits=4, prior="laplace", ch_axis=0)   # (C_out,) weights
     bits = allocate_bits_aciq(x, avg_bits=4, prior="laplace", ch_axis=1)   # (C,) activations
     bits = allocate_bits(alpha, avg_bits=3)                                # from ranges alone
+    lo, hi = aciq_range(w, bits, "laplace", ch_axis=0, model="signed_grid")  # per-channel alpha*(M_c)
+    w_q = fake_quantize_per_channel_bits(w, bits, lo, hi, ch_axis=0, symmetric=True, signed=True)
 
 The paper minimizes sum_i alpha_i^2 / (3 B_i^2) (rounding noise of B_i = 2^{M_i} bins over
 [-alpha_i, alpha_i]) subject to a fixed total number of bins sum_i B_i = C 2^M; the Lagrangian gives
@@ -22,9 +24,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mpqflow.quant.aciq import aciq_mse, fit_prior, optimal_clip_ratio
+from .aciq import aciq_mse, fit_prior, optimal_clip_ratio
+from .functional import choose_qparams, fake_quantize
 
-__all__ = ["METHODS", "uniform_mse_fn", "aciq_mse_fn", "allocate_bits", "allocate_bits_aciq"]
+__all__ = ["METHODS", "uniform_mse_fn", "aciq_mse_fn", "allocate_bits", "allocate_bits_aciq",
+           "fake_quantize_per_channel_bits"]
 
 METHODS = ("aciq", "optimal")
 MseFn = Callable[[int], np.ndarray]  # bits -> (C,) expected MSE of every channel at that bit-width
@@ -138,3 +142,33 @@ def allocate_bits_aciq(x: torch.Tensor, avg_bits: float, prior: str = "laplace",
     alpha = scale * optimal_clip_ratio(int(np.clip(round(avg_bits), 1, 16)), prior, one_sided=one_sided)
     return allocate_bits(alpha, avg_bits, min_bits=min_bits, max_bits=max_bits,
                          mse=aciq_mse_fn(scale, prior, one_sided=one_sided), method=method)
+
+
+def fake_quantize_per_channel_bits(x: torch.Tensor, bits: torch.Tensor, min_val: torch.Tensor,
+                                   max_val: torch.Tensor, ch_axis: int, *, symmetric: bool, signed: bool,
+                                   pow2_scale: bool = False) -> torch.Tensor:
+    """Fake-quantize channel c of x at bits[c] with the qparams of [min_val[c], max_val[c]].
+
+    Channels are grouped by bit-width; each group gets :func:`choose_qparams` and
+    :func:`fake_quantize` of the core (a QParams has one integer range, so there is one per group).
+
+    Args:
+        x: tensor, C = x.shape[ch_axis].
+        bits: (C,) integer bit-widths.
+        min_val, max_val: (C,) ranges.
+        ch_axis: channel axis.
+        symmetric, signed, pow2_scale: as in :func:`choose_qparams`.
+    """
+    ch_axis = ch_axis % x.dim()
+    bits = torch.as_tensor(bits).reshape(-1).cpu()
+    if bits.numel() != x.shape[ch_axis]:
+        raise ValueError(f"{bits.numel()} bit-widths for {x.shape[ch_axis]} channels")
+    out = torch.empty_like(x)
+    for b in bits.unique().tolist():
+        idx = torch.nonzero(bits == b).reshape(-1)
+        scale, zp, qmin, qmax = choose_qparams(min_val.detach().cpu()[idx], max_val.detach().cpu()[idx], int(b),
+                                               symmetric=symmetric, signed=signed, pow2_scale=pow2_scale)
+        idx = idx.to(x.device)
+        part = fake_quantize(x.index_select(ch_axis, idx), scale.to(x.device), zp.to(x.device), qmin, qmax, ch_axis)
+        out.index_copy_(ch_axis, idx, part)
+    return out
