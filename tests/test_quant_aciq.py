@@ -15,8 +15,11 @@ from mpqflow.quant.aciq import (
     aciq_mse,
     aciq_mse_grad,
     aciq_range,
+    aciq_range_from_sums,
     fit_prior,
     gemmlowp_qparams,
+    merge_sums,
+    moment_sums,
     optimal_clip_ratio,
 )
 
@@ -183,3 +186,19 @@ def test_gemmlowp_zero_exact_and_at_most_2_pow_bits_values(bits):
     assert float(s) > 0 and int(z) == 0
     # applied with the core's fake_quantize: same result as torch's kernel
     torch.testing.assert_close(fake_quantize(x, scale, zp, qmin, qmax, ch_axis=0), xq)
+
+
+def test_streaming_sums_match_the_whole_tensor():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 3, 4, 4, generator=g) * torch.tensor([0.5, 1.0, 4.0])[None, :, None, None] + 0.2
+    sums = moment_sums(x[:32], ch_axis=1)
+    for chunk in (x[32:40], x[40:]):  # uneven batches
+        sums = merge_sums(sums, moment_sums(chunk, ch_axis=1))
+    whole = moment_sums(x, ch_axis=1)
+    for k in ("n", "s1", "s2", "n_pos", "s1_pos", "s2_pos", "lo", "hi"):
+        torch.testing.assert_close(sums[k], whole[k])
+    for prior, rel in (("gauss", 1e-9), ("laplace", 0.02)):  # Laplace b: batch-centered deviations
+        lo, hi = aciq_range_from_sums(sums, 3, prior, model="signed_grid")
+        lo_w, hi_w = aciq_range(x, 3, prior, ch_axis=1, model="signed_grid")
+        torch.testing.assert_close(lo.float(), lo_w, rtol=rel, atol=0)
+        torch.testing.assert_close(hi.float(), hi_w, rtol=rel, atol=0)

@@ -59,6 +59,9 @@ __all__ = [
     "fit_prior",
     "aciq_alpha",
     "aciq_range",
+    "moment_sums",
+    "merge_sums",
+    "aciq_range_from_sums",
     "gemmlowp_qparams",
 ]
 
@@ -271,26 +274,69 @@ def aciq_alpha(x: torch.Tensor, bits: int | torch.Tensor, prior: str = "laplace"
     return optimal_clip_ratio(int(bits), prior, one_sided=one_sided, model=model) * scale
 
 
-def aciq_range(x: torch.Tensor, bits: int | torch.Tensor, prior: str = "laplace", *, one_sided: bool | None = None,
+def moment_sums(x: torch.Tensor, ch_axis: int | None = None) -> dict[str, torch.Tensor]:
+    """Sufficient statistics of x for ACIQ, additive over batches (see :func:`merge_sums`).
+
+    Keys (float64, 0-dim or (C,)): n, s1 = sum x, s2 = sum x^2, sabs = sum |x - batch mean|,
+    n_pos, s1_pos, s2_pos (the same over x > 0), lo = min x, hi = max x.
+    """
+    dims = _reduce_dims(x, ch_axis)
+    xd = x.detach().double()
+    pos = (xd > 0).double()
+    n = torch.full_like(xd.sum(dims), float(xd.numel() // max(1, xd.sum(dims).numel())))
+    return dict(n=n, s1=xd.sum(dims), s2=(xd * xd).sum(dims),
+                sabs=(xd - xd.mean(dims, keepdim=True)).abs().sum(dims),
+                n_pos=pos.sum(dims), s1_pos=(xd * pos).sum(dims), s2_pos=(xd * xd * pos).sum(dims),
+                lo=xd.amin(dims), hi=xd.amax(dims))
+
+
+def merge_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Statistics of two batches together: sums add, lo/hi take min/max. (sabs is centered on each
+    batch's own mean, so the pooled Laplace b is the count-weighted mean of the batches' b.)"""
+    out = {k: a[k] + b[k] for k in a if k not in ("lo", "hi")}
+    out["lo"], out["hi"] = torch.minimum(a["lo"], b["lo"]), torch.maximum(a["hi"], b["hi"])
+    return out
+
+
+def aciq_range_from_sums(sums: dict[str, torch.Tensor], bits: int | torch.Tensor, prior: str = "laplace", *,
+                         model: str = "grid") -> tuple[torch.Tensor, torch.Tensor]:
+    """(min_val, max_val) float64 from :func:`moment_sums`; see :func:`aciq_range`.
+
+    One-sided when every observed value is >= 0 (fit on the positive entries), else two-sided
+    (b = mean |x - mean|, sigma = std).
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    one_sided = bool((sums["lo"] >= 0).all())
+    if one_sided:
+        n = sums["n_pos"].clamp_min(1)
+        scale = sums["s1_pos"] / n if prior == "laplace" else (sums["s2_pos"] / n).sqrt()
+    else:
+        n = sums["n"].clamp_min(1)
+        mean = sums["s1"] / n
+        scale = sums["sabs"] / n if prior == "laplace" else (sums["s2"] / n - mean * mean).clamp_min(0).sqrt()
+    if isinstance(bits, torch.Tensor) and bits.dim() > 0:  # (C,) bits per channel
+        ratio = torch.tensor([optimal_clip_ratio(int(b), prior, one_sided=one_sided, model=model) for b in bits],
+                             dtype=scale.dtype, device=scale.device)
+    else:
+        ratio = optimal_clip_ratio(int(bits), prior, one_sided=one_sided, model=model)
+    alpha = ratio * scale
+    if one_sided:
+        return torch.zeros_like(alpha), torch.minimum(alpha, sums["hi"])
+    return torch.maximum(mean - alpha, sums["lo"]), torch.minimum(mean + alpha, sums["hi"])
+
+
+def aciq_range(x: torch.Tensor, bits: int | torch.Tensor, prior: str = "laplace", *,
                ch_axis: int | None = None, model: str = "grid") -> tuple[torch.Tensor, torch.Tensor]:
     """Observer-ready (min_val, max_val) in x's dtype: [mean - alpha, mean + alpha] or [0, alpha].
 
-    The range never extends beyond the observed data (clipping at alpha > max |x| would only add
-    rounding noise), so min_val = max(mean - alpha, x.min()), max_val = min(mean + alpha, x.max()).
-    Weights have mean ~ 0, which gives the paper's [-alpha, alpha].
+    One-sided ([0, alpha], half-distribution fit) when x.min() >= 0. The range never extends beyond
+    the observed data (clipping at alpha > max |x| would only add rounding noise), so
+    min_val = max(mean - alpha, x.min()), max_val = min(mean + alpha, x.max()). Weights have
+    mean ~ 0, which gives the paper's [-alpha, alpha]. bits may be a (C,) tensor (per channel).
     """
-    if one_sided is None:
-        one_sided = bool(x.min() >= 0)
-    alpha = aciq_alpha(x, bits, prior, one_sided=one_sided, ch_axis=ch_axis, model=model)
-    dims = _reduce_dims(x, ch_axis)
-    xd = x.detach().double()
-    lo, hi = xd.amin(dims), xd.amax(dims)
-    if one_sided:
-        min_val, max_val = torch.zeros_like(alpha), torch.minimum(alpha, hi)
-    else:
-        mean = xd.mean(dims)
-        min_val, max_val = torch.maximum(mean - alpha, lo), torch.minimum(mean + alpha, hi)
-    return min_val.to(x.dtype), max_val.to(x.dtype)
+    lo, hi = aciq_range_from_sums(moment_sums(x, ch_axis), bits, prior, model=model)
+    return lo.to(x.dtype), hi.to(x.dtype)
 
 
 def gemmlowp_qparams(min_val, max_val, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
