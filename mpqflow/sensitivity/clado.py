@@ -1,0 +1,125 @@
+"""CLADO: pairwise loss changes from forward passes only, cross-entropy and KL from the same passes.
+
+Usage:
+    payload = clado_batch(ctx, x, y, {"engine": "fast"})   # sums over the batch + count
+    G = clado_matrix(pooled, kind="ce")                    # or kind="kl"
+
+With the base assignment (fixed layers quantized) as reference, per sample n:
+    L0 = loss(base);  L(i) = loss(base + option i);  L(i, j) = loss(base + i + j), layer(i) != layer(j)
+    KL(p_fp || p_q), p_fp = softmax of the base model (so its base value is 0).
+Payload: ce_base_sum (), ce_single_sum (n,), ce_pair_sum (n, n), kl_single_sum (n,), kl_pair_sum (n, n),
+count (). Pair matrices are symmetric with zero blocks within a layer.
+    G[i, i] = 2 (L(i) - L0);  G[i, j] = L(i, j) - L(i) - L(j) + L0;  G = 0 within a layer (means).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import OptionIndex, means
+from .fx_engine import pairwise_fx, pairwise_reference
+
+__all__ = ["ENGINES", "clado_batch", "clado_matrix", "clado_head"]
+
+ENGINES = {"fast": pairwise_fx, "reference": pairwise_reference}
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def clado_head(y: torch.Tensor, loss_fn=None):
+    """make_head for the pairwise engines: per perturbation, (sum of per-sample loss, sum of KL).
+
+    Args:
+        y: (B,) labels.
+        loss_fn: per-sample loss(logits (B, C), y (B,)) -> (B,); default cross-entropy.
+    """
+    loss_fn = loss_fn or _cross_entropy
+
+    def make(base_logits: torch.Tensor):
+        B = base_logits.shape[0]
+        logp0 = F.log_softmax(base_logits, dim=-1)  # (B, C)
+        p0 = logp0.exp()
+
+        def head(logits: torch.Tensor, M: int) -> torch.Tensor:
+            loss = loss_fn(logits, y.repeat(M)).reshape(M, B)  # (M, B)
+            logq = F.log_softmax(logits, dim=-1).reshape(M, B, -1)  # (M, B, C)
+            kl = (p0 * (logp0 - logq)).sum(-1)  # (M, B)
+            return torch.stack([loss.double().sum(1), kl.double().sum(1)], dim=1)  # (M, 2)
+
+        return head
+
+    return make
+
+
+def _activate(ctx, idx: OptionIndex):
+    base = dict(ctx.table.fixed)
+    q = ctx.quantizer
+
+    def activate(choice: dict) -> None:
+        q.apply({**base, **{idx.layers[l]: idx.options[k] for l, k in choice.items()}})
+
+    return activate
+
+
+def clado_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = None) -> dict:
+    """CLADO payload of one batch (sums over its samples).
+
+    Args:
+        ctx: pipeline.Context (net, quantizer, table, device).
+        x: (B, ...) inputs on ctx.device; y: (B,) labels.
+        settings: `engine` (or `clado_engine`): "fast" (default) | "reference"; `loss_fn` (optional
+            per-sample loss, default cross-entropy); `clado_stack` (bool, default True); `progress`.
+    """
+    settings = settings or {}
+    engine = settings.get("engine", settings.get("clado_engine", "fast"))
+    if engine not in ENGINES:
+        raise ValueError(f"unknown CLADO engine {engine!r}; expected one of {sorted(ENGINES)}")
+    idx = OptionIndex.from_table(ctx.table)
+    net = ctx.net.eval()
+    kwargs = dict(progress=settings.get("progress", True))
+    if engine == "fast":
+        kwargs["stack"] = settings.get("clado_stack", True)
+    previous = ctx.quantizer.assignment
+    try:
+        res = ENGINES[engine](net, x, list(idx.layers), idx.K, _activate(ctx, idx),
+                              clado_head(y, settings.get("loss_fn")), **kwargs)
+    finally:
+        ctx.quantizer.apply(previous)
+    return {
+        "ce_base_sum": np.float64(res.base[0]),
+        "ce_single_sum": res.single[:, 0].copy(),
+        "ce_pair_sum": res.pair[:, :, 0].copy(),
+        "kl_single_sum": res.single[:, 1].copy(),
+        "kl_pair_sum": res.pair[:, :, 1].copy(),
+        "count": np.int64(x.shape[0]),
+    }
+
+
+def clado_matrix(pooled: dict, kind: str = "ce", layer_of: np.ndarray | None = None) -> np.ndarray:
+    """G (n, n) from a per-batch or pooled CLADO dict: sums / count, then the formulas above.
+
+    Args:
+        pooled: payload with the clado keys, plus meta (`options`) unless layer_of is given.
+        kind: "ce" (cross-entropy) or "kl" (KL to the base model's softmax; base value 0).
+        layer_of: (n,) layer of each option; default from the number of options in pooled["options"].
+    """
+    if kind not in ("ce", "kl"):
+        raise ValueError(f"kind must be 'ce' or 'kl', got {kind!r}")
+    mu = means(pooled)
+    Li, Lij = mu[f"{kind}_single"], mu[f"{kind}_pair"]  # (n,), (n, n)
+    L0 = mu["ce_base"] if kind == "ce" else 0.0
+    n = Li.shape[0]
+    if layer_of is None:
+        if "options" not in pooled:
+            raise ValueError("clado_matrix needs pooled['options'] (meta) or an explicit layer_of")
+        K = len(np.asarray(pooled["options"]).reshape(-1, 2))
+        layer_of = np.repeat(np.arange(n // K), K)
+    layer_of = np.asarray(layer_of)
+    G = Lij - Li[:, None] - Li[None, :] + L0
+    G[layer_of[:, None] == layer_of[None, :]] = 0.0
+    G[np.diag_indices(n)] = 2.0 * (Li - L0)
+    return (G + G.T) / 2
