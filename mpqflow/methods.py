@@ -1,0 +1,144 @@
+"""Search methods in one place: which estimator each needs and how it forms its objective.
+
+Usage:
+    method_estimator("clado_kl")                       # "clado"  (None for uniform)
+    G, linear = method_objective("clado", pooled, table)
+    estimated_loss_increase("clado", (G, linear), x)   # (xᵀGx + linear·x) / 2
+
+Convention (shared with mpqflow.optimize.Problem): the objective xᵀGx + linear·x is TWICE the
+method's estimated loss increase, as CLADO's G is (G[i,i] = 2(L(i) − L0)). So
+    mpqco:  linear = sq_sum / count                      (= 2 ΔL, ΔL = Σ_n s_n² / 2N)
+    hawq:   linear = Ω = Tr(H_l)/numel(W_l) · ‖ΔW‖²      (the second-order term ΔWᵀHΔW with H ≈ Tr/numel·I)
+    clado_naive / zeroq: linear = diag(G) (for binary x, xᵀdiag(G)x = diag(G)·x; no G given, so
+    diagonal methods stay a multiple-choice knapsack for the solver)
+One estimator run serves several methods: clado, clado_raw, clado_naive, clado_kl and zeroq all read
+the same clado files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sensitivity import clado_matrix, hawq_omega, means
+
+__all__ = ["Method", "METHODS", "method_estimator", "method_objective", "estimated_loss_increase", "psd_project"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A search method.
+
+    Args:
+        name: the {method} wildcard.
+        estimator: the sensitivity estimator whose files it reads (None: no estimator).
+        form: "none" | "linear" | "psd" | "raw" | "diag" (how the objective is formed).
+        loss: "ce" | "kl" for CLADO-based methods (which measured matrix), else None.
+        description: one line for tables and logs.
+    """
+
+    name: str
+    estimator: str | None
+    form: str
+    loss: str | None
+    description: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("uniform", None, "none", None, "every candidate layer at one option (no search)"),
+        Method("mpqco", "mpqco", "linear", None, "per-sample logit-gradient diagonal (weights only)"),
+        Method("hawq", "hawq", "linear", None, "Hutchinson Hessian trace x weight error"),
+        Method("clado", "clado", "psd", "ce", "CLADO cross-entropy matrix projected on the PSD cone"),
+        Method("clado_raw", "clado", "raw", "ce", "CLADO cross-entropy matrix as measured"),
+        Method("clado_naive", "clado", "diag", "ce", "diagonal of the CLADO cross-entropy matrix"),
+        Method("clado_kl", "clado", "psd", "kl", "CLADO KL matrix projected on the PSD cone"),
+        Method("zeroq", "clado", "diag", "kl", "diagonal of the CLADO KL matrix (ZeroQ-style)"),
+    )
+}
+
+
+def _method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_estimator(method: str) -> str | None:
+    """The estimator whose per-batch files `method` needs (None for uniform)."""
+    return _method(method).estimator
+
+
+def psd_project(G) -> np.ndarray:
+    """Nearest PSD matrix (Frobenius): eigenvalues of the symmetrized G clipped at 0."""
+    try:
+        from .optimize.objectives import psd_project as _psd
+    except ImportError:
+        G = np.asarray(G, dtype=np.float64)
+        lam, V = np.linalg.eigh((G + G.T) / 2)  # (n,), (n, n)
+        P = (V * np.clip(lam, 0.0, None)) @ V.T
+        return (P + P.T) / 2
+    return _psd(G)
+
+
+def _check_pooled(method: Method, pooled: dict, table) -> None:
+    est = str(pooled.get("estimator", method.estimator))
+    if est != method.estimator:
+        raise ValueError(f"method {method.name!r} needs {method.estimator} sensitivities, got a {est} file")
+    if "layers" in pooled and list(pooled["layers"]) != list(table.candidates):
+        raise ValueError(f"method {method.name!r}: the sensitivity file's layers differ from "
+                         "the layer table's candidates")
+    if "options" in pooled:
+        opts = [tuple(int(b) for b in o) for o in np.asarray(pooled["options"]).reshape(-1, 2)]
+        if opts != [tuple(o) for o in table.options]:
+            raise ValueError(f"method {method.name!r}: the sensitivity file's options {opts} differ from "
+                             f"the layer table's {list(table.options)}")
+
+
+def method_objective(method: str, pooled: dict, table) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(G (n, n) or None, linear (n,) or None): the method's objective xᵀGx + linear·x.
+
+    Args:
+        method: a key of METHODS.
+        pooled: a pooled (or per-batch) sensitivity dict of the method's estimator (None for uniform).
+        table: pipeline.LayerTable (candidates, options, numel).
+    """
+    m = _method(method)
+    if m.estimator is None:
+        return None, None
+    _check_pooled(m, pooled, table)
+    K = len(table.options)
+    layer_of = np.repeat(np.arange(len(table.candidates)), K)
+    if m.estimator == "mpqco":
+        return None, means(pooled)["sq"]
+    if m.estimator == "hawq":
+        return None, hawq_omega(pooled, [table.numel[l] for l in table.candidates])
+    G = clado_matrix(pooled, m.loss, layer_of)
+    if m.form == "diag":
+        return None, np.diag(G).copy()
+    if m.form == "psd":
+        return psd_project(G), None
+    return G, None
+
+
+def estimated_loss_increase(method: str, objective: tuple, x) -> float:
+    """The method's estimated loss increase of decision x: (xᵀGx + linear·x) / 2.
+
+    Args:
+        method: a key of METHODS (uniform has no estimate: ValueError).
+        objective: (G, linear) from :func:`method_objective`.
+        x: (n,) 0/1 decision.
+    """
+    m = _method(method)
+    G, linear = objective
+    if m.estimator is None or (G is None and linear is None):
+        raise ValueError(f"method {method!r} has no objective, hence no estimated loss increase")
+    x = np.asarray(x, dtype=np.float64)
+    total = 0.0
+    if G is not None:
+        total += float(x @ np.asarray(G, dtype=np.float64) @ x)
+    if linear is not None:
+        total += float(np.asarray(linear, dtype=np.float64) @ x)
+    return total / 2

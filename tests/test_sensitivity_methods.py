@@ -1,0 +1,95 @@
+"""methods.py: every method's estimator and objective from one pooled file, and its estimated loss."""
+
+import numpy as np
+import pytest
+import torch
+
+from mpqflow.methods import METHODS, estimated_loss_increase, method_estimator, method_objective, psd_project
+from mpqflow.models import build_model
+from mpqflow.sensitivity import OptionIndex, batch_meta, clado_matrix, compute_batch
+from mpqflow.sensitivity.common import make_context
+
+
+@pytest.fixture(scope="module")
+def pooled():
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 1, 10)
+    x = torch.randn(48, 1, 8, 8)
+    ctx = make_context(net, x[:32], w_bits=(2, 4), a_bits=(4, 8))
+    x, y = x[32:], torch.randint(0, 10, (16,))
+    out = {}
+    for est in ("clado", "mpqco", "hawq"):
+        payload = compute_batch(est, ctx, x, y, {"progress": False, "hawq_max_probes": 5})
+        out[est] = {**payload, **batch_meta(ctx, est, {})}
+    return ctx, out
+
+
+def test_registry():
+    assert set(METHODS) == {"uniform", "mpqco", "hawq", "clado", "clado_raw", "clado_naive", "clado_kl", "zeroq"}
+    assert method_estimator("uniform") is None
+    assert {m: method_estimator(m) for m in ("clado_kl", "zeroq", "mpqco", "hawq")} == {
+        "clado_kl": "clado", "zeroq": "clado", "mpqco": "mpqco", "hawq": "hawq"}
+    with pytest.raises(ValueError, match="unknown method"):
+        method_estimator("nope")
+
+
+def test_objectives(pooled):
+    ctx, files = pooled
+    table = ctx.table
+    idx = OptionIndex.from_table(table)
+    Gce, Gkl = clado_matrix(files["clado"], "ce"), clado_matrix(files["clado"], "kl")
+    x = np.zeros(idx.n)
+    x[[idx.index(l, (l + 1) % idx.K) for l in range(idx.L)]] = 1
+
+    G, lin = method_objective("clado_raw", files["clado"], table)
+    assert lin is None and np.array_equal(G, Gce)
+    assert estimated_loss_increase("clado_raw", (G, lin), x) == pytest.approx(x @ Gce @ x / 2)
+
+    G, lin = method_objective("clado", files["clado"], table)
+    assert np.linalg.eigvalsh(G).min() >= -1e-10 and np.allclose(G, psd_project(Gce))
+    G, lin = method_objective("clado_kl", files["clado"], table)
+    assert np.allclose(G, psd_project(Gkl))
+
+    # diagonal methods: linear = diag(G), the same objective as diag(G) as a matrix on binary x
+    for m, Gm in (("clado_naive", Gce), ("zeroq", Gkl)):
+        G, lin = method_objective(m, files["clado"], table)
+        assert G is None and np.array_equal(lin, np.diag(Gm))
+        assert estimated_loss_increase(m, (G, lin), x) == pytest.approx(x @ np.diag(np.diag(Gm)) @ x / 2)
+
+    # zeroq's estimate of a single option is its mean KL to the base model
+    _, lin = method_objective("zeroq", files["clado"], table)
+    e = np.eye(idx.n)[3]
+    assert estimated_loss_increase("zeroq", (None, lin), e) == pytest.approx(files["clado"]["kl_single_sum"][3] / 16)
+
+    G, lin = method_objective("mpqco", files["mpqco"], table)
+    assert G is None
+    # mpqco's estimate: ΔL = Σ s² / 2N
+    assert estimated_loss_increase("mpqco", (G, lin), e) == pytest.approx(files["mpqco"]["sq_sum"][3] / 32)
+
+    G, lin = method_objective("hawq", files["hawq"], table)
+    numel = np.repeat([table.numel[l] for l in table.candidates], idx.K)
+    tr = np.repeat(files["hawq"]["trace_sum"], idx.K) / 16
+    np.testing.assert_allclose(lin, tr / numel * files["hawq"]["weight_err"])
+
+    assert method_objective("uniform", None, table) == (None, None)
+    with pytest.raises(ValueError, match="no objective"):
+        estimated_loss_increase("uniform", (None, None), x)
+
+
+def test_wrong_file_for_method(pooled):
+    ctx, files = pooled
+    with pytest.raises(ValueError, match="needs clado"):
+        method_objective("clado", files["mpqco"], ctx.table)
+    bad = {**files["clado"], "layers": list(files["clado"]["layers"])[::-1]}
+    with pytest.raises(ValueError, match="layers differ"):
+        method_objective("clado", bad, ctx.table)
+
+
+def test_psd_project():
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(6, 6))
+    G = A + A.T
+    P = psd_project(G)
+    assert np.allclose(P, P.T) and np.linalg.eigvalsh(P).min() >= -1e-10
+    lam, V = np.linalg.eigh(G)
+    assert np.allclose(P, (V * np.clip(lam, 0, None)) @ V.T)
