@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from mpqflow.quant import fake_quantize
+from mpqflow.quant import ACIQObserver, ModelQuantizer, QuantScheme, choose_qparams, fake_quantize, make_observer
 from mpqflow.quant.aciq import (
     aciq_alpha,
     aciq_mse,
@@ -115,13 +115,23 @@ class _EmpiricalMSE:
         return float((s2 - 2 * lv * s1 + lv * lv * s0).sum() / self.xs.numel())
 
 
-def _brute_force_argmin(f, center):
-    grid = center * np.linspace(0.5, 1.7, 49)
+def _brute_force_argmin(f, center, points=25):
+    """Grid over [0.5, 1.7] * center, then golden-section search in the bracket of the best point."""
+    grid = center * np.linspace(0.5, 1.7, points)
     i = int(np.argmin([f(a) for a in grid]))
     a, b = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
-    for _ in range(40):  # golden section on the bracket around the best grid point
-        c, d = b - 0.618 * (b - a), a + 0.618 * (b - a)
-        a, b = (a, d) if f(c) < f(d) else (c, b)
+    r = (math.sqrt(5) - 1) / 2
+    c, d = b - r * (b - a), a + r * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > 1e-5 * center:
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - r * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + r * (b - a)
+            fd = f(d)
     return (a + b) / 2
 
 
@@ -133,8 +143,9 @@ def test_alpha_matches_brute_force_empirical_minimum(prior):
         emp = _EmpiricalMSE(xx)
         for bits in (2, 3, 4, 8):
             alpha = float(aciq_alpha(xx, bits, prior))  # fitted on the sample; one-sided auto-detected
-            err = xx - _quantize(xx, alpha, bits, one_sided)
-            assert emp(alpha, bits, one_sided) == pytest.approx(float((err**2).mean()), rel=1e-9)
+            if bits == 3:  # the prefix-sum MSE is the element-wise MSE of the quantizer
+                err = xx - _quantize(xx, alpha, bits, one_sided)
+                assert emp(alpha, bits, one_sided) == pytest.approx(float((err**2).mean()), rel=1e-9)
             best = _brute_force_argmin(lambda a: emp(a, bits, one_sided), alpha)
             assert alpha == pytest.approx(best, rel=0.02), (prior, one_sided, bits)
             if not one_sided:
@@ -202,3 +213,58 @@ def test_streaming_sums_match_the_whole_tensor():
         lo_w, hi_w = aciq_range(x, 3, prior, ch_axis=1, model="signed_grid")
         torch.testing.assert_close(lo.float(), lo_w, rtol=rel, atol=0)
         torch.testing.assert_close(hi.float(), hi_w, rtol=rel, atol=0)
+
+
+# ---------------------------------------------------------------- ACIQ observers (registry integration)
+
+
+def _core_mse(x, alpha, bits, signed):
+    lo = -alpha if signed else 0.0
+    scale, zp, qmin, qmax = choose_qparams(torch.tensor(lo), torch.tensor(alpha), bits, symmetric=True, signed=signed)
+    return float(((fake_quantize(x, scale, zp, qmin, qmax) - x) ** 2).mean())
+
+
+@pytest.mark.parametrize("name,prior", [("aciq_laplace", "laplace"), ("aciq_gauss", "gauss")])
+def test_aciq_observer_is_optimal_for_the_applied_core_quantizer(name, prior):
+    x = _stratified(prior, 2**16, scale=0.3, seed=3).float()
+    for one_sided in (False, True):
+        xx = x.abs() if one_sided else x
+        for bits in (2, 3, 4):
+            obs = make_observer(QuantScheme(observer=name), bits, None)
+            perm = torch.randperm(xx.numel(), generator=torch.Generator().manual_seed(bits))
+            for chunk in xx[perm].chunk(4):  # streamed over (shuffled) calibration batches
+                obs(chunk)
+            scale, zp, qmin, qmax = obs.calculate_qparams()
+            assert obs.is_signed() is not one_sided and float(obs.min_val) == (0.0 if one_sided else float(obs.min_val))
+            alpha = float(obs.max_val)
+            if not one_sided:
+                assert float(obs.min_val) == pytest.approx(-alpha, rel=0.01)  # centered on a ~0 mean
+            # alpha* agrees with the brute-force minimum of the MSE of choose_qparams + fake_quantize
+            best = _brute_force_argmin(lambda a: _core_mse(xx, a, bits, not one_sided), alpha)
+            assert alpha == pytest.approx(best, rel=0.02), (one_sided, bits)
+
+
+def test_aciq_observer_per_channel_state_dict_and_quantizer():
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 4, 3, 3, generator=g) * torch.linspace(0.05, 1, 6)[:, None, None, None]
+    scheme = QuantScheme(observer="aciq_laplace", granularity="per_channel")
+    obs = make_observer(scheme, 4, True)
+    assert isinstance(obs, ACIQObserver) and not obs.observed
+    obs(w)
+    lo, hi = aciq_range(w, 4, "laplace", ch_axis=0, model="signed_grid")
+    torch.testing.assert_close(obs.min_val, lo)
+    torch.testing.assert_close(obs.max_val, hi)
+    fresh = make_observer(scheme, 4, True)
+    fresh.load_state_dict(obs.state_dict())
+    for a, b in zip(fresh.calculate_qparams(), obs.calculate_qparams()):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    # end to end: weights and (per-channel, post-ReLU) activations calibrated by ACIQ
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 3))
+    q = ModelQuantizer(model, ["0", "2"], scheme, QuantScheme(observer="aciq_gauss", granularity="per_channel",
+                                                              symmetric=False), [2, 4], [4, 8])
+    q.calibrate([torch.randn(8, 3, 8, 8, generator=g) for _ in range(3)])
+    assert q.act_qparams("2", 4).quant_min == 0  # post-ReLU input: unsigned, range [0, alpha]
+    assert q.act_qparams("0", 4).quant_min < 0
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    with q.applied({"0": (2, 4), "2": (4, 4)}):
+        assert torch.isfinite(model(x)).all()

@@ -164,3 +164,28 @@ def test_entropy_bits():
     codes = torch.clamp(torch.round(x / (2 * x.abs().max() / 15)) + 8, 0, 15)
     assert 1.0 < entropy_bits(codes) < 4.0 - 0.5
     assert math.isfinite(entropy_bits(codes.float(), ch_axis=0))
+
+
+@pytest.mark.parametrize("mode", ["bias", "bias_variance"])
+def test_model_quantizer_bias_correction_option(mode):
+    from mpqflow.quant import ModelQuantizer, QuantScheme, quantize_weight
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(6, 4))
+    act = QuantScheme(observer="ema_minmax", symmetric=False)
+    for levels in ("uniform", "alq"):
+        scheme = QuantScheme(granularity="per_tensor", bias_correction=mode, levels=levels)
+        q = ModelQuantizer(model, ["0", "4"], scheme, act, [2, 4], [8])
+        q.calibrate([torch.randn(4, 3, 5, 5)])
+        for layer, dims in (("0", (1, 2, 3)), ("4", (1,))):
+            w = dict(model.named_modules())[layer].weight.detach()
+            w_q = q.quantized_weight(layer, 2)
+            torch.testing.assert_close(w_q.mean(dims), w.mean(dims), atol=1e-6, rtol=0)
+            plain = quantize_weight(w, q.weight_qparams(layer, 2), QuantScheme(granularity="per_tensor", levels=levels), 2)
+            assert (plain.mean(dims) - w.mean(dims)).abs().max() > 1e-5  # there was a mean error to correct
+            torch.testing.assert_close(w_q, correct_bias(w, plain, 0, variance=mode == "bias_variance"))
+    with pytest.raises(ValueError, match="weights only"):
+        ModelQuantizer(model, ["0"], QuantScheme(), QuantScheme(bias_correction=mode), [4], [8])
+    with pytest.raises(ValueError, match="QuantScheme.bias_correction"):
+        QuantScheme(bias_correction="yes")

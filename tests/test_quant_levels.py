@@ -155,3 +155,43 @@ def test_weight_levels_at_most_2_pow_bits_values_per_channel(method):
     # transposed layout: channel axis 1
     torch.testing.assert_close(fake_quantize_levels(w.transpose(0, 1), lv, ch_axis=1), w_q.transpose(0, 1))
     assert math.isfinite(expected_variance(lv, fit_truncnorm(w, 36, norm="linf")))
+
+
+# ---------------------------------------------------------------- weight-quantizer option (QuantScheme.levels)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 3))
+
+
+@pytest.mark.parametrize("levels", ["alq", "amq"])
+def test_model_quantizer_levels_option(levels):
+    from mpqflow.quant import ModelQuantizer, QuantScheme
+
+    model = _tiny()
+    act = QuantScheme(observer="ema_minmax", symmetric=False)
+    for granularity, ch_axis in (("per_channel", 0), ("per_tensor", None)):
+        scheme = QuantScheme(granularity=granularity, levels=levels)
+        q = ModelQuantizer(model, ["0", "2"], scheme, act, [2, 3, 4], [8])
+        q.calibrate([torch.randn(4, 3, 8, 8)])
+        w = model[2].weight.detach()
+        for bits in (2, 3, 4):
+            w_q = q.quantized_weight("2", bits)
+            want = fake_quantize_levels(w, fit_levels(w, levels_for_bits(bits), levels, ch_axis=ch_axis), ch_axis=ch_axis)
+            torch.testing.assert_close(w_q, want)
+            for c in range(w.shape[0]):
+                assert w_q[c].unique().numel() <= 2**bits - 1
+        # deterministic in the weights: a reloaded quantizer applies the same weights
+        q2 = ModelQuantizer(model, ["0", "2"], scheme, act, [2, 3, 4], [8])
+        q2.load_state_dict(q.state_dict())
+        torch.testing.assert_close(q2.quantized_weight("0", 3), q.quantized_weight("0", 3))
+        with q.applied({"0": (3, 8), "2": (2, None)}):
+            assert torch.equal(model[2].weight, q.quantized_weight("2", 2))
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        ModelQuantizer(model, ["0"], QuantScheme(symmetric=False, levels=levels), act, [1, 4], [8])
+    with pytest.raises(ValueError, match="weights only"):
+        ModelQuantizer(model, ["0"], QuantScheme(), QuantScheme(levels=levels), [4], [8])
+    with pytest.raises(ValueError, match="QuantScheme.levels"):
+        QuantScheme(levels="lloyd")
+    assert QuantScheme.from_dict({"observer": "mse"}).levels == "uniform"  # old dicts still load

@@ -9,6 +9,9 @@
 
 Modules: :mod:`.functional` (stateless qparams and fake-quant), :mod:`.scheme` (QuantScheme and the
 observer registry), :mod:`.observers` (statistics -> qparams), :mod:`.quantizer` (ModelQuantizer).
+Extensions (pure functions): :mod:`.aciq` (analytical clipping, GEMMLOWP qparams), :mod:`.bitalloc`
+(per-channel bits), :mod:`.bias_correction`, :mod:`.levels` (ALQ/AMQ, stochastic quantization),
+:mod:`.entropy` (bit-rate).
 """
 
 from .functional import (
@@ -19,9 +22,10 @@ from .functional import (
     quant_range,
     quantization_mse,
 )
-from .scheme import GRANULARITIES, OBSERVERS, QuantScheme, register_observer
-from .observers import EMAMinMaxObserver, EMAMSEObserver, MinMaxObserver, MSEObserver, Observer, make_observer
-from .quantizer import ModelQuantizer, QParams
+from .scheme import BIAS_CORRECTIONS, GRANULARITIES, LEVELS, OBSERVERS, QuantScheme, register_observer
+from .observers import (ACIQObserver, EMAMinMaxObserver, EMAMSEObserver, MinMaxObserver, MSEObserver, Observer,
+                        make_observer)
+from .quantizer import ModelQuantizer, QParams, quantize_weight
 
 __all__ = [
     "quant_range",
@@ -31,6 +35,8 @@ __all__ = [
     "mse_clip_range",
     "clip_ratios",
     "GRANULARITIES",
+    "LEVELS",
+    "BIAS_CORRECTIONS",
     "OBSERVERS",
     "QuantScheme",
     "register_observer",
@@ -39,7 +45,9 @@ __all__ = [
     "EMAMinMaxObserver",
     "MSEObserver",
     "EMAMSEObserver",
+    "ACIQObserver",
     "make_observer",
     "ModelQuantizer",
     "QParams",
+    "quantize_weight",
 ]

@@ -169,7 +169,7 @@ def fit_truncnorm(v: torch.Tensor, bucket_size: int, *, norm: str = "l2", mixtur
     mixture=False: one component with the weighted mean and std of all r (padding excluded).
     mixture=True: one component per non-zero bucket (its mean and std), weights ||bucket||^2.
     """
-    r, nrm, numel = normalized_magnitudes(v, bucket_size, norm)
+    r, nrm, numel = normalized_magnitudes(v.detach().cpu(), bucket_size, norm)  # fitting runs on CPU
     r = r.double()
     valid = (torch.arange(r.numel()) < numel).view_as(r).double()  # (B, d) not padding
     w = (nrm.double() ** 2)[:, None] * valid

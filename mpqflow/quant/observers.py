@@ -16,6 +16,8 @@ handles every bit-width from 1 to 16.
   quantization MSE at this bit-width (per channel for per-channel schemes); running min / max of
   those ranges over batches (MQBench's MSEObserver convention).
 - ema_mse: moving average of the per-batch MSE-optimal ranges.
+- aciq_laplace, aciq_gauss: the ACIQ clipping range (:mod:`mpqflow.quant.aciq`) from running moment
+  sums of all batches.
 
 ``signed=None`` decides from the data: unsigned when every observed value is >= 0 (post-ReLU
 activations), signed otherwise.
@@ -27,10 +29,12 @@ import torch
 import torch.nn as nn
 from torch.ao.quantization import observer as _tao
 
+from .aciq import aciq_range_from_sums, merge_sums, moment_sums
 from .functional import DEFAULT_EPS, _check_bits, choose_qparams, clip_ratios, mse_clip_range
 from .scheme import OBSERVERS, QuantScheme, register_observer
 
-__all__ = ["Observer", "MinMaxObserver", "EMAMinMaxObserver", "MSEObserver", "EMAMSEObserver", "make_observer"]
+__all__ = ["Observer", "MinMaxObserver", "EMAMinMaxObserver", "MSEObserver", "EMAMSEObserver", "ACIQObserver",
+           "make_observer"]
 
 
 class Observer(nn.Module):
@@ -198,6 +202,87 @@ def _mse(scheme: QuantScheme, bits: int, signed: bool | None) -> Observer:
 def _ema_mse(scheme: QuantScheme, bits: int, signed: bool | None) -> Observer:
     return EMAMSEObserver(bits, averaging_constant=scheme.averaging_constant, mse_grid=scheme.mse_grid,
                           **_common(scheme, signed))
+
+
+# ---------------------------------------------------------------- ACIQ (analytical clipping, mpqflow.quant.aciq)
+
+
+class _SumStats(nn.Module):
+    """Running :func:`~mpqflow.quant.aciq.moment_sums` as buffers (empty until the first batch)."""
+
+    _KEYS = ("n", "s1", "s2", "sabs", "n_pos", "s1_pos", "s2_pos", "lo", "hi")
+
+    def __init__(self, ch_axis: int | None):
+        super().__init__()
+        self.ch_axis = ch_axis
+        for k in self._KEYS:
+            self.register_buffer(k, torch.zeros(0, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> None:
+        new = moment_sums(x, self.ch_axis)
+        if self.n.numel() > 0:
+            new = merge_sums({k: getattr(self, k) for k in self._KEYS}, new)
+        for k in self._KEYS:
+            setattr(self, k, new[k])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for k in self._KEYS:  # buffers start empty: take the stored shapes
+            if prefix + k in state_dict:
+                setattr(self, k, torch.empty_like(state_dict[prefix + k]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ACIQObserver(Observer):
+    """ACIQ range: alpha* minimizing the expected MSE under a Laplace or Gaussian prior fitted to the
+    running statistics; [mean - alpha, mean + alpha] or [0, alpha] (all data >= 0), within the data.
+
+    Two-sided ranges use the ``signed_grid`` model, the grid :func:`choose_qparams` builds from a
+    range symmetric about 0 (pow2_scale widens it further and is not modelled). The Laplace b pools
+    each batch's mean |x - batch mean|, which assumes batches are samples of one distribution
+    (shuffled calibration data); sigma and the one-sided fits are exact over all batches.
+
+    Args:
+        prior: "laplace" or "gauss".
+        (other arguments as :class:`Observer`)
+    """
+
+    def __init__(self, bits: int, *, prior: str = "laplace", **kwargs):
+        self.prior = prior
+        super().__init__(bits, **kwargs)
+
+    def _make_stats(self) -> nn.Module:
+        return _SumStats(self.ch_axis)
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.stats
+        if st.n.numel() == 0:
+            return torch.zeros(0), torch.zeros(0)
+        sums = {k: getattr(st, k) for k in _SumStats._KEYS}
+        lo, hi = aciq_range_from_sums(sums, self.bits, self.prior, model="signed_grid")
+        return lo.float(), hi.float()
+
+    @property
+    def min_val(self) -> torch.Tensor:
+        """Lower end of the ACIQ range: () per tensor, (C,) per channel."""
+        return self._range()[0]
+
+    @property
+    def max_val(self) -> torch.Tensor:
+        """Upper end of the ACIQ range: () per tensor, (C,) per channel."""
+        return self._range()[1]
+
+    def extra_repr(self) -> str:
+        return f"prior={self.prior}, " + super().extra_repr()
+
+
+@register_observer("aciq_laplace")
+def _aciq_laplace(scheme: QuantScheme, bits: int, signed: bool | None) -> Observer:
+    return ACIQObserver(bits, prior="laplace", **_common(scheme, signed))
+
+
+@register_observer("aciq_gauss")
+def _aciq_gauss(scheme: QuantScheme, bits: int, signed: bool | None) -> Observer:
+    return ACIQObserver(bits, prior="gauss", **_common(scheme, signed))
 
 
 def make_observer(scheme: QuantScheme, bits: int, signed: bool | None = None) -> Observer:

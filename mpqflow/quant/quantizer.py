@@ -29,11 +29,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .bias_correction import correct_bias
 from .functional import MAX_BITS, fake_quantize
+from .levels import fake_quantize_levels, fit_levels, levels_for_bits
 from .observers import make_observer
 from .scheme import QuantScheme
 
-__all__ = ["QParams", "ModelQuantizer"]
+__all__ = ["QParams", "ModelQuantizer", "quantize_weight"]
 
 _LAYER_TYPES = (nn.Conv2d, nn.Linear)
 _ACT_CH_AXIS = 1  # channel axis of layer inputs (N, C, ...)
@@ -74,6 +76,20 @@ def _quant_input_hook(qp: QParams, module: nn.Module, args: tuple) -> tuple:
 def _observe_hook(observers: list, module: nn.Module, args: tuple) -> None:
     for obs in observers:
         obs(args[0])
+
+
+def quantize_weight(w: torch.Tensor, qp: QParams, scheme: QuantScheme, bits: int) -> torch.Tensor:
+    """Fake-quantized weight under `scheme` at `bits`: uniform with qp, or the scheme's non-uniform
+    levels (fitted to w, per channel along qp.ch_axis or per tensor), then the scheme's bias correction
+    per output channel (along scheme.ch_axis). Deterministic in w, so nothing beyond qp is stored."""
+    if scheme.levels == "uniform":
+        q = fake_quantize(w, *qp)
+    else:
+        lv = fit_levels(w, levels_for_bits(bits), scheme.levels, ch_axis=qp.ch_axis).to(w.device)
+        q = fake_quantize_levels(w, lv, ch_axis=qp.ch_axis)
+    if scheme.bias_correction != "none":
+        q = correct_bias(w, q, scheme.ch_axis, variance=scheme.bias_correction == "bias_variance")
+    return q
 
 
 def _bits_tuple(name: str, bits: Sequence[int]) -> tuple[int, ...]:
@@ -125,6 +141,11 @@ class ModelQuantizer:
         if weight_scheme.symmetric and 1 in self.w_bits:
             raise ValueError("w_bits contains 1, but 1-bit signed symmetric weights have no symmetric grid: "
                              "use an affine weight scheme (symmetric: false) or drop 1 from w_bits")
+        if weight_scheme.levels != "uniform" and 1 in self.w_bits:
+            raise ValueError(f"w_bits contains 1, but levels={weight_scheme.levels!r} needs at least 2 bits")
+        if act_scheme.levels != "uniform" or act_scheme.bias_correction != "none":
+            raise ValueError("act_scheme: levels and bias_correction apply to weights only "
+                             f"(got levels={act_scheme.levels!r}, bias_correction={act_scheme.bias_correction!r})")
         self._bits = {"weight": frozenset(self.w_bits), "act": frozenset(self.a_bits)}
         self._qparams: dict[tuple[str, str, int], QParams] = {}  # CPU masters
         self._ranges: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -316,7 +337,7 @@ class ModelQuantizer:
         if q is None or q.device != fp.device or q.dtype != fp.dtype:
             qp = self._qp(layer, "weight", w_bits, fp.device)
             with torch.no_grad():
-                q = self._wq_cache[layer, w_bits] = fake_quantize(fp, *qp)
+                q = self._wq_cache[layer, w_bits] = quantize_weight(fp, qp, self.weight_scheme, w_bits)
         return q
 
     def quantize_input(self, layer: str, x: torch.Tensor, a_bits: int) -> torch.Tensor:

@@ -16,9 +16,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["GRANULARITIES", "OBSERVERS", "QuantScheme", "register_observer"]
+__all__ = ["GRANULARITIES", "LEVELS", "BIAS_CORRECTIONS", "OBSERVERS", "QuantScheme", "register_observer"]
 
 GRANULARITIES = ("per_tensor", "per_channel")
+LEVELS = ("uniform", "alq", "amq")  # weight levels (mpqflow.quant.levels)
+BIAS_CORRECTIONS = ("none", "bias", "bias_variance")  # weight correction (mpqflow.quant.bias_correction)
 
 # name -> factory(scheme, bits, signed) returning an Observer (filled by mpqflow.quant.observers)
 OBSERVERS: dict[str, Callable[..., Any]] = {}
@@ -57,6 +59,12 @@ class QuantScheme:
         ch_axis: channel axis of per-channel weights (0 = output channels of Conv2d/Linear).
         averaging_constant: EMA weight c of the newest batch, range <- range + c (batch - range).
         mse_grid: number of clipping ratios r in linspace(0.01, 1, mse_grid) searched by MSE observers.
+        levels: weights only. "uniform" (the observer's qparams) or adaptive non-uniform levels
+            "alq" / "amq" (Faghri et al. 2020): 2^(M-1) magnitude levels fitted to |w| / max|w| of
+            each channel (per_channel) or of the tensor, nearest-level rounding; the observer's
+            range is not used. Needs M >= 2.
+        bias_correction: weights only. "none", "bias" (each output channel, along ch_axis, keeps its
+            FP mean) or "bias_variance" (mean and centered norm; Banner et al. 2019).
     """
 
     observer: str = "minmax"
@@ -66,6 +74,8 @@ class QuantScheme:
     ch_axis: int = 0
     averaging_constant: float = 0.01
     mse_grid: int = 100
+    levels: str = "uniform"
+    bias_correction: str = "none"
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
@@ -83,6 +93,10 @@ class QuantScheme:
         g = self.mse_grid
         if isinstance(g, bool) or not isinstance(g, int) or not 2 <= g <= 10000:
             _fail("mse_grid", g, "an int in [2, 10000]")
+        if self.levels not in LEVELS:
+            _fail("levels", self.levels, f"one of {list(LEVELS)}")
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            _fail("bias_correction", self.bias_correction, f"one of {list(BIAS_CORRECTIONS)}")
 
     @property
     def per_channel(self) -> bool:
