@@ -88,7 +88,8 @@ def test_untraceable_model_falls_back_to_reference(caplog):
 
 
 class _Residual(nn.Module):
-    """Residual branches, an in-place ReLU and an in-place add, a view that depends on the batch."""
+    """Residual branches, in-place ReLUs (one on a value another layer has read), a view that
+    depends on the batch size."""
 
     def __init__(self):
         super().__init__()
@@ -96,9 +97,10 @@ class _Residual(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        h = self.act(self.l1(x))
-        r = self.l2(h)
-        r += self.l3(h)  # in place on a value that stays cached when only l3 is perturbed
+        h = self.l1(x)
+        r = self.l2(h)  # reads h before the in-place ReLU below overwrites it
+        h = self.act(h)
+        r += self.l3(h)
         return self.l4(self.act(r)).view(x.shape[0], -1)
 
 
