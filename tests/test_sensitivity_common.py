@@ -19,6 +19,15 @@ from mpqflow.sensitivity import (
 )
 from mpqflow.sensitivity.common import make_context
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and a shared 2-core machine does not slow them 100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 QUIET = {"progress": False}
 
 
@@ -108,6 +117,7 @@ def test_hawq_constants_are_kept_not_summed(tmp_path, digits_ctx):
         ("settings", lambda m: m.update(settings=json.dumps({"loss": "other"}))),
     ],
 )
+
 def test_mismatched_files_are_refused_naming_both(tmp_path, digits_ctx, field, change):
     ctx, x, y = digits_ctx
     payload = {"sq_sum": np.ones(len(ctx.table.candidates) * len(ctx.table.options)), "count": np.int64(4)}

@@ -9,6 +9,16 @@ from mpqflow.sensitivity import OptionIndex, compute_batch
 from mpqflow.sensitivity.common import make_context
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and a shared 2-core machine does not slow them 100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _loop_sq_sum(ctx, x, y):
     """Σ_n (<ΔW, ∇_W z_n> / z_n)^2 with one autograd backward per sample."""
     idx = OptionIndex.from_table(ctx.table)
