@@ -93,8 +93,9 @@ def pairwise_reference(net: nn.Module, x: torch.Tensor, layers: Sequence[str], K
     """
     L = len(layers)
     activate({})
-    head = make_head(_logits(net(x)))
-    base = head(_logits(net(x)), 1)[0]
+    base_out = _logits(net(x))
+    head = make_head(base_out)
+    base = head(base_out, 1)[0]
     single = base.new_zeros(L * K, base.numel())
     pair = base.new_zeros(L * K, L * K, base.numel())
     for l in range(L):
