@@ -82,6 +82,7 @@ def train_or_load(cfg: dict, model: str, out_path: str) -> dict:
     """Train the FP model (or load configured local weights), measure it, save the checkpoint atomically."""
     device = resolve_device(cfg)
     mcfg, spec = cfg["models"][model], data_spec(cfg, model)
+    seed_everything(cfg["seed"])  # the initial weights come from the global RNG: seed it first
     net = _fresh_model(cfg, model)
     if mcfg.get("weights"):
         from .models import load_weights
