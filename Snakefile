@@ -8,9 +8,16 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/model.smk"
+include: "rules/sensitivity.smk"
+include: "rules/optimize.smk"
 include: "rules/evaluate.smk"
+include: "rules/study.smk"
 
 
 rule all:
     input:
         all_targets(),
+
+
+onsuccess:
+    report_where()

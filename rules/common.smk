@@ -5,7 +5,8 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 
 from mpqflow.config import ConfigError, option_name, option_table, validate_config
-
+from mpqflow.data import sensitivity_set
+from mpqflow.methods import method_estimator
 
 try:
     _validated = validate_config(config)
@@ -16,11 +17,24 @@ config.update(_validated)
 
 MODELS = list(config["models"])
 OPTIONS = [option_name(o) for o in option_table(config)]
+SEARCH_METHODS = [m for m in config["methods"] if method_estimator(m) is not None]
+ESTIMATORS = sorted({method_estimator(m) for m in SEARCH_METHODS})
+SETS = [
+    (n, s)
+    for n in config["study"]["set_sizes"]
+    for s in range(config["study"]["sets_per_size"])
+]
 
 
 wildcard_constraints:
     model="|".join(MODELS),
     option=r"w\d+a\d+",
+    estimator="|".join(ESTIMATORS) or "none",
+    method="|".join(SEARCH_METHODS) or "none",
+    batch=r"\d+",
+    n=r"\d+",
+    s=r"\d+",
+    budget=r"[a-z_]+-[0-9.]+",
 
 
 def code_version(*modules):
@@ -46,11 +60,81 @@ def stage_params(*sections):
     return inner
 
 
+def batch_settings(wildcards):
+    """The batch size and this estimator's own settings: growing the pool or retuning another
+    estimator leaves finished batch files valid."""
+    sens = config["sensitivity"]
+    own = {k: v for k, v in sens.items() if k.startswith(f"{wildcards.estimator}_")}
+    return {"batch_size": sens["batch_size"], **own}
+
+
+def gpu_if_cuda(wildcards):
+    """GPU-bound rules reserve one GPU when the config asks for CUDA (`auto` uses a GPU if it
+    sees one but reserves none, so it runs anywhere; use `device: cuda` to schedule GPUs).
+    """
+    return 1 if config["device"] == "cuda" else 0
+
+
+def set_batch_files(wildcards):
+    n, s = int(wildcards.n), int(wildcards.s)
+    batches = sensitivity_set(
+        n, s, config["sensitivity"]["pool_batches"], config["seed"]
+    )
+    return expand(
+        "results/{model}/sensitivity/{estimator}/batch_{batch}.npz",
+        model=wildcards.model,
+        estimator=wildcards.estimator,
+        batch=batches,
+    )
+
+
+def method_set_file(wildcards):
+    estimator = method_estimator(wildcards.method)
+    return f"results/{wildcards.model}/sensitivity/{estimator}/set_{wildcards.n}x{wildcards.s}.npz"
+
+
+def decision_evals(wildcards):
+    return [
+        f"results/{wildcards.model}/eval/{method}/set_{n}x{s}/{budget}.json"
+        for method in SEARCH_METHODS
+        for n, s in SETS
+        for budget in config["budgets"]
+    ]
+
+
+def heatmap_matrix(wildcards):
+    """The CLADO matrix of the largest first set feeds the interaction heat map (none without CLADO)."""
+    if "clado" not in ESTIMATORS:
+        return []
+    n = max(config["study"]["set_sizes"])
+    return f"results/{wildcards.model}/sensitivity/clado/set_{n}x0.npz"
+
+
 def uniform_evals(wildcards):
     return expand(
-        "results/{model}/eval/uniform/{option}.json", model=wildcards.model, option=OPTIONS
+        "results/{model}/eval/uniform/{option}.json",
+        model=wildcards.model,
+        option=OPTIONS,
     )
 
 
 def all_targets():
-    return expand("results/{model}/eval/uniform.csv", model=MODELS)
+    return expand(
+        [
+            "results/{model}/eval/uniform.csv",
+            "results/{model}/study.csv",
+            "results/{model}/plots/accuracy_vs_size.png",
+        ],
+        model=MODELS,
+    )
+
+
+def report_where():
+    """Tell the user where the study's table, plots and (how to build) the report are."""
+    for model in MODELS:
+        print(
+            f"mpqflow: {model}: results/{model}/study.csv, results/{model}/plots/*.png"
+        )
+    print(
+        "mpqflow: build the browsable report with: snakemake --report results/report.html"
+    )

@@ -6,13 +6,15 @@ rule evaluate_uniform:
         metrics="results/{model}/eval/uniform/{option}.json",
     log:
         "logs/{model}/eval/uniform/{option}.log",
-    params:
-        cfg=stage_params("seed", "quant", "evaluation"),
-        code=code_version("quant", "models", "data", "evaluate", "pipeline"),
+    conda:
+        "../envs/mpqflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        cfg=stage_params("seed", "quant", "evaluation"),
+        code=code_version("quant", "models", "data", "evaluate", "pipeline"),
     script:
         "../workflow_scripts/evaluate_uniform.py"
 
@@ -25,5 +27,30 @@ rule uniform_table:
     log:
         "logs/{model}/eval/uniform_table.log",
     localrule: True
+    conda:
+        "../envs/mpqflow.yaml"
     script:
         "../workflow_scripts/uniform_table.py"
+
+
+rule evaluate_decision:
+    input:
+        model="results/{model}/model.pt",
+        calibration="results/{model}/calibration.pt",
+        decision="results/{model}/decisions/{method}/set_{n}x{s}/{budget}.json",
+    output:
+        metrics="results/{model}/eval/{method}/set_{n}x{s}/{budget}.json",
+    log:
+        "logs/{model}/eval/{method}/set_{n}x{s}/{budget}.log",
+    conda:
+        "../envs/mpqflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=gpu_if_cuda,
+    params:
+        cfg=stage_params("seed", "quant", "evaluation", "sensitivity"),
+        code=code_version("quant", "models", "data", "evaluate", "pipeline", "search"),
+    script:
+        "../workflow_scripts/evaluate_decision.py"

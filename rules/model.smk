@@ -3,13 +3,15 @@ rule train_model:
         model="results/{model}/model.pt",
     log:
         "logs/{model}/train_model.log",
-    params:
-        cfg=stage_params("seed", "evaluation"),
-        code=code_version("models", "data", "train", "evaluate", "pipeline"),
+    conda:
+        "../envs/mpqflow.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        cfg=stage_params("seed", "evaluation"),
+        code=code_version("models", "data", "train", "evaluate", "pipeline"),
     script:
         "../workflow_scripts/train_model.py"
 
@@ -21,12 +23,14 @@ rule calibrate:
         calibration="results/{model}/calibration.pt",
     log:
         "logs/{model}/calibrate.log",
-    params:
-        cfg=stage_params("seed", "quant"),
-        code=code_version("quant", "models", "data", "pipeline"),
+    conda:
+        "../envs/mpqflow.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        cfg=stage_params("seed", "quant"),
+        code=code_version("quant", "models", "data", "pipeline"),
     script:
         "../workflow_scripts/calibrate.py"

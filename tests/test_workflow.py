@@ -1,10 +1,12 @@
 """The workflow end to end on the tiny config, in a temporary directory, through the snakemake CLI."""
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -55,3 +57,49 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "config key 'quant.w_bits[1]': 32 is greater than the maximum of 16" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def _decisions(workdir):
+    """{relative path: decision without its timings} of every decision file of a run."""
+    out = {}
+    for p in sorted((workdir / "results" / "tiny" / "decisions").rglob("*.json")):
+        d = json.loads(p.read_text())
+        d["solver"] = {k: v for k, v in d["solver"].items() if k != "seconds"}
+        out[str(p.relative_to(workdir))] = d
+    return out
+
+
+@pytest.mark.slow
+def test_study_end_to_end(tiny_run):
+    res = tiny_run / "results" / "tiny"
+    study = pd.read_csv(res / "study.csv")
+    methods = ["clado", "clado_naive", "clado_raw", "hawq", "mpqco"]
+    searched = study[study.method != "uniform"]
+    # One row per (method, set, budget): 5 methods x 2 sets (sizes 1 and 2) x 2 budgets, plus 2 uniform rows.
+    assert sorted(searched.method.unique()) == methods and len(searched) == 5 * 2 * 2
+    assert (study.method == "uniform").sum() == 2
+    for row in searched.itertuples():
+        cap = float(row.budget.split("-")[1])
+        assert row.avg_bits <= cap + 1e-9, row
+        assert row.solver_status == "optimal"
+        assert np.isfinite(row.estimated_loss_increase) and np.isfinite(row.measured_loss_increase)
+    # The tiny problem has 2 layers x 2 options: at 6 average bits every method can keep both layers
+    # near 8 bits, so the searched decisions are at least as accurate as uniform W2A8.
+    w2 = study[(study.method == "uniform") & (study.option == "w2a8")].top1.item()
+    assert searched[searched.budget == "avg_bits-6"].top1.min() >= w2 - 0.02
+    for png in ("accuracy_vs_size", "pareto_auc", "estimated_vs_measured", "interaction_heatmap", "layer_bits"):
+        head = (res / "plots" / f"{png}.png").read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n", png
+    auc = pd.read_csv(res / "pareto_auc.csv")
+    assert sorted(auc.method.unique()) == methods and auc.auc.between(0, 1).all()
+
+
+@pytest.mark.slow
+def test_same_config_same_decisions(tiny_run):
+    first = _decisions(tiny_run)
+    assert len(first) == 20
+    study = (tiny_run / "results" / "tiny" / "study.csv").read_text()
+    snakemake(tiny_run, "--forcerun", "solve_budget")
+    assert _decisions(tiny_run) == first
+    cols = lambda text: pd.read_csv(io.StringIO(text)).drop(columns=["solver_seconds"])  # noqa: E731
+    pd.testing.assert_frame_equal(cols(study), cols((tiny_run / "results" / "tiny" / "study.csv").read_text()))
