@@ -53,9 +53,9 @@ def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: fl
     fig, axes = plt.subplots(1, len(sizes), figsize=(width * len(sizes), 4), sharey=True, squeeze=False)
     for ax, n in zip(axes[0], sizes):
         for method, g in searched[searched.set_size == n].groupby("method"):
-            stats = g.groupby("budget").agg(x=("size_mb", "mean"), xs=("size_mb", "std"),
-                                            y=("top1", "mean"), ys=("top1", "std")).sort_values("x")
-            ax.errorbar(stats.x, 100 * stats.y, xerr=stats.xs.fillna(0), yerr=100 * stats.ys.fillna(0),
+            stats = g.groupby("budget").agg(x=("size_mb", "mean"), x_std=("size_mb", "std"),
+                                            y=("top1", "mean"), y_std=("top1", "std")).sort_values("x")
+            ax.errorbar(stats.x, 100 * stats.y, xerr=stats.x_std.fillna(0), yerr=100 * stats.y_std.fillna(0),
                         marker="o", ms=4, capsize=3, color=colors[method], label=method)
         ax.plot(uniform.size_mb, 100 * uniform.top1, "k--s", ms=4, lw=1, label="uniform")
         _fp_line(ax, df)

@@ -1,0 +1,304 @@
+"""Exact solves of a Problem under budgets: HiGHS (default), Gurobi, SCIP; time-limited, never hanging.
+
+Usage:
+    sol = solve(problem, "avg_bits-3", backend="highs", time_limit=60, mip_gap=1e-4)
+    sol.decision, sol.objective, sol.status ("optimal" | "time_limit"), sol.gap, sol.to_dict()
+
+Every back-end starts from a feasible incumbent (cheapest choice, then 1-swap local search), so a
+solve stopped by its time limit still returns a feasible decision, marked time_limit with its gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .budgets import caps_of
+from .problem import Problem
+
+__all__ = ["BACKENDS", "Solution", "solve", "local_search"]
+log = logging.getLogger("mpqflow")
+BACKENDS = ("highs", "gurobi", "scip")
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A decision and how it was found (objective = xᵀGx + linear·x, recomputed from x)."""
+
+    x: np.ndarray
+    choice: np.ndarray
+    decision: dict
+    objective: float
+    bound: float
+    gap: float
+    status: str
+    backend: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "x": [int(v) for v in self.x],
+            "choice": [int(v) for v in self.choice],
+            "decision": {k: list(v) for k, v in self.decision.items()},
+            "objective": float(self.objective),
+            "bound": float(self.bound),
+            "gap": float(self.gap),
+            "status": self.status,
+            "backend": self.backend,
+            "seconds": float(self.seconds),
+        }
+
+
+def _relative_gap(objective: float, bound: float) -> float:
+    return max(0.0, objective - bound) / max(abs(objective), 1e-12)
+
+
+def _quadratic(problem: Problem) -> np.ndarray | None:
+    """G with the within-layer blocks zeroed (they never contribute on one-hot x); None if linear."""
+    if problem.is_linear:
+        return None
+    G = np.array(problem.G)
+    same = problem.layer_of[:, None] == problem.layer_of[None, :]
+    G[same] = 0.0
+    return G
+
+
+def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rounds: int = 200) -> np.ndarray:
+    """Best-improvement 1-swap descent (one layer changes its option) within the caps; deterministic."""
+    G, lin = _quadratic(problem), problem.linear_terms()
+    choice = problem.choice_of(x0).copy()
+    size, ops = problem.total_size_bits(x0), problem.total_bitops(x0)
+    size_cap = np.inf if size_cap is None else size_cap * (1 + 1e-9)
+    bitops_cap = np.inf if bitops_cap is None else bitops_cap * (1 + 1e-9)
+    for _ in range(max_rounds):
+        # Interaction of every option with the current choice: (n,) = G[:, choice].sum(1).
+        inter = np.zeros(problem.n) if G is None else G[:, choice].sum(1)
+        best, move = -1e-12, None
+        for l, ix in enumerate(problem.layers):
+            a = choice[l]
+            # Swapping a -> b changes the objective by lin_b - lin_a + 2 (inter_b - G_ba) - 2 inter_a.
+            delta = lin[ix] - lin[a] + 2 * (inter[ix] - (0 if G is None else G[ix, a])) - 2 * inter[a]
+            ok = (size - problem.size_bits[a] + problem.size_bits[ix] <= size_cap) & \
+                 (ops - problem.bitops[a] + problem.bitops[ix] <= bitops_cap)
+            delta = np.where(ok & (ix != a), delta, np.inf)
+            k = int(np.argmin(delta))
+            if delta[k] < best:
+                best, move = delta[k], (l, ix[k])
+        if move is None:
+            break
+        l, b = move
+        size += problem.size_bits[b] - problem.size_bits[choice[l]]
+        ops += problem.bitops[b] - problem.bitops[choice[l]]
+        choice[l] = b
+    return problem.x_of(choice)
+
+
+def _incumbent(problem: Problem, size_cap, bitops_cap) -> np.ndarray:
+    x0 = problem.min_both(size_cap, bitops_cap)
+    if x0 is None:  # both caps set and no cheapest-by-one-cost choice meets the other: let the MIP find one
+        return None
+    return local_search(problem, x0, size_cap, bitops_cap)
+
+
+# ---- HiGHS: the tight linearization ---------------------------------------------------------------
+def _highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
+    """min Σ_a c_a x_a + Σ_{a<c cross-layer} 2 G_ac y_ac, with Σ_{c∈m} y_ac = x_a for every a and layer m ≠ l(a).
+
+    With x binary these equalities force y_ac = x_a x_c, so y stays continuous in [0, 1].
+    """
+    import highspy
+    import scipy.sparse as sp
+
+    n, lin, G = problem.n, problem.linear_terms(), _quadratic(problem)
+    pairs = np.zeros((0, 2), np.int64) if G is None else np.argwhere(
+        np.triu(problem.layer_of[:, None] != problem.layer_of[None, :], 1))  # (P, 2), a < c
+    P = len(pairs)
+    cost = np.concatenate([lin, 2 * G[pairs[:, 0], pairs[:, 1]] if P else []])
+    rows, cols, vals, lo, hi = [], [], [], [], []
+
+    def add_row(c, v, lower, upper):
+        rows.append(np.full(len(c), len(lo)))
+        cols.append(np.asarray(c))
+        vals.append(np.asarray(v, float))
+        lo.append(lower)
+        hi.append(upper)
+
+    for ix in problem.layers:  # one option per layer
+        add_row(ix, np.ones(len(ix)), 1.0, 1.0)
+    if size_cap is not None:
+        add_row(np.arange(n), problem.size_bits, -np.inf, size_cap - problem.fixed_size_bits)
+    if bitops_cap is not None:
+        add_row(np.arange(n), problem.bitops, -np.inf, bitops_cap - problem.fixed_bitops)
+    if P:
+        # Row (a, m): Σ_{c∈m} y_{ac} − x_a = 0; each y_ac sits in row (a, l(c)) and row (c, l(a)).
+        L = problem.L
+        row_of = lambda a, m: len(lo) + a * L + m  # noqa: E731
+        y = n + np.arange(P)
+        a, c = pairs[:, 0], pairs[:, 1]
+        la, lc = problem.layer_of[a], problem.layer_of[c]
+        eq_rows = np.concatenate([row_of(a, lc), row_of(c, la)])
+        rows.append(eq_rows)
+        cols.append(np.concatenate([y, y]))
+        vals.append(np.ones(2 * P))
+        xa = np.repeat(np.arange(n), L)
+        m = np.tile(np.arange(L), n)
+        keep = problem.layer_of[xa] != m
+        rows.append(row_of(xa[keep], m[keep]))
+        cols.append(xa[keep])
+        vals.append(-np.ones(int(keep.sum())))
+        lo.extend([0.0] * (n * L))
+        hi.extend([0.0] * (n * L))
+        # Rows (a, l(a)) are empty: pin them to 0 = 0 (harmless, keeps the indexing simple).
+    A = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(len(lo), n + P))
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = n + P, len(lo)
+    lp.col_cost_ = cost
+    lp.col_lower_ = np.zeros(n + P)
+    lp.col_upper_ = np.ones(n + P)
+    lp.row_lower_, lp.row_upper_ = np.array(lo, float), np.array(hi, float)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * n + [highspy.HighsVarType.kContinuous] * P
+    h = highspy.Highs()
+    for k, v in (("output_flag", False), ("time_limit", float(time_limit)), ("mip_rel_gap", float(mip_gap)),
+                 ("random_seed", 0), ("threads", 1), ("presolve", "on")):
+        h.setOptionValue(k, v)
+    h.passModel(lp)
+    if x0 is not None:
+        start = highspy.HighsSolution()
+        yv = x0[pairs[:, 0]] * x0[pairs[:, 1]] if P else np.zeros(0)
+        start.col_value = list(np.concatenate([x0, yv]).astype(float))
+        start.value_valid = True
+        h.setSolution(start)
+    h.run()
+    status = h.getModelStatus()
+    info = h.getInfo()
+    x = None
+    if info.primal_solution_status == 2:  # feasible
+        x = (np.asarray(h.getSolution().col_value[:n]) > 0.5).astype(np.int64)
+    optimal = status == highspy.HighsModelStatus.kOptimal
+    bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else -np.inf
+    return x, optimal, bound
+
+
+# ---- Gurobi: the binary QP natively ---------------------------------------------------------------
+def _gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
+    import gurobipy as gp
+
+    G, lin = _quadratic(problem), problem.linear_terms()
+    try:
+        env = gp.Env(params={"OutputFlag": 0})
+        m = gp.Model(env=env)
+        x = m.addMVar(problem.n, vtype=gp.GRB.BINARY)
+        for ix in problem.layers:
+            m.addConstr(x[ix].sum() == 1)
+        if size_cap is not None:
+            m.addConstr(problem.size_bits @ x <= size_cap - problem.fixed_size_bits)
+        if bitops_cap is not None:
+            m.addConstr(problem.bitops @ x <= bitops_cap - problem.fixed_bitops)
+        m.setObjective(lin @ x + (x @ G @ x if G is not None else 0), gp.GRB.MINIMIZE)
+        m.Params.TimeLimit, m.Params.MIPGap, m.Params.Seed, m.Params.Threads = time_limit, mip_gap, 0, 1
+        m.Params.NonConvex = 2
+        if x0 is not None:
+            x.Start = x0
+        m.optimize()
+    except gp.GurobiError as err:
+        raise RuntimeError(f"gurobi cannot solve this problem ({problem.n} binaries): {err}; "
+                           "the pip licence is size-limited, use solver.backend: highs") from None
+    sol = (np.asarray(x.X) > 0.5).astype(np.int64) if m.SolCount else None
+    return sol, m.Status == gp.GRB.OPTIMAL, float(m.ObjBound)
+
+
+# ---- SCIP: a convex MIQP through the diagonal shift ------------------------------------------------
+def _scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
+    """xᵀGx = xᵀ(G + λI)x − λ·1ᵀx on binary x, λ = max(0, −λ_min(G)): the shifted G is PSD."""
+    from pyscipopt import Model, quicksum
+
+    G, lin = _quadratic(problem), problem.linear_terms()
+    m = Model()
+    m.hideOutput()
+    m.setParam("limits/time", float(time_limit))
+    m.setParam("limits/gap", float(mip_gap))
+    m.setParam("randomization/randomseedshift", 0)
+    x = [m.addVar(vtype="B") for _ in range(problem.n)]
+    for ix in problem.layers:
+        m.addCons(quicksum(x[i] for i in ix) == 1)
+    if size_cap is not None:
+        m.addCons(quicksum(float(problem.size_bits[i]) * x[i] for i in range(problem.n))
+                  <= size_cap - problem.fixed_size_bits)
+    if bitops_cap is not None:
+        m.addCons(quicksum(float(problem.bitops[i]) * x[i] for i in range(problem.n))
+                  <= bitops_cap - problem.fixed_bitops)
+    obj = quicksum(float(lin[i]) * x[i] for i in range(problem.n))
+    if G is not None:
+        lam_all, V = np.linalg.eigh(G)
+        shift = max(0.0, -float(lam_all.min()))
+        lam = lam_all + shift  # eigenvalues of G + shift I, all >= 0
+        keep = lam > 1e-12 * max(1.0, float(lam.max()))
+        F = V[:, keep] * np.sqrt(lam[keep])  # (n, r): G + shift I = F Fᵀ
+        z = [m.addVar(lb=None) for _ in range(F.shape[1])]
+        for j, zj in enumerate(z):
+            m.addCons(zj == quicksum(float(F[i, j]) * x[i] for i in range(problem.n) if F[i, j] != 0))
+        t = m.addVar(lb=0)
+        m.addCons(quicksum(zj * zj for zj in z) <= t)
+        obj = obj + t - shift * quicksum(x)
+    m.setObjective(obj, "minimize")
+    if x0 is not None:
+        start = m.createPartialSol()  # SCIP completes z and t itself
+        for i, v in enumerate(x0):
+            m.setSolVal(start, x[i], float(v))
+        m.addSol(start, free=True)
+    m.optimize()
+    sol = None
+    if m.getNSols():
+        best = m.getBestSol()
+        sol = (np.array([m.getSolVal(best, v) for v in x]) > 0.5).astype(np.int64)
+    return sol, m.getStatus() == "optimal", float(m.getDualbound())
+
+
+_BACKENDS = {"highs": _highs, "gurobi": _gurobi, "scip": _scip}
+
+
+def solve(problem: Problem, budget=None, backend: str = "highs", time_limit: float = 60.0,
+          mip_gap: float = 1e-4) -> Solution:
+    """The exact optimum of the problem under the budget(s), or the best decision found in time_limit.
+
+    Args:
+        problem: the Problem.
+        budget: None, a Budget, a "kind-value" string, or a list of them (all caps apply).
+        backend: one of BACKENDS.
+        time_limit: seconds the back-end may run (the incumbent search comes on top, milliseconds).
+        mip_gap: relative gap at which the back-end stops.
+
+    Raises InfeasibleBudget (naming the smallest achievable size or BitOPs) below the minimum.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown solver backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    t0 = time.perf_counter()
+    size_cap, bitops_cap = caps_of(budget, problem)
+    x0 = _incumbent(problem, size_cap, bitops_cap)
+    x, optimal, bound = _BACKENDS[backend](problem, size_cap, bitops_cap, time_limit, mip_gap, x0)
+    if x is None or not problem.is_feasible(x, size_cap, bitops_cap):
+        if x0 is None:
+            raise RuntimeError(f"{backend} found no decision within {time_limit} s and no incumbent exists")
+        x, optimal = x0, False
+    elif x0 is not None and problem.objective(x0) < problem.objective(x):
+        x = x0  # the warm start beat the back-end's decision (within its gap when it says optimal)
+    objective = problem.objective(x)
+    bound = min(bound, objective) if np.isfinite(bound) or not optimal else objective
+    choice = problem.choice_of(x)
+    return Solution(
+        x=x,
+        choice=choice,
+        decision={problem.layer_names[l]: problem.options[i] for l, i in enumerate(choice)},
+        objective=objective,
+        bound=bound,
+        gap=_relative_gap(objective, bound),
+        status="optimal" if optimal else "time_limit",
+        backend=backend,
+        seconds=time.perf_counter() - t0,
+    )
