@@ -1,0 +1,141 @@
+"""The solve layer: every back-end returns the brute-force optimum, budgets, infeasibility, time limits."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mpqflow.optimize import BACKENDS, Budget, InfeasibleBudget, Problem, parse_budgets, solve
+
+OPTIONS = [(2, 4), (4, 8), (8, 8)]
+
+
+def _gurobi_ok():
+    try:
+        import gurobipy as gp
+
+        gp.Model(env=gp.Env(params={"OutputFlag": 0}))
+        return True
+    except Exception:  # not installed or no licence
+        return False
+
+
+AVAILABLE = [b for b in BACKENDS if b != "gurobi" or _gurobi_ok()]
+
+
+def make_problem(seed, kind, L=5, K=3):
+    """A random instance: weight counts and MACs per layer, G of the given kind."""
+    rng = np.random.default_rng(seed)
+    n = L * K
+    layer_of = np.repeat(np.arange(L), K)
+    A = rng.normal(size=(n, n))
+    G = {
+        "indefinite": (A + A.T) / 2,
+        "psd": A @ A.T / n,
+        "diagonal": np.diag(rng.uniform(0, 1, n)),
+        "zeros": np.where(rng.uniform(size=(n, n)) < 0.6, 0.0, (A + A.T) / 2),
+    }.get(kind)
+    if kind == "zeros":
+        G = np.triu(G) + np.triu(G, 1).T
+    linear = rng.uniform(0, 1, n) if kind == "linear" else None
+    numel = rng.integers(100, 2000, L).astype(float)
+    macs = rng.integers(10_000, 200_000, L).astype(float)
+    opts = OPTIONS[:K] * L
+    return Problem(
+        G=G, linear=linear, layer_of=layer_of, layer_names=[f"layer{l}" for l in range(L)], options=opts,
+        size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts)]),
+        bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts)]),
+        fixed_size_bits=8 * 500.0, fixed_bitops=64 * 50_000.0,
+    )
+
+
+def brute_force(problem, budget):
+    """(best objective, its x) by enumerating every one-hot decision within the budget."""
+    size_cap, bitops_cap = (None, None) if budget is None else Budget.parse(budget).to_caps(problem)
+    best = (np.inf, None)
+    for choice in itertools.product(*problem.layers):
+        x = problem.x_of(choice)
+        if problem.is_feasible(x, size_cap, bitops_cap):
+            best = min(best, (problem.objective(x), tuple(x)), key=lambda t: t[0])
+    return best
+
+
+def _mid_budgets(problem):
+    """One budget of each kind halfway between the cheapest and the all-8-bit model."""
+    size = (problem.min_size_bits() + problem.reference_size_bits) / 2
+    ops = (problem.min_bitops() + problem.reference_bitops) / 2
+    return [
+        f"avg_bits-{size / problem.total_numel:.4f}",
+        f"size_mb-{size / 8e6:.8f}",
+        f"size_rel-{size / problem.reference_size_bits:.4f}",
+        f"gbitops-{ops / 1e9:.8f}",
+        f"bitops_rel-{ops / problem.reference_bitops:.4f}",
+        None,
+    ]
+
+
+@pytest.mark.parametrize("kind", ["indefinite", "psd", "diagonal", "zeros", "linear"])
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_every_backend_finds_the_brute_force_optimum(kind, backend):
+    for seed in range(2):
+        problem = make_problem(seed, kind)
+        for budget in _mid_budgets(problem):
+            best, _ = brute_force(problem, budget)
+            sol = solve(problem, budget, backend=backend, time_limit=30, mip_gap=1e-9)
+            assert sol.status == "optimal", (kind, budget)
+            assert sol.objective == pytest.approx(best, rel=1e-7, abs=1e-9), (kind, seed, budget, backend)
+            size_cap, bitops_cap = (None, None) if budget is None else Budget.parse(budget).to_caps(problem)
+            assert problem.is_feasible(sol.x, size_cap, bitops_cap)
+            assert sol.bound <= sol.objective + 1e-9 and sol.gap <= 1e-6
+
+
+def test_falling_sensitivities_without_budget_choose_highest_precision():
+    problem = make_problem(0, "diagonal")
+    # Sensitivity 1/w_bits^2 of each option: more bits, less loss.
+    G = np.diag([1.0 / w**2 for w, _ in problem.options])
+    problem = Problem(G=G, layer_of=problem.layer_of, layer_names=problem.layer_names, options=problem.options,
+                      size_bits=problem.size_bits, bitops=problem.bitops)
+    for backend in AVAILABLE:
+        sol = solve(problem, None, backend=backend)
+        assert all(opt == (8, 8) for opt in sol.decision.values()), backend
+
+
+def test_infeasible_budget_names_the_smallest_size():
+    problem = make_problem(0, "psd")
+    smallest = problem.min_size_bits() / problem.total_numel
+    with pytest.raises(InfeasibleBudget, match=f"smallest achievable size is {smallest:.6g} average bits"):
+        solve(problem, "avg_bits-1.5")
+    with pytest.raises(InfeasibleBudget, match="smallest achievable BitOPs"):
+        solve(problem, "bitops_rel-0.01")
+
+
+def test_time_limit_returns_a_feasible_decision_with_its_gap():
+    problem = make_problem(3, "indefinite", L=40, K=3)
+    sol = solve(problem, "avg_bits-4", backend="highs", time_limit=0.05)
+    size_cap, _ = Budget.parse("avg_bits-4").to_caps(problem)
+    assert problem.is_feasible(sol.x, size_cap)
+    assert sol.status == "time_limit" and sol.gap > 0 and sol.bound < sol.objective
+    assert sol.to_dict()["status"] == "time_limit"
+
+
+def test_same_problem_same_decision():
+    problem = make_problem(1, "indefinite", L=8)
+    a, b = (solve(problem, "avg_bits-4.5", backend="highs") for _ in range(2))
+    assert np.array_equal(a.x, b.x) and a.decision == b.decision
+
+
+def test_budget_names_round_trip_and_bad_specs():
+    for spec in ["avg_bits-3.5", "size_mb-0.12", "size_rel-0.5", "gbitops-1.2", "bitops_rel-0.25"]:
+        assert Budget.parse(spec).name == spec and Budget.parse(Budget.parse(spec).name) == Budget.parse(spec)
+    assert parse_budgets("avg_bits-4+bitops_rel-0.3") == (Budget("avg_bits", 4), Budget("bitops_rel", 0.3))
+    with pytest.raises(ValueError, match="unknown budget kind 'bits'"):
+        Budget.parse("bits-4")
+    with pytest.raises(ValueError, match="positive"):
+        Budget.parse("avg_bits--1")
+    with pytest.raises(ValueError, match="kind-value"):
+        Budget.parse("avg_bits")
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown solver backend 'cplex'"):
+        solve(make_problem(0, "psd"), None, backend="cplex")
