@@ -189,3 +189,64 @@ def test_model_quantizer_bias_correction_option(mode):
         ModelQuantizer(model, ["0"], QuantScheme(), QuantScheme(bias_correction=mode), [4], [8])
     with pytest.raises(ValueError, match="QuantScheme.bias_correction"):
         QuantScheme(bias_correction="yes")
+
+
+# ---------------------------------------------------------------- bit allocation inside ModelQuantizer
+
+
+def _spread_layer(seed: int = 0):
+    """Linear(16 -> 16) whose output rows and input channels span ranges over 3 decades."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.logspace(-1.5, 1.5, 16)
+    lin = torch.nn.Linear(16, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, 16, generator=g) * spread[:, None])
+    x = torch.randn(512, 16, generator=g) * spread.flip(0)  # (N, C) inputs, channel scales reversed
+    return torch.nn.Sequential(lin), x
+
+
+def _quantized_output(net, x, alloc: bool, w: int | None, a: int | None, observer: str = "minmax"):
+    from mpqflow.quant import ModelQuantizer, QuantScheme
+
+    ws = QuantScheme(observer=observer, granularity="per_channel", bit_allocation=alloc)
+    acts = QuantScheme(observer=observer, granularity="per_channel", bit_allocation=alloc)
+    q = ModelQuantizer(net, ["0"], ws, acts, w_bits=[3], a_bits=[3])
+    q.calibrate([x[:256], x[256:]])
+    with q.applied({"0": (w, a)}), torch.no_grad():
+        return net(x), q
+
+
+@pytest.mark.parametrize("observer", ["minmax", "aciq_laplace"])
+@pytest.mark.parametrize("part", ["weight", "act"])
+def test_quantizer_bit_allocation_meets_quota_and_lowers_output_mse(part, observer):
+    net, x = _spread_layer()
+    with torch.no_grad():
+        ref = net(x)
+    opt = (3, None) if part == "weight" else (None, 3)
+    eq, _ = _quantized_output(net, x, False, *opt, observer=observer)
+    al, q = _quantized_output(net, x, True, *opt, observer=observer)
+    cb = q.channel_bits("0", part, 3)
+    assert cb is not None and cb.bits.numel() == 16
+    assert cb.bits.sum().item() == 3 * 16  # quota met exactly
+    assert cb.bits.max() > cb.bits.min()  # wide channels got more bits
+    mse_eq, mse_al = ((eq - ref) ** 2).mean().item(), ((al - ref) ** 2).mean().item()
+    assert mse_al < 0.8 * mse_eq, (mse_al, mse_eq)
+
+
+def test_quantizer_bit_allocation_state_round_trip():
+    from mpqflow.quant import ModelQuantizer, QuantScheme
+
+    net, x = _spread_layer()
+    out, q = _quantized_output(net, x, True, 3, 3)
+    s = QuantScheme(granularity="per_channel", bit_allocation=True)
+    q2 = ModelQuantizer(net, ["0"], s, s, w_bits=[3], a_bits=[3])
+    q2.load_state_dict(q.state_dict())
+    with q2.applied({"0": (3, 3)}), torch.no_grad():
+        assert torch.equal(net(x), out)
+
+
+def test_bit_allocation_needs_per_channel():
+    from mpqflow.quant import QuantScheme
+
+    with pytest.raises(ValueError, match="bit_allocation"):
+        QuantScheme(bit_allocation=True)

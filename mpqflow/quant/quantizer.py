@@ -29,13 +29,15 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .aciq import aciq_range_from_sums
 from .bias_correction import correct_bias
+from .bitalloc import allocate_bits, fake_quantize_per_channel_bits
 from .functional import MAX_BITS, fake_quantize
 from .levels import fake_quantize_levels, fit_levels, levels_for_bits
-from .observers import make_observer
+from .observers import ACIQObserver, make_observer
 from .scheme import QuantScheme
 
-__all__ = ["QParams", "ModelQuantizer", "quantize_weight"]
+__all__ = ["QParams", "ChannelBits", "ModelQuantizer", "quantize_weight"]
 
 _LAYER_TYPES = (nn.Conv2d, nn.Linear)
 _ACT_CH_AXIS = 1  # channel axis of layer inputs (N, C, ...)
@@ -69,8 +71,46 @@ class QParams(NamedTuple):
         return fake_quantize(x, *self)
 
 
-def _quant_input_hook(qp: QParams, module: nn.Module, args: tuple) -> tuple:
-    return (fake_quantize(args[0], *qp),) + tuple(args[1:])
+class ChannelBits(NamedTuple):
+    """Per-channel bit allocation of one quantizer (scheme.bit_allocation): channel c is quantized at
+    bits[c] on [min_val[c], max_val[c]] (the qparams of each bit group come from ``choose_qparams``).
+
+    Args:
+        bits: (C,) int64 bit-widths, mean = the layer's bit-width.
+        min_val, max_val: (C,) ranges.
+        symmetric, signed, pow2_scale: as in ``choose_qparams``.
+        ch_axis: channel axis (0 for weights, 1 for inputs).
+    """
+
+    bits: torch.Tensor
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+    symmetric: bool
+    signed: bool
+    pow2_scale: bool
+    ch_axis: int
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize x, channel c at bits[c]."""
+        return fake_quantize_per_channel_bits(x, self.bits, self.min_val, self.max_val, self.ch_axis,
+                                              symmetric=self.symmetric, signed=self.signed,
+                                              pow2_scale=self.pow2_scale)
+
+
+def _quant_input_hook(qp, module: nn.Module, args: tuple) -> tuple:
+    return (qp.fake_quantize(args[0]),) + tuple(args[1:])
+
+
+def _allocate(obs, lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: QuantScheme, signed: bool,
+              ch_axis: int) -> ChannelBits:
+    """Bits per channel proportional to log2(alpha_i^{2/3}) with mean `bits`; ACIQ ranges re-clipped per bits_i."""
+    alpha = ((hi - lo) / 2).double().clamp_min(torch.finfo(torch.float32).tiny)  # (C,)
+    min_bits = 1 if bits == 1 or not (scheme.symmetric and signed) else 2
+    cb = allocate_bits(alpha, bits, min_bits=min_bits, max_bits=16)
+    if isinstance(obs, ACIQObserver):
+        sums = {k: getattr(obs.stats, k) for k in obs.stats._KEYS}
+        lo, hi = (t.float().cpu() for t in aciq_range_from_sums(sums, cb, obs.prior, model="signed_grid"))
+    return ChannelBits(cb, lo.clone(), hi.clone(), scheme.symmetric, signed, scheme.pow2_scale, ch_axis)
 
 
 def _observe_hook(observers: list, module: nn.Module, args: tuple) -> None:
@@ -78,11 +118,15 @@ def _observe_hook(observers: list, module: nn.Module, args: tuple) -> None:
         obs(args[0])
 
 
-def quantize_weight(w: torch.Tensor, qp: QParams, scheme: QuantScheme, bits: int) -> torch.Tensor:
-    """Fake-quantized weight under `scheme` at `bits`: uniform with qp, or the scheme's non-uniform
-    levels (fitted to w, per channel along qp.ch_axis or per tensor), then the scheme's bias correction
-    per output channel (along scheme.ch_axis). Deterministic in w, so nothing beyond qp is stored."""
-    if scheme.levels == "uniform":
+def quantize_weight(w: torch.Tensor, qp: QParams, scheme: QuantScheme, bits: int,
+                    alloc: ChannelBits | None = None) -> torch.Tensor:
+    """Fake-quantized weight under `scheme` at `bits`: uniform with qp (or with the per-channel bits
+    `alloc`, when given), or the scheme's non-uniform levels (fitted to w, per channel along qp.ch_axis
+    or per tensor), then the scheme's bias correction per output channel (along scheme.ch_axis).
+    Deterministic in w, so nothing beyond qp (and alloc) is stored."""
+    if alloc is not None:
+        q = alloc.fake_quantize(w)
+    elif scheme.levels == "uniform":
         q = fake_quantize(w, *qp)
     else:
         lv = fit_levels(w, levels_for_bits(bits), scheme.levels, ch_axis=qp.ch_axis).to(w.device)
@@ -149,6 +193,7 @@ class ModelQuantizer:
         self._bits = {"weight": frozenset(self.w_bits), "act": frozenset(self.a_bits)}
         self._qparams: dict[tuple[str, str, int], QParams] = {}  # CPU masters
         self._ranges: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._alloc: dict[tuple[str, str, int], ChannelBits] = {}  # CPU, scheme.bit_allocation only
         self._dev_qparams: dict[tuple[str, str, int, torch.device], QParams] = {}
         self._wq_cache: dict[tuple[str, int], torch.Tensor] = {}
         self._saved_weight: dict[str, torch.Tensor] = {}
@@ -181,17 +226,23 @@ class ModelQuantizer:
         """
         self.remove()
         observers = self._observe_inputs(batches, max_samples)
-        qparams, ranges = {}, {}
+        qparams, ranges, alloc = {}, {}, {}
         for l in self.layers:
             for b, obs in zip(self.a_bits, observers[l]):
                 qparams[l, "act", b], ranges[l, "act", b] = self._observer_qparams(obs, l, "act", self._act_ch_axis())
+                if self.act_scheme.bit_allocation:
+                    alloc[l, "act", b] = _allocate(obs, *ranges[l, "act", b], b, self.act_scheme,
+                                                   qparams[l, "act", b].quant_min < 0, _ACT_CH_AXIS)
             w = self._fp_weight(l)
             for b in self.w_bits:
                 obs = make_observer(self.weight_scheme, b, True).to(w.device)
                 obs(w)
                 qparams[l, "weight", b], ranges[l, "weight", b] = self._observer_qparams(
                     obs, l, "weight", self._weight_ch_axis())
-        self._set_qparams(qparams, ranges)
+                if self.weight_scheme.bit_allocation:
+                    alloc[l, "weight", b] = _allocate(obs, *ranges[l, "weight", b], b, self.weight_scheme, True,
+                                                      self.weight_scheme.ch_axis)
+        self._set_qparams(qparams, ranges, alloc)
 
     def _observe_inputs(self, batches: Iterable, max_samples: int | None) -> dict[str, list]:
         """Run the model (eval, no_grad) on the batches; returns {layer: [observer per a_bits]}."""
@@ -233,9 +284,9 @@ class ModelQuantizer:
         rng = (obs.min_val.detach().cpu().clone(), obs.max_val.detach().cpu().clone())
         return QParams(scale.cpu(), zp.cpu(), qmin, qmax, ch_axis), rng
 
-    def _set_qparams(self, qparams: dict, ranges: dict) -> None:
+    def _set_qparams(self, qparams: dict, ranges: dict, alloc: dict | None = None) -> None:
         self.remove()
-        self._qparams, self._ranges = qparams, ranges
+        self._qparams, self._ranges, self._alloc = qparams, ranges, dict(alloc or {})
         self._dev_qparams.clear()
         self._wq_cache.clear()
 
@@ -244,7 +295,8 @@ class ModelQuantizer:
 
         Keys: version, layers, weight_scheme, act_scheme (dicts), w_bits, a_bits, and
         qparams[layer]["weight" | "act"][bits] = {scale, zero_point, quant_min, quant_max, ch_axis,
-        min_val, max_val} (min_val / max_val: the observed range the qparams were made from).
+        min_val, max_val} (min_val / max_val: the observed range the qparams were made from), plus
+        channel_bits, channel_min, channel_max when the scheme allocates bits per channel.
         """
         self._require_calibrated()
         qp: dict = {l: {k: {} for k in _KINDS} for l in self.layers}
@@ -252,6 +304,10 @@ class ModelQuantizer:
             lo, hi = self._ranges.get((l, kind, b), (None, None))
             qp[l][kind][b] = dict(p._asdict(), scale=p.scale.clone(), zero_point=p.zero_point.clone(),
                                   min_val=lo, max_val=hi)
+            cb = self._alloc.get((l, kind, b))
+            if cb is not None:
+                qp[l][kind][b].update(channel_bits=cb.bits.clone(), channel_min=cb.min_val.clone(),
+                                      channel_max=cb.max_val.clone())
         return {
             "version": _STATE_VERSION,
             "layers": list(self.layers),
@@ -281,7 +337,7 @@ class ModelQuantizer:
         for key in ("w_bits", "a_bits"):
             if tuple(state[key]) != getattr(self, key):
                 raise ValueError(_diff(key, list(state[key]), list(getattr(self, key))))
-        qparams, ranges = {}, {}
+        qparams, ranges, alloc = {}, {}, {}
         for l in self.layers:
             for kind, bits in (("weight", self.w_bits), ("act", self.a_bits)):
                 for b in bits:
@@ -293,7 +349,15 @@ class ModelQuantizer:
                                                   int(e["quant_max"]), e["ch_axis"])
                     if e.get("min_val") is not None:
                         ranges[l, kind, b] = (e["min_val"].cpu(), e["max_val"].cpu())
-        self._set_qparams(qparams, ranges)
+                    scheme = self.weight_scheme if kind == "weight" else self.act_scheme
+                    if scheme.bit_allocation:
+                        if e.get("channel_bits") is None:
+                            raise ValueError(f"state has no per-channel bits for {kind} of layer {l!r} at {b} bits")
+                        alloc[l, kind, b] = ChannelBits(
+                            e["channel_bits"].cpu(), e["channel_min"].cpu(), e["channel_max"].cpu(), scheme.symmetric,
+                            int(e["quant_min"]) < 0, scheme.pow2_scale,
+                            scheme.ch_axis if kind == "weight" else _ACT_CH_AXIS)
+        self._set_qparams(qparams, ranges, alloc)
 
     # ------------------------------------------------------------------ qparams and quantized tensors
 
@@ -337,12 +401,22 @@ class ModelQuantizer:
         if q is None or q.device != fp.device or q.dtype != fp.dtype:
             qp = self._qp(layer, "weight", w_bits, fp.device)
             with torch.no_grad():
-                q = self._wq_cache[layer, w_bits] = quantize_weight(fp, qp, self.weight_scheme, w_bits)
+                q = self._wq_cache[layer, w_bits] = quantize_weight(fp, qp, self.weight_scheme, w_bits,
+                                                                    self.channel_bits(layer, "weight", w_bits))
         return q
+
+    def channel_bits(self, layer: str, kind: str, bits: int) -> ChannelBits | None:
+        """The per-channel bit allocation of `layer`'s "weight" or "act" quantizer at `bits` (CPU), or
+        None when its scheme does not allocate bits."""
+        return self._alloc.get((layer, kind, int(bits)))
+
+    def _act_quantizer(self, layer: str, a_bits: int, device: torch.device):
+        cb = self.channel_bits(layer, "act", a_bits)
+        return cb if cb is not None else self._qp(layer, "act", a_bits, device)
 
     def quantize_input(self, layer: str, x: torch.Tensor, a_bits: int) -> torch.Tensor:
         """Fake-quantize x with the input-activation qparams of `layer` at `a_bits` (gradients: STE)."""
-        return fake_quantize(x, *self._qp(layer, "act", a_bits, x.device))
+        return self._act_quantizer(layer, a_bits, x.device).fake_quantize(x)
 
     # ------------------------------------------------------------------ assignments
 
@@ -412,7 +486,7 @@ class ModelQuantizer:
             handle.remove()
         if bits is not None:
             m = self._modules[layer]
-            qp = self._qp(layer, "act", bits, m.weight.device)
+            qp = self._act_quantizer(layer, bits, m.weight.device)
             # prepend: other pre-hooks see the input as the layer does
             self._hooks[layer] = m.register_forward_pre_hook(functools.partial(_quant_input_hook, qp), prepend=True)
 

@@ -65,6 +65,11 @@ class QuantScheme:
             range is not used. Needs M >= 2.
         bias_correction: weights only. "none", "bias" (each output channel, along ch_axis, keeps its
             FP mean) or "bias_variance" (mean and centered norm; Banner et al. 2019).
+        bit_allocation: per-channel bit allocation (Banner et al. 2019, sec. 4; needs per_channel):
+            a layer quantized at M bits gives channel i M_i bits, 2^{M_i} proportional to
+            alpha_i^{2/3} (alpha_i: half-width of the channel's calibrated range), integers with mean
+            exactly M (:func:`mpqflow.quant.bitalloc.allocate_bits`); ACIQ observers then clip
+            each channel at its alpha*(M_i). Uniform levels only.
     """
 
     observer: str = "minmax"
@@ -76,13 +81,14 @@ class QuantScheme:
     mse_grid: int = 100
     levels: str = "uniform"
     bias_correction: str = "none"
+    bit_allocation: bool = False
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
             _fail("observer", self.observer, f"one of {sorted(OBSERVERS)}")
         if self.granularity not in GRANULARITIES:
             _fail("granularity", self.granularity, f"one of {list(GRANULARITIES)}")
-        for name in ("symmetric", "pow2_scale"):
+        for name in ("symmetric", "pow2_scale", "bit_allocation"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "a bool")
         if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int):
@@ -97,6 +103,9 @@ class QuantScheme:
             _fail("levels", self.levels, f"one of {list(LEVELS)}")
         if self.bias_correction not in BIAS_CORRECTIONS:
             _fail("bias_correction", self.bias_correction, f"one of {list(BIAS_CORRECTIONS)}")
+        if self.bit_allocation and (not self.per_channel or self.levels != "uniform"):
+            _fail("bit_allocation", self.bit_allocation,
+                  "false unless granularity is 'per_channel' and levels is 'uniform'")
 
     @property
     def per_channel(self) -> bool:
