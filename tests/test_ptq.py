@@ -1,0 +1,74 @@
+"""PTQ study on the digits model: ACIQ + bias correction at W4A4 is not worse than naive min/max; the
+table has every (variant, option) row; the plot is a PNG; bit-rates are in (0, bits]."""
+
+import pytest
+import torch
+
+from mpqflow.config import validate_config
+from mpqflow.pipeline import train_or_load
+from mpqflow.ptq import VARIANTS, ptq_plot, ptq_table, ptq_variant, variant_quant
+
+OPTIONS = ["w4a4", "w4a8", "w8a4"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    torch.set_num_threads(1)
+    cfg = validate_config({
+        "seed": 0, "device": "cpu", "threads": 1,
+        "models": {"tiny": {"arch": "digits_cnn", "dataset": {"name": "digits"},
+                            "train": {"epochs": 4, "batch_size": 64, "lr": 0.1}}},
+        "quant": {"calibration_samples": 128, "calibration_batch_size": 64},
+        "ptq": {"variants": ["naive", "aciq_bias", "all"], "options": OPTIONS},
+    })
+    ckpt = str(tmp_path_factory.mktemp("ptq") / "model.pt")
+    fp = train_or_load(cfg, "tiny", ckpt)
+    assert fp["top1"] > 0.9
+    return cfg, ckpt
+
+
+@pytest.fixture(scope="module")
+def results(digits, tmp_path_factory):
+    cfg, ckpt = digits
+    out = tmp_path_factory.mktemp("ptq_out")
+    return {v: ptq_variant({**cfg, "variant": v}, "tiny", ckpt, str(out / f"{v}.json"))
+            for v in cfg["ptq"]["variants"]}
+
+
+def _top1(result, option):
+    return next(r["top1"] for r in result["rows"] if r["option"] == option)
+
+
+def test_aciq_bias_not_worse_than_naive_at_w4a4(results):
+    naive, aciq = _top1(results["naive"], "w4a4"), _top1(results["aciq_bias"], "w4a4")
+    print(f"W4A4 top-1: naive {naive:.4f}, aciq+bias {aciq:.4f}, all {_top1(results['all'], 'w4a4'):.4f}")
+    assert aciq >= naive - 1e-9, (aciq, naive)
+
+
+def test_bit_rate_between_zero_and_bits(results):
+    for res in results.values():
+        for r in res["rows"]:
+            w, a = (int(b) for b in r["option"][1:].split("a"))
+            assert 0 < r["weight_entropy_bits"] <= w + 1e-9
+            assert 0 < r["act_entropy_bits"] <= a + 1e-9
+
+
+def test_table_and_plot(results, tmp_path):
+    df = ptq_table(list(results.values()))
+    assert sorted(zip(df.variant, df.option)) == sorted((v, o) for v in results for o in OPTIONS)
+    assert df.top1.between(0, 1).all()
+    png = tmp_path / "ptq.png"
+    ptq_plot(df, str(png), dpi=50)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variant_quant_overrides():
+    cfg = validate_config({"models": {"m": {"arch": "digits_cnn", "dataset": {"name": "digits"}}}})
+    q = variant_quant(cfg, "all")
+    assert q["weight"]["observer"] == "aciq_laplace" and q["weight"]["bit_allocation"]
+    assert q["activation"]["granularity"] == "per_channel" and q["weight"]["bias_correction"] == "bias_variance"
+    assert q["w_bits"] == [4, 8] and q["a_bits"] == [4, 8]
+    assert validate_config({**cfg, "quant": q})["quant"] == q  # every variant is a valid quant section
+    assert set(cfg["ptq"]["variants"]) <= set(VARIANTS)
+    with pytest.raises(ValueError, match="unknown PTQ variant"):
+        variant_quant(cfg, "nope")
