@@ -25,7 +25,7 @@ from .pipeline import (Context, _quantizer, evaluate_assignment, layer_table, lo
                        resolve_device)
 from .train import seed_everything
 
-__all__ = ["VARIANTS", "variant_quant", "ptq_variant", "ptq_table", "ptq_plot"]
+__all__ = ["VARIANTS", "variant_quant", "ptq_variant", "ptq_table", "ptq_plot", "ptq_study"]
 log = logging.getLogger("mpqflow")
 
 _MINMAX = {"weight": {"observer": "minmax"}, "activation": {"observer": "minmax"}}
@@ -148,3 +148,19 @@ def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> 
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
+
+
+def ptq_study(results: list, csv: str, png: str, plots: dict | None = None) -> pd.DataFrame:
+    """The study target: :func:`ptq_table` of the variant JSONs saved to `csv`, :func:`ptq_plot` to `png`.
+
+    Args:
+        results: the variants' JSON paths (or dicts).
+        csv, png: outputs (written atomically).
+        plots: the config's ``plots`` section (dpi, panel_width); None uses the defaults.
+    """
+    df = ptq_table(results)
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
+    plots = plots or {}
+    ptq_plot(df, png, dpi=plots.get("dpi", 150), width=1.2 * plots.get("panel_width", 5.0))
+    return df

@@ -1,0 +1,43 @@
+rule ptq_variant:
+    input:
+        model="results/{model}/model.pt",
+    output:
+        metrics="results/{model}/ptq/{variant}.json",
+    log:
+        "logs/{model}/ptq/{variant}.log",
+    wildcard_constraints:
+        variant="|".join(config["ptq"]["variants"]),
+    conda:
+        "../envs/mpqflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        cfg=stage_params("seed", "quant", "evaluation", "ptq"),
+        code=code_version("quant", "models", "data", "evaluate", "pipeline", "ptq"),
+    script:
+        "../workflow_scripts/ptq_variant.py"
+
+
+rule ptq_study:
+    input:
+        expand(
+            "results/{{model}}/ptq/{variant}.json", variant=config["ptq"]["variants"]
+        ),
+    output:
+        table="results/{model}/ptq.csv",
+        plot=report(
+            "results/{model}/plots/ptq.png",
+            caption="../report/ptq.rst",
+            category="{model}",
+        ),
+    log:
+        "logs/{model}/ptq_study.log",
+    localrule: True
+    conda:
+        "../envs/mpqflow.yaml"
+    params:
+        plots=config["plots"],
+    script:
+        "../workflow_scripts/ptq_study.py"
