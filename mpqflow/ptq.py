@@ -124,7 +124,9 @@ def ptq_table(results: list) -> pd.DataFrame:
 
 
 def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
-    """Grouped bar chart: x = option, one bar per variant, y = top-1 (%); FP top-1 as a dashed line."""
+    """Grouped bar chart: x = option, one bar per variant, y = top-1 (%); FP top-1 as a dashed line.
+
+    The y axis starts just below the worst bar (not at 0), so every bar carries its value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,15 +137,22 @@ def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> 
     variants = list(dict.fromkeys(df["variant"]))
     acc = df.pivot(index="option", columns="variant", values="top1").loc[options, variants] * 100
     x, w = np.arange(len(options)), 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(width, 0.6 * width))
+    fig, ax = plt.subplots(figsize=(1.3 * width, 0.6 * width))
     for i, v in enumerate(variants):
         ax.bar(x + (i - (len(variants) - 1) / 2) * w, acc[v].to_numpy(), w, label=v)
-    ax.axhline(100 * float(df["fp_top1"].iloc[0]), color="k", ls="--", lw=1, label="FP")
+    fp = 100 * float(df["fp_top1"].iloc[0])
+    ax.axhline(fp, color="k", ls="--", lw=1, label="FP")
+    lo = float(np.nanmin(acc.to_numpy()))  # zoom on the differences: the axis starts near the worst bar
+    ax.set_ylim(max(0.0, np.floor(lo - 2 - 0.1 * (fp - lo))), min(100.0, max(fp, float(np.nanmax(acc.to_numpy()))) + 1))
+    for i, v in enumerate(variants):  # the value on every bar: the axis does not start at 0
+        for xi, val in zip(x + (i - (len(variants) - 1) / 2) * w, acc[v].to_numpy()):
+            ax.annotate(f"{val:.1f}", (xi, val), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(x, [o.upper() for o in options])
     ax.set_xlabel("uniform option (weight bits, activation bits)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Post-training quantization: naive min/max vs ACIQ schemes")
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=dpi)
