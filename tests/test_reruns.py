@@ -1,0 +1,264 @@
+"""Incremental reruns: after one complete tiny run, a config or code change reruns exactly the
+stages it invalidates (issue 5, item 3).
+
+One full run of the tiny config in a module fixture, then only dry-runs (`snakemake --dry-run`
+with the default rerun triggers: mtime, params, input, code, software-env) against modified
+copies of the config, or against a copy of the repository with edited mpqflow code. Each dry-run
+lists every job it would run with its rule and outputs; the tests assert that list exactly.
+
+    python -m pytest -m slow tests/test_reruns.py
+"""
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+RUN_TIMEOUT = 900  # s: the one full run (about 3 minutes on 2 cores)
+DRY_TIMEOUT = 180  # s: one dry-run
+
+sys.path.insert(0, str(REPO))
+from mpqflow.data import sensitivity_set  # noqa: E402
+from mpqflow.methods import method_estimator  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+UPSTREAM = {"train_model", "calibrate", "evaluate_uniform", "uniform_table", "sensitivity_batch", "pool_set"}
+
+
+def _env():
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def snakemake(workdir, configfile, *args, snakefile=REPO / "Snakefile", timeout=DRY_TIMEOUT):
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
+        "--configfile", str(configfile), "--cores", "2", *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    if proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
+
+
+def jobs(output):
+    """{rule: sorted [first output of each job]} of the jobs a dry-run would run (without `all`)."""
+    out, rule = {}, None
+    for line in output.splitlines():
+        if m := re.match(r"(localrule|rule) (\w+):$", line):
+            rule = m[2]
+            if rule != "all":
+                out.setdefault(rule, [])
+        elif rule and rule != "all" and (m := re.match(r"\s+output: (.+)$", line)):
+            out[rule].append(m[1].split(",")[0].strip())
+        elif not line.startswith(" "):
+            rule = None
+    return {rule: sorted(outputs) for rule, outputs in out.items()}
+
+
+def job_stats(output):
+    """{rule: count} from the dry-run's `Job stats` table (without `all` and `total`)."""
+    m = re.search(r"Job stats:\njob\s+count\n[- ]+\n((?:\w+\s+\d+\n)+)", output)
+    assert m, f"no job stats table in:\n{output[-3000:]}"
+    rows = dict(line.split() for line in m[1].splitlines())
+    return {rule: int(n) for rule, n in rows.items() if rule not in ("all", "total")}
+
+
+def dry_run(workdir, config, name, snakefile=REPO / "Snakefile"):
+    """Dry-run the workflow on `config` (a dict) in `workdir`: {rule: sorted outputs} it would run."""
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    output = snakemake(workdir, path, "--dry-run", snakefile=snakefile)
+    if "Nothing to be done" in output:
+        return {}
+    found = jobs(output)
+    assert {rule: len(v) for rule, v in found.items()} == job_stats(output), output[-3000:]
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(workdir, config dict) of one complete tiny run."""
+    workdir = tmp_path_factory.mktemp("reruns")
+    config = yaml.safe_load(TINY.read_text())
+    snakemake(workdir, TINY, "--quiet", "rules", timeout=RUN_TIMEOUT)
+    assert (workdir / "results" / "tiny" / "study.csv").is_file()
+    assert dry_run(workdir, config, "same") == {}, "an unchanged config must have nothing to do"
+    return workdir, config
+
+
+@pytest.fixture(scope="module")
+def every_job(tiny):
+    """{rule: outputs} of every job of the tiny workflow (a forced dry-run)."""
+    workdir, _ = tiny
+    return jobs(snakemake(workdir, TINY, "--dry-run", "--forceall"))
+
+
+def _copy(config):
+    return copy.deepcopy(config)  # keeps the key order: see test_reordered_config_reruns_nothing
+
+
+def _searched(config):
+    return [m for m in config["methods"] if method_estimator(m) is not None]
+
+
+def _sets(config):
+    return [(n, s) for n in config["study"]["set_sizes"] for s in range(config["study"]["sets_per_size"])]
+
+
+def _decisions(config, budgets, sets=None):
+    sets = _sets(config) if sets is None else sets
+    return sorted(
+        f"results/tiny/decisions/{m}/set_{n}x{s}/{b}.json" for m in _searched(config) for n, s in sets for b in budgets
+    )
+
+
+def _evals(decisions):
+    return sorted(d.replace("/decisions/", "/eval/") for d in decisions)
+
+
+STUDY = ["results/tiny/study.csv"]
+PLOTS = ["results/tiny/plots/accuracy_vs_size.png"]
+
+
+def test_changed_budget_reruns_only_its_solves(tiny):
+    """(a) A changed budget: only its solves and evaluations, then the study table and plots."""
+    workdir, config = tiny
+    changed = _copy(config)
+    changed["budgets"] = ["avg_bits-4", "avg_bits-5"]  # avg_bits-6 -> avg_bits-5
+    decisions = _decisions(config, ["avg_bits-5"])
+    assert len(decisions) == 10  # 5 searched methods x 2 sets
+    expected = {"solve_budget": decisions, "evaluate_decision": _evals(decisions), "study_table": STUDY,
+                "study_plots": PLOTS}
+    assert dry_run(workdir, changed, "budget_changed") == expected
+
+
+def test_added_budget_reruns_only_its_solves(tiny):
+    """(a) An added budget: the same, the existing budgets' decisions stay."""
+    workdir, config = tiny
+    added = _copy(config)
+    added["budgets"] = config["budgets"] + ["avg_bits-5"]
+    decisions = _decisions(config, ["avg_bits-5"])
+    expected = {"solve_budget": decisions, "evaluate_decision": _evals(decisions), "study_table": STUDY,
+                "study_plots": PLOTS}
+    assert dry_run(workdir, added, "budget_added") == expected
+
+
+def test_larger_pool_computes_only_new_batches(tiny):
+    """(b) A larger batch pool: exactly the batches that no finished batch file covers are computed
+    (for every estimator); a set is re-pooled (and its solves, evaluations, the study redone) exactly
+    when its batch list changed; every other set, and every finished batch file, stays."""
+    workdir, config = tiny
+    old_pool, new_pool = config["sensitivity"]["pool_batches"], 5
+    bigger = _copy(config)
+    bigger["sensitivity"]["pool_batches"] = new_pool
+    old = {ns: sensitivity_set(*ns, old_pool, config["seed"]) for ns in _sets(config)}
+    new = {ns: sensitivity_set(*ns, new_pool, config["seed"]) for ns in _sets(config)}
+    new_batches = sorted(set().union(*new.values()) - set().union(*old.values()))
+    changed_sets = [ns for ns in _sets(config) if new[ns] != old[ns]]
+    # The tiny config's sets: the test means something only if the pool change moves them.
+    assert new_batches and changed_sets, (old, new)
+    estimators = sorted({method_estimator(m) for m in _searched(config)})
+    sens = "results/tiny/sensitivity"
+    expected = {
+        "sensitivity_batch": sorted(f"{sens}/{e}/batch_{b}.npz" for e in estimators for b in new_batches),
+        "pool_set": sorted(f"{sens}/{e}/set_{n}x{s}.npz" for e in estimators for n, s in changed_sets),
+        "solve_budget": _decisions(config, config["budgets"], changed_sets),
+        "evaluate_decision": _evals(_decisions(config, config["budgets"], changed_sets)),
+        "study_table": STUDY,
+        "study_plots": PLOTS,
+    }
+    assert dry_run(workdir, bigger, "pool") == expected
+    # The finished batch files the new sets reuse are there and are not recomputed.
+    reused = set().union(*new.values()) - set(new_batches)
+    for e in estimators:
+        for b in reused:
+            assert (workdir / sens / e / f"batch_{b}.npz").is_file()
+
+
+def test_quantizer_change_invalidates_calibration_and_after(tiny, every_job):
+    """(c) A quantizer setting: calibration and every stage after it, not training."""
+    workdir, config = tiny
+    changed = _copy(config)
+    changed["quant"].setdefault("weight", {})["observer"] = "mse"
+    found = dry_run(workdir, changed, "quant")
+    assert "train_model" not in found
+    assert found == {rule: outs for rule, outs in every_job.items() if rule != "train_model"}
+
+
+def test_plot_settings_rerun_only_plots(tiny):
+    """(d) Plot settings: only the plots."""
+    workdir, config = tiny
+    changed = _copy(config)
+    changed["plots"]["dpi"] = config["plots"]["dpi"] + 10
+    assert dry_run(workdir, changed, "plots") == {"study_plots": PLOTS}
+
+
+def _sorted_keys(obj):
+    if isinstance(obj, dict):
+        return {k: _sorted_keys(obj[k]) for k in sorted(obj, reverse=True)}
+    return obj
+
+
+def test_reordered_config_reruns_nothing(tiny):
+    """The same config with its keys in another order (a YAML edit that changes nothing) reruns nothing."""
+    workdir, config = tiny
+    assert dry_run(workdir, _sorted_keys(config), "reordered") == {}
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    """A copy of the repository's tracked and untracked, not ignored files (no venv, no results)."""
+    dest = tmp_path_factory.mktemp("repo") / "mpqflow-copy"
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def test_unchanged_repo_copy_reruns_nothing(tiny, repo_copy):
+    """The control for (e): the copy itself (another base directory, the same code) reruns nothing."""
+    workdir, config = tiny
+    assert dry_run(workdir, config, "copy", snakefile=repo_copy / "Snakefile") == {}
+
+
+def test_solver_code_change_invalidates_solves(tiny, repo_copy, tmp_path):
+    """(e) Editing mpqflow/optimize reruns every solve and what follows it, no sensitivity."""
+    workdir, config = tiny
+    edited = tmp_path / "edited"
+    shutil.copytree(repo_copy, edited)
+    with open(edited / "mpqflow" / "optimize" / "solve.py", "a") as f:
+        f.write("\n# an edit the solve stage must notice\n")
+    found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
+    decisions = _decisions(config, config["budgets"])
+    assert found == {"solve_budget": decisions, "evaluate_decision": _evals(decisions), "study_table": STUDY,
+                     "study_plots": PLOTS}
+    assert not UPSTREAM & found.keys()
+
+
+def test_sensitivity_code_change_invalidates_sensitivity(tiny, every_job, repo_copy, tmp_path):
+    """(e) Editing mpqflow/sensitivity reruns the batch files, the pooling and all after them, not
+    training, calibration or the uniform evaluations."""
+    workdir, config = tiny
+    edited = tmp_path / "edited"
+    shutil.copytree(repo_copy, edited)
+    init = edited / "mpqflow" / "sensitivity" / "__init__.py"
+    init.write_text(init.read_text() + "\n# an edit the sensitivity stage must notice\n")
+    found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
+    keep = {"train_model", "calibrate", "evaluate_uniform", "uniform_table"}
+    assert found == {rule: outs for rule, outs in every_job.items() if rule not in keep}
