@@ -12,6 +12,7 @@ include: "rules/sensitivity.smk"
 include: "rules/optimize.smk"
 include: "rules/evaluate.smk"
 include: "rules/study.smk"
+include: "rules/ptq.smk"
 
 
 rule all:

@@ -124,6 +124,7 @@ def all_targets():
             "results/{model}/eval/uniform.csv",
             "results/{model}/study.csv",
             "results/{model}/plots/accuracy_vs_size.png",
+            "results/{model}/ptq.csv",
         ],
         model=MODELS,
     )

@@ -1,0 +1,126 @@
+"""Solver benchmark: solve time, status, objective and gap per back-end on real and ResNet-50-sized problems.
+
+Usage:
+    .venv/bin/python bench/solver_bench.py                          # uses results/digits_resnet20/
+    .venv/bin/python bench/solver_bench.py --results /tmp/run/results/digits_resnet20 --time-limit 60
+
+Instances:
+    1. the default model's CLADO cross-entropy matrix (sensitivity/clado/set_4x0.npz, else set_1x0),
+       raw (clado_raw) and PSD-projected (clado), at several average-weight-bit budgets;
+    2. synthetic ResNet-50-sized instances, 54 layers x 3 options (W{2,4,8}A8) and x 6 options
+       (A{4,8}xW{2,4,8}), raw and PSD: torchvision ResNet-50's 54 Conv/Linear layers with their real
+       weight counts and MACs; every G block (layer p, layer q) is a block of the real matrix
+       (random real layer pair, diagonal blocks from real diagonal blocks), seeded.
+Exact back-ends must agree where they prove optimality; a `disagree` line flags it otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mpqflow.methods import method_objective  # noqa: E402
+from mpqflow.optimize import BACKENDS, Problem, psd_project, solve  # noqa: E402
+from mpqflow.search import _table, build_problem  # noqa: E402
+from mpqflow.sensitivity import load_batch_file  # noqa: E402
+
+
+def real_problem(results: Path, method: str):
+    """The default model's Problem for `method` (clado: PSD, clado_raw: raw) and its layer table."""
+    sets = sorted((results / "sensitivity" / "clado").glob("set_*x0.npz"), reverse=True)
+    if not sets:
+        raise SystemExit(f"no CLADO set under {results}/sensitivity/clado: run `snakemake --cores 2` first")
+    table = _table(str(results / "calibration.pt"))
+    G, linear = method_objective(method, load_batch_file(sets[0]), table)
+    return build_problem(table, G, linear), table, sets[0].name
+
+
+def resnet50_costs():
+    """(numel, macs) of torchvision ResNet-50's 54 Conv/Linear layers at 224x224."""
+    import torch
+    import torchvision
+
+    from mpqflow.models import layer_macs, quantizable_layers
+
+    net = torchvision.models.resnet50(weights=None)
+    x = torch.zeros(1, 3, 224, 224)
+    names, macs = quantizable_layers(net, x), layer_macs(net, x)
+    mods = dict(net.named_modules())
+    return np.array([mods[n].weight.numel() for n in names], float), np.array([macs[n] for n in names], float)
+
+
+def synthetic_problem(real_G: np.ndarray, real_opts, K: int, raw: bool, seed: int = 0) -> Problem:
+    """54 layers x K options, G blocks copied from the real matrix, ResNet-50 costs."""
+    rng = np.random.default_rng(seed)
+    k_real = len(real_opts)
+    keep = [i for i, (w, a) in enumerate(real_opts) if K == k_real or a == 8][:K]
+    opts = [real_opts[i] for i in keep]
+    L_real = real_G.shape[0] // k_real
+    numel, macs = resnet50_costs()
+    L = len(numel)
+    block = lambda p, q: real_G[np.ix_([p * k_real + i for i in keep], [q * k_real + i for i in keep])]  # noqa: E731
+    G = np.zeros((L * K, L * K))
+    for p in range(L):
+        G[p * K:(p + 1) * K, p * K:(p + 1) * K] = block(*(2 * [int(rng.integers(L_real))]))
+        for q in range(p + 1, L):
+            a, b = rng.choice(L_real, 2, replace=False)
+            G[p * K:(p + 1) * K, q * K:(q + 1) * K] = block(a, b)
+            G[q * K:(q + 1) * K, p * K:(p + 1) * K] = block(a, b).T
+    G = G if raw else psd_project(G)
+    layer_of = np.repeat(np.arange(L), K)
+    return Problem(G=G, layer_of=layer_of, layer_names=[f"layer{l}" for l in range(L)], options=opts * L,
+                   size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts * L)]),
+                   bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts * L)]))
+
+
+def run(name: str, problem: Problem, budgets, backends, time_limit: float) -> None:
+    for budget in budgets:
+        found = {}
+        for backend in backends:
+            try:
+                sol = solve(problem, budget, backend=backend, time_limit=time_limit, mip_gap=1e-6)
+            except RuntimeError as err:  # gurobi's size-limited licence
+                print(f"{name:28s} {budget:14s} {backend:7s} refused: {str(err)[:90]}")
+                continue
+            found[backend] = sol
+            print(f"{name:28s} {budget:14s} {backend:7s} {sol.seconds:8.2f} s  {sol.status:10s} "
+                  f"objective {sol.objective: .6g}  gap {sol.gap:.2e}", flush=True)
+        proven = [s.objective for s in found.values() if s.status == "optimal"]
+        if proven and max(proven) - min(proven) > 1e-6 * max(1.0, abs(min(proven))):
+            print(f"{name:28s} {budget:14s} disagree: {proven}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=Path("results/digits_resnet20"))
+    ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    ap.add_argument("--no-synthetic", action="store_true")
+    args = ap.parse_args()
+    for method in ("clado_raw", "clado"):
+        problem, table, set_name = real_problem(args.results, method)
+        run(f"{method} {set_name} {problem.L}x{len(table.options)}", problem,
+            ["avg_bits-2.5", "avg_bits-3", "avg_bits-4", "avg_bits-5", "bitops_rel-0.25"], args.backends,
+            args.time_limit)
+    if args.no_synthetic:
+        return
+    raw_G = build_problem(table, method_objective("clado_raw", load_batch_file(
+        sorted((args.results / "sensitivity" / "clado").glob("set_*x0.npz"))[-1]), table)[0], None).G
+    for K in (3, 6):
+        for raw in (False, True):
+            t0 = time.perf_counter()
+            problem = synthetic_problem(raw_G, list(table.options), K, raw)
+            name = f"resnet50-like 54x{K} {'raw' if raw else 'psd'}"
+            print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
+                  f"{int((np.linalg.eigvalsh(problem.G) < -1e-12).sum())} negative eigenvalues", flush=True)
+            run(name, problem, ["avg_bits-3", "avg_bits-4", "avg_bits-5"], args.backends, args.time_limit)
+
+
+if __name__ == "__main__":
+    main()
