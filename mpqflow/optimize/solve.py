@@ -66,41 +66,73 @@ def _quadratic(problem: Problem) -> np.ndarray | None:
     return G
 
 
-def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rounds: int = 200) -> np.ndarray:
-    """Best-improvement 1-swap descent (one layer changes its option) within the caps; deterministic."""
+def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rounds: int = 1000) -> np.ndarray:
+    """Best-improvement descent within the caps: 1-swaps (one layer changes its option), then 2-swaps
+    (two layers change together, which crosses the cap where no single move can); deterministic."""
     G, lin = _quadratic(problem), problem.linear_terms()
+    n, lo = problem.n, problem.layer_of
     choice = problem.choice_of(x0).copy()
     size, ops = problem.total_size_bits(x0), problem.total_bitops(x0)
     size_cap = np.inf if size_cap is None else size_cap * (1 + 1e-9)
     bitops_cap = np.inf if bitops_cap is None else bitops_cap * (1 + 1e-9)
+    cross = lo[:, None] != lo[None, :]
     for _ in range(max_rounds):
-        # Interaction of every option with the current choice: (n,) = G[:, choice].sum(1).
-        inter = np.zeros(problem.n) if G is None else G[:, choice].sum(1)
-        best, move = -1e-12, None
-        for l, ix in enumerate(problem.layers):
-            a = choice[l]
-            # Swapping a -> b changes the objective by lin_b - lin_a + 2 (inter_b - G_ba) - 2 inter_a.
-            delta = lin[ix] - lin[a] + 2 * (inter[ix] - (0 if G is None else G[ix, a])) - 2 * inter[a]
-            ok = (size - problem.size_bits[a] + problem.size_bits[ix] <= size_cap) & \
-                 (ops - problem.bitops[a] + problem.bitops[ix] <= bitops_cap)
-            delta = np.where(ok & (ix != a), delta, np.inf)
-            k = int(np.argmin(delta))
-            if delta[k] < best:
-                best, move = delta[k], (l, ix[k])
-        if move is None:
-            break
-        l, b = move
-        size += problem.size_bits[b] - problem.size_bits[choice[l]]
-        ops += problem.bitops[b] - problem.bitops[choice[l]]
-        choice[l] = b
+        cur = choice[lo]                                      # (n,) the current option of each option's layer
+        # Interaction of every option with the current choice: inter[b] = Σ_l G[b, choice_l].
+        inter = np.zeros(n) if G is None else G[:, choice].sum(1)
+        Gcur = np.zeros(n) if G is None else G[np.arange(n), cur]   # G[b, a_l(b)] (0: within-layer)
+        # One layer l switching a -> b changes the objective by d1[b] (0 for b = a).
+        d1 = lin - lin[cur] + 2 * (inter - Gcur) - 2 * inter[cur]
+        ds, do = problem.size_bits - problem.size_bits[cur], problem.bitops - problem.bitops[cur]
+        ok1 = (size + ds <= size_cap) & (ops + do <= bitops_cap) & (np.arange(n) != cur)
+        d = np.where(ok1, d1, np.inf)
+        k = int(np.argmin(d))
+        if d[k] < -1e-12 * max(1.0, abs(problem.objective(problem.x_of(choice)))):
+            move = [(lo[k], k)]
+        else:
+            # Two layers l != m switching a -> b and c -> e: d1[b] + d1[e] + 2 (G[b,e] - G[b,c] - G[a,e] + G[a,c]).
+            d2 = d1[:, None] + d1[None, :]
+            if G is not None:
+                Gbc = G[:, cur]                                  # (n, n): G[b, current of layer(e)]
+                d2 += 2 * (G - Gbc - Gbc.T + G[np.ix_(cur, cur)])
+            okp = (np.arange(n) != cur)
+            ok2 = cross & okp[:, None] & okp[None, :] & \
+                (size + ds[:, None] + ds[None, :] <= size_cap) & (ops + do[:, None] + do[None, :] <= bitops_cap)
+            d2 = np.where(ok2, d2, np.inf)
+            k2 = int(np.argmin(d2))
+            if not d2.flat[k2] < -1e-12 * max(1.0, abs(problem.objective(problem.x_of(choice)))):
+                break
+            b, e = divmod(k2, n)
+            move = [(lo[b], b), (lo[e], e)]
+        for l, b in move:
+            size += problem.size_bits[b] - problem.size_bits[choice[l]]
+            ops += problem.bitops[b] - problem.bitops[choice[l]]
+            choice[l] = b
     return problem.x_of(choice)
 
 
-def _incumbent(problem: Problem, size_cap, bitops_cap) -> np.ndarray:
+def _incumbent(problem: Problem, size_cap, bitops_cap, kicks: int = 60, seed: int = 0) -> np.ndarray | None:
+    """A good feasible decision: local search from the cheapest choice, then iterated local search
+    (a seeded random change of a few layers, descent, keep if better), deterministic; None if no start."""
     x0 = problem.min_both(size_cap, bitops_cap)
     if x0 is None:  # both caps set and no cheapest-by-one-cost choice meets the other: let the MIP find one
         return None
-    return local_search(problem, x0, size_cap, bitops_cap)
+    best = local_search(problem, x0, size_cap, bitops_cap)
+    if problem.is_linear:
+        return best
+    best_obj, rng = problem.objective(best), np.random.default_rng(seed)
+    for _ in range(kicks):
+        choice = problem.choice_of(best)
+        for l in rng.choice(problem.L, size=min(problem.L, 3), replace=False):
+            choice[l] = rng.choice(problem.layers[l])
+        x = problem.x_of(choice)
+        if not problem.is_feasible(x, size_cap, bitops_cap):
+            continue
+        x = local_search(problem, x, size_cap, bitops_cap)
+        obj = problem.objective(x)
+        if obj < best_obj - 1e-12 * max(1.0, abs(best_obj)):
+            best, best_obj = x, obj
+    return best
 
 
 # ---- HiGHS: the tight linearization ---------------------------------------------------------------
