@@ -59,7 +59,11 @@ def _schema() -> dict:
 
 
 def validate_config(config: dict) -> dict:
-    """Validate `config` (a copy gets the defaults) and check paths; raise ConfigError on the first problem."""
+    """Validate `config` and check paths; raise ConfigError on the first problem.
+
+    Returns a copy with the defaults filled in and every mapping's keys sorted: rule params derived
+    from it (and so Snakemake's params rerun trigger) do not depend on the key order of the YAML.
+    """
     cfg = copy.deepcopy(dict(config))
     validator = _with_defaults(jsonschema.Draft202012Validator)(_schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
@@ -70,7 +74,16 @@ def validate_config(config: dict) -> dict:
     if errors:
         raise ConfigError(_message(errors[0]))
     _check_paths(cfg)
-    return cfg
+    return _sorted_keys(cfg)
+
+
+def _sorted_keys(obj):
+    """`obj` with the keys of every nested mapping in sorted order (lists keep their order)."""
+    if isinstance(obj, dict):
+        return {k: _sorted_keys(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list):
+        return [_sorted_keys(v) for v in obj]
+    return obj
 
 
 def _check_paths(cfg: dict) -> None:

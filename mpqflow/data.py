@@ -18,9 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch.utils.data import Dataset, TensorDataset
+
+# torch is imported where it is used: the Snakefile imports this module (sensitivity_set) in every
+# snakemake process, SLURM job steps included, and should not pay torch's import for it.
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
 
 __all__ = ["DATASETS", "DataSpec", "load_split", "SamplePlan", "sensitivity_set", "stack", "iterate"]
 
@@ -64,8 +70,10 @@ class DataSpec:
 
 
 def _digits(spec: DataSpec, split: str) -> Dataset:
+    import torch
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+    from torch.utils.data import TensorDataset
 
     x, y = load_digits(return_X_y=True)  # (1797, 64) in 0..16
     x_tr, x_te, y_tr, y_te = train_test_split(
@@ -167,6 +175,9 @@ def sensitivity_set(n: int, set_id: int, pool_batches: int, seed: int = 0) -> li
 
 def stack(dataset: Dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather samples into one batch: images (B, C, H, W) and labels (B,)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
     if isinstance(dataset, TensorDataset):
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return dataset.tensors[0][idx], dataset.tensors[1][idx]
@@ -176,6 +187,9 @@ def stack(dataset: Dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
 
 def iterate(dataset: Dataset, batch_size: int, indices=None, workers: int = 0):
     """Yield (x, y) batches over `indices` (default: all) in order."""
+    import torch
+    from torch.utils.data import TensorDataset
+
     indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
     if isinstance(dataset, TensorDataset) or workers == 0:
         for s in range(0, len(indices), batch_size):

@@ -66,11 +66,16 @@ def load_json(path: str | Path):
 
 
 def save_torch(path: str | Path, obj) -> None:
-    """torch.save, atomically."""
+    """torch.save, atomically, byte for byte reproducible.
+
+    torch.save to a path names the zip archive's root folder after the file, here the random temp
+    name, so the same state would hash differently on every run; to a file object it is "archive".
+    """
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def save_npz(path: str | Path, **arrays) -> None:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sensitivity import clado_matrix, hawq_omega, means
 
 __all__ = ["Method", "METHODS", "method_estimator", "method_objective", "estimated_loss_increase", "psd_project"]
 
@@ -105,6 +104,8 @@ def method_objective(method: str, pooled: dict, table) -> tuple[np.ndarray | Non
         pooled: a pooled (or per-batch) sensitivity dict of the method's estimator (None for uniform).
         table: pipeline.LayerTable (candidates, options, numel).
     """
+    from .sensitivity import clado_matrix, hawq_omega, means  # torch: not for the Snakefile's imports
+
     m = _method(method)
     if m.estimator is None:
         return None, None

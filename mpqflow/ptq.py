@@ -25,7 +25,7 @@ from .pipeline import (Context, _quantizer, evaluate_assignment, layer_table, lo
                        resolve_device)
 from .train import seed_everything
 
-__all__ = ["VARIANTS", "variant_quant", "ptq_variant", "ptq_table", "ptq_plot", "ptq_study"]
+__all__ = ["VARIANTS", "variant_quant", "ptq_variant", "ptq_table", "ptq_plot", "write_ptq_table", "plot_ptq_table"]
 log = logging.getLogger("mpqflow")
 
 _MINMAX = {"weight": {"observer": "minmax"}, "activation": {"observer": "minmax"}}
@@ -159,17 +159,16 @@ def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> 
     plt.close(fig)
 
 
-def ptq_study(results: list, csv: str, png: str, plots: dict | None = None) -> pd.DataFrame:
-    """The study target: :func:`ptq_table` of the variant JSONs saved to `csv`, :func:`ptq_plot` to `png`.
-
-    Args:
-        results: the variants' JSON paths (or dicts).
-        csv, png: outputs (written atomically).
-        plots: the config's ``plots`` section (dpi, panel_width); None uses the defaults.
-    """
+def write_ptq_table(results: list, csv: str) -> pd.DataFrame:
+    """:func:`ptq_table` of the variants' JSON paths (or dicts), written atomically to `csv`."""
     df = ptq_table(results)
     with atomic_path(csv) as tmp:
         df.to_csv(tmp, index=False)
-    plots = plots or {}
-    ptq_plot(df, png, dpi=plots.get("dpi", 150), width=1.2 * plots.get("panel_width", 5.0))
     return df
+
+
+def plot_ptq_table(csv: str, png: str, plots: dict | None = None) -> None:
+    """:func:`ptq_plot` of a table written by :func:`write_ptq_table`, sized by the config's ``plots``
+    section (dpi, panel_width; None uses the defaults)."""
+    plots = plots or {}
+    ptq_plot(pd.read_csv(csv), png, dpi=plots.get("dpi", 150), width=1.2 * plots.get("panel_width", 5.0))

@@ -70,7 +70,7 @@ def train_model(model, train_set, cfg: TrainConfig, device="cpu"):
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")

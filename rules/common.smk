@@ -125,6 +125,7 @@ def all_targets():
             "results/{model}/study.csv",
             "results/{model}/plots/accuracy_vs_size.png",
             "results/{model}/ptq.csv",
+            "results/{model}/plots/ptq.png",
         ],
         model=MODELS,
     )

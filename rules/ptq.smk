@@ -20,24 +20,40 @@ rule ptq_variant:
         "../workflow_scripts/ptq_variant.py"
 
 
-rule ptq_study:
+rule ptq_table:
     input:
         expand(
             "results/{{model}}/ptq/{variant}.json", variant=config["ptq"]["variants"]
         ),
     output:
         table="results/{model}/ptq.csv",
+    log:
+        "logs/{model}/ptq_table.log",
+    localrule: True
+    conda:
+        "../envs/mpqflow.yaml"
+    params:
+        code=code_version("ptq"),
+    script:
+        "../workflow_scripts/ptq_table.py"
+
+
+rule ptq_plot:
+    input:
+        table="results/{model}/ptq.csv",
+    output:
         plot=report(
             "results/{model}/plots/ptq.png",
             caption="../report/ptq.rst",
             category="{model}",
         ),
     log:
-        "logs/{model}/ptq_study.log",
+        "logs/{model}/ptq_plot.log",
     localrule: True
     conda:
         "../envs/mpqflow.yaml"
     params:
-        plots=config["plots"],
+        plots=lookup(dpath="plots", within=config),
+        code=code_version("ptq"),
     script:
-        "../workflow_scripts/ptq_study.py"
+        "../workflow_scripts/ptq_plot.py"

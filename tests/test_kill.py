@@ -7,7 +7,7 @@ output does not yet) the whole group (snakemake and the job) gets SIGKILL. Every
 final output name must then load whole (they are written to a hidden temp name and renamed), the
 killed job's output must be absent, and (after `--unlock`, as the killed snakemake left its lock)
 a `--rerun-incomplete` run must produce artifacts equal,
-array by array and bit for bit, to those of an uninterrupted run in another directory. Every wait
+array by array and bit for bit, to those of the session's uninterrupted tiny run (conftest.tiny_run). Every wait
 has a timeout.
 
     python -m pytest -m slow tests/test_kill.py
@@ -126,49 +126,44 @@ def _same(a, b, where):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def test_killed_sensitivity_job_reruns_to_identical_results(tmp_path):
-    reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    reference_dir.mkdir()
+def test_killed_sensitivity_job_reruns_to_identical_results(tmp_path, tiny_run):
+    """The uninterrupted reference is the session's complete tiny run (conftest.tiny_run)."""
+    killed_dir = tmp_path / "killed"
     killed_dir.mkdir()
-    reference = _start(reference_dir)  # side by side with the killed run
-    try:
-        killed = None
-        for attempt in range(ATTEMPTS):
-            if attempt:
-                _unlock(killed_dir)
-            proc = _start(killed_dir, "--rerun-incomplete")
-            deadline = time.monotonic() + RUN_TIMEOUT
-            try:
-                while (running := _running_batch(killed_dir)) is None:
-                    assert proc.poll() is None, (
-                        f"the run ended ({proc.returncode}) before a sensitivity job was seen running:\n"
-                        + (killed_dir / "snakemake.out").read_text()[-4000:]
-                    )
-                    assert time.monotonic() < deadline, f"no sensitivity job running within {RUN_TIMEOUT}s"
-                    time.sleep(0.02)
-            finally:
-                _kill_group(proc)
-            if not running.exists():  # killed mid-job, not just after it
-                killed = running
-                break
-            (killed_dir / "snakemake.out").open("a").write(f"\n[test] attempt {attempt}: {running} finished first\n")
-        assert killed is not None, f"every one of {ATTEMPTS} kills came after the job had finished"
+    killed = None
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            _unlock(killed_dir)
+        proc = _start(killed_dir, "--rerun-incomplete")
+        deadline = time.monotonic() + RUN_TIMEOUT
+        try:
+            while (running := _running_batch(killed_dir)) is None:
+                assert proc.poll() is None, (
+                    f"the run ended ({proc.returncode}) before a sensitivity job was seen running:\n"
+                    + (killed_dir / "snakemake.out").read_text()[-4000:]
+                )
+                assert time.monotonic() < deadline, f"no sensitivity job running within {RUN_TIMEOUT}s"
+                time.sleep(0.02)
+        finally:
+            _kill_group(proc)
+        if not running.exists():  # killed mid-job, not just after it
+            killed = running
+            break
+        (killed_dir / "snakemake.out").open("a").write(f"\n[test] attempt {attempt}: {running} finished first\n")
+    assert killed is not None, f"every one of {ATTEMPTS} kills came after the job had finished"
 
-        # Nothing partial under a final name: every artifact loads; the killed job's output is absent.
-        assert not (killed_dir / TARGET).exists()
-        for rel in _final_files(killed_dir):
-            _load(killed_dir / rel)
-        assert not killed.exists()
+    # Nothing partial under a final name: every artifact loads; the killed job's output is absent.
+    assert not (killed_dir / TARGET).exists()
+    for rel in _final_files(killed_dir):
+        _load(killed_dir / rel)
+    assert not killed.exists()
 
-        _unlock(killed_dir)
-        _finish(_start(killed_dir, "--rerun-incomplete"), killed_dir, "the --rerun-incomplete run")
-        _finish(reference, reference_dir, "the uninterrupted run")
-    finally:
-        if reference.poll() is None:
-            _kill_group(reference)
+    _unlock(killed_dir)
+    _finish(_start(killed_dir, "--rerun-incomplete"), killed_dir, "the --rerun-incomplete run")
 
-    files = _final_files(reference_dir)
+    # Every artifact of the resumed run (the target and all it needs) equals the uninterrupted run's.
+    files = _final_files(killed_dir)
     assert TARGET in map(str, files) and str(killed.relative_to(killed_dir)) in map(str, files)
-    assert _final_files(killed_dir) == files
+    assert {"model.pt", "calibration.pt"} <= {p.name for p in files}
     for rel in files:
-        _same(_load(reference_dir / rel), _load(killed_dir / rel), str(rel))
+        _same(_load(tiny_run / rel), _load(killed_dir / rel), str(rel))

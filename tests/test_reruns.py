@@ -1,7 +1,7 @@
 """Incremental reruns: after one complete tiny run, a config or code change reruns exactly the
 stages it invalidates (issue 5, item 3).
 
-One full run of the tiny config in a module fixture, then only dry-runs (`snakemake --dry-run`
+The session's one full run of the tiny config (conftest.tiny_run), then only dry-runs (`snakemake --dry-run`
 with the default rerun triggers: mtime, params, input, code, software-env) against modified
 copies of the config, or against a copy of the repository with edited mpqflow code. Each dry-run
 lists every job it would run with its rule and outputs; the tests assert that list exactly.
@@ -10,43 +10,31 @@ lists every job it would run with its rule and outputs; the tests assert that li
 """
 
 import copy
-import os
 import re
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
-RUN_TIMEOUT = 900  # s: the one full run (about 3 minutes on 2 cores)
 DRY_TIMEOUT = 180  # s: one dry-run
 
 sys.path.insert(0, str(REPO))
 from mpqflow.data import sensitivity_set  # noqa: E402
 from mpqflow.methods import method_estimator  # noqa: E402
 
+from conftest import TINY, run_snakemake  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 UPSTREAM = {"train_model", "calibrate", "evaluate_uniform", "uniform_table", "sensitivity_batch", "pool_set"}
 
 
-def _env():
-    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-
-
 def snakemake(workdir, configfile, *args, snakefile=REPO / "Snakefile", timeout=DRY_TIMEOUT):
-    cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
-        "--configfile", str(configfile), "--cores", "2", *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
-    if proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    proc = run_snakemake(workdir, *args, configfile=configfile, snakefile=snakefile, timeout=timeout)
     return proc.stdout + proc.stderr
 
 
@@ -86,14 +74,11 @@ def dry_run(workdir, config, name, snakefile=REPO / "Snakefile"):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(workdir, config dict) of one complete tiny run."""
-    workdir = tmp_path_factory.mktemp("reruns")
+def tiny(tiny_run):
+    """(workdir, config dict) of the session's complete tiny run (conftest.tiny_run)."""
     config = yaml.safe_load(TINY.read_text())
-    snakemake(workdir, TINY, "--quiet", "rules", timeout=RUN_TIMEOUT)
-    assert (workdir / "results" / "tiny" / "study.csv").is_file()
-    assert dry_run(workdir, config, "same") == {}, "an unchanged config must have nothing to do"
-    return workdir, config
+    assert dry_run(tiny_run, config, "same") == {}, "an unchanged config must have nothing to do"
+    return tiny_run, config
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +181,11 @@ def test_quantizer_change_invalidates_calibration_and_after(tiny, every_job):
 
 
 def test_plot_settings_rerun_only_plots(tiny):
-    """(d) Plot settings: only the plots."""
+    """(d) Plot settings: only the plots (the study's and the PTQ study's), not their tables."""
     workdir, config = tiny
     changed = _copy(config)
     changed["plots"]["dpi"] = config["plots"]["dpi"] + 10
-    assert dry_run(workdir, changed, "plots") == {"study_plots": PLOTS}
+    assert dry_run(workdir, changed, "plots") == {"study_plots": PLOTS, "ptq_plot": ["results/tiny/plots/ptq.png"]}
 
 
 def _sorted_keys(obj):
@@ -253,12 +238,12 @@ def test_solver_code_change_invalidates_solves(tiny, repo_copy, tmp_path):
 
 def test_sensitivity_code_change_invalidates_sensitivity(tiny, every_job, repo_copy, tmp_path):
     """(e) Editing mpqflow/sensitivity reruns the batch files, the pooling and all after them, not
-    training, calibration or the uniform evaluations."""
+    training, calibration, the uniform evaluations or the PTQ study (which runs no estimator)."""
     workdir, config = tiny
     edited = tmp_path / "edited"
     shutil.copytree(repo_copy, edited)
     init = edited / "mpqflow" / "sensitivity" / "__init__.py"
     init.write_text(init.read_text() + "\n# an edit the sensitivity stage must notice\n")
     found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
-    keep = {"train_model", "calibrate", "evaluate_uniform", "uniform_table"}
+    keep = {"train_model", "calibrate", "evaluate_uniform", "uniform_table", "ptq_variant", "ptq_table", "ptq_plot"}
     assert found == {rule: outs for rule, outs in every_job.items() if rule not in keep}

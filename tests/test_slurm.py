@@ -28,7 +28,11 @@ SCRIPT = REPO / "scripts" / "local_slurm.sh"
 PROFILE = REPO / "profiles" / "slurm"
 
 BRINGUP_TIMEOUT = 240  # s: apt install (about a minute on a fresh machine) and five daemons
-RUN_TIMEOUT = 420  # s: each workflow run (local and SLURM run side by side; about 4 minutes on 2 cores)
+RUN_TIMEOUT = 420  # s: the SLURM run of the tiny config
+# Jobs per sbatch job for the tiny DAG on the 2-CPU test node: train+calibrate, then 6 estimator
+# batches + 2 uniform evaluations + 2 PTQ variants, 20 solves, 20 evaluations, each group in two
+# bundles that run side by side (a bundle runs its jobs one after another on its one CPU).
+GROUP_COMPONENTS = ("model=1", "calibrated=5", "solve=10", "evaluate=10")
 # Values that measure the run rather than define its result: left out of the comparison.
 TIMING_KEY = re.compile(r"(^|_)(seconds|time|elapsed|timestamp|date|host|hostname)$")
 
@@ -109,33 +113,29 @@ def _cancel_jobs_in(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(slurm_cluster, tmp_path_factory):
-    """The tiny config run locally and through SLURM, side by side: (local dir, SLURM dir, SLURM output)."""
-    local, slurm = tmp_path_factory.mktemp("local").resolve(), tmp_path_factory.mktemp("slurm").resolve()
+def runs(slurm_cluster, tiny_run, tmp_path_factory):
+    """The tiny config through SLURM, against the session's local run (conftest.tiny_run), which is
+    finished first so the SLURM run has the node to itself: (local dir, SLURM dir, SLURM output)."""
+    slurm = tmp_path_factory.mktemp("slurm").resolve()
     node = subprocess.run(["sinfo", "-h", "-o", "%c %m"], capture_output=True, text=True, timeout=30)
     node_cpus, node_mem_mb = node.stdout.split()[:2]
-    # The reference run yields the CPU to the SLURM run's critical path and fills its idle gaps.
-    local_proc = _snakemake(local, "--cores", node_cpus, niceness=10)
     slurm_proc = _snakemake(
         slurm, "--workflow-profile", str(PROFILE),
         "--slurm-init-seconds-before-status-checks", "2",  # a small run: poll soon
-        # One CPU per sbatch job: a bundle runs its jobs one after another, so two bundles side by
-        # side use the node's CPUs; two bundles per wave of the tiny DAG (6 sensitivity + 2 uniform
-        # evaluation jobs, 20 solves, 20 evaluations). No job may ask for more memory than the node has.
+        # One CPU per sbatch job: a bundle runs its jobs one after another, so bundles side by side
+        # use the node's CPUs. No job may ask for more memory than the node has.
         "--cores", "1", "--resources", f"mem_mb={node_mem_mb}",
-        "--group-components", "model=1", "calibrated=4", "solve=10", "evaluate=10",
+        "--group-components", *GROUP_COMPONENTS,
         "--retries", "0",  # a failure here is a bug to report, not a memory shortage to retry
         "--latency-wait", "10",
     )
     try:
         slurm_out = _finish(slurm_proc, slurm, "the SLURM run", RUN_TIMEOUT)
-        _finish(local_proc, local, "the local run", RUN_TIMEOUT)
     finally:
         _cancel_jobs_in(slurm)
-        for proc in (slurm_proc, local_proc):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    return local, slurm, slurm_out
+        if slurm_proc.poll() is None:
+            os.killpg(slurm_proc.pid, signal.SIGKILL)
+    return tiny_run, slurm, slurm_out
 
 
 def _jobs(output):

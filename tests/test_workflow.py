@@ -2,34 +2,16 @@
 
 import io
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
+from conftest import TINY, run_snakemake
 
 
 def snakemake(workdir, *args, configfile=TINY, check=True):
-    cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(configfile), "--cores", "2", "--quiet", "rules", *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny")
-    snakemake(workdir)
-    return workdir
+    return run_snakemake(workdir, "--quiet", "rules", *args, configfile=configfile, check=check)
 
 
 @pytest.mark.slow
