@@ -1,11 +1,15 @@
 """The solve layer: every back-end returns the brute-force optimum, budgets, infeasibility, time limits."""
 
+import importlib
 import itertools
 
 import numpy as np
 import pytest
 
 from mpqflow.optimize import BACKENDS, Budget, InfeasibleBudget, Problem, parse_budgets, solve
+from mpqflow.optimize.solve import auto_backends
+
+solve_module = importlib.import_module("mpqflow.optimize.solve")  # the module; the package's `solve` is the function
 
 OPTIONS = [(2, 4), (4, 8), (8, 8)]
 
@@ -89,6 +93,24 @@ def test_every_backend_finds_the_brute_force_optimum(kind, backend):
             assert sol.bound <= sol.objective + 1e-9 and sol.gap <= 1e-6
 
 
+def test_auto_picks_the_backend_by_structure_and_falls_back(monkeypatch):
+    """auto: HiGHS for linear and indefinite objectives, Gurobi for a PSD G, SCIP where Gurobi
+    refuses (its pip licence is size-limited); the Solution names the back-end that solved it."""
+    psd, indefinite, linear = (make_problem(0, kind) for kind in ("psd", "indefinite", "linear"))
+    assert auto_backends(psd) == ["gurobi", "scip"]
+    assert auto_backends(indefinite) == auto_backends(linear) == ["highs"]
+    assert solve(indefinite, "avg_bits-4", backend="auto").backend == "highs"
+
+    def refuse(problem, *args):
+        raise RuntimeError(f"gurobi cannot solve this problem ({problem.n} binaries): Model too large")
+
+    monkeypatch.setitem(solve_module._BACKENDS, "gurobi", refuse)
+    budget = _mid_budgets(psd)[0]
+    sol = solve(psd, budget, backend="auto", mip_gap=1e-9)
+    assert sol.backend == "scip" and sol.status == "optimal"
+    assert sol.objective == pytest.approx(brute_force(psd, budget)[0], rel=1e-7, abs=1e-9)
+
+
 def test_falling_sensitivities_without_budget_choose_highest_precision():
     problem = make_problem(0, "diagonal")
     # Sensitivity 1/w_bits^2 of each option: more bits, less loss.
@@ -116,6 +138,19 @@ def test_time_limit_returns_a_feasible_decision_with_its_gap():
     assert problem.is_feasible(sol.x, size_cap)
     assert sol.status == "time_limit" and sol.gap > 0 and sol.bound < sol.objective
     assert sol.to_dict()["status"] == "time_limit"
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_node_limit_is_a_reproducible_stop(backend):
+    """A solve stopped by its node limit gives the same decision however much time it was allowed
+    (a time-limited one depends on the machine's speed and load)."""
+    problem = make_problem(3, "indefinite", L=20, K=3)
+    size_cap, _ = Budget.parse("avg_bits-4").to_caps(problem)
+    a, b = (solve(problem, "avg_bits-4", backend=backend, time_limit=t, node_limit=3) for t in (300, 600))
+    assert a.status == b.status == "node_limit"
+    assert np.array_equal(a.x, b.x) and a.objective == b.objective
+    assert problem.is_feasible(a.x, size_cap) and a.gap > 0
+    assert a.to_dict()["status"] == "node_limit"
 
 
 def test_same_problem_same_decision():

@@ -1,11 +1,14 @@
-"""Exact solves of a Problem under budgets: HiGHS (default), Gurobi, SCIP; time-limited, never hanging.
+"""Exact solves of a Problem under budgets: HiGHS, Gurobi, SCIP, or `auto` (by the problem's structure);
+node- and time-limited, never hanging.
 
 Usage:
     sol = solve(problem, "avg_bits-3", backend="highs", time_limit=60, mip_gap=1e-4)
-    sol.decision, sol.objective, sol.status ("optimal" | "time_limit"), sol.gap, sol.to_dict()
+    sol.decision, sol.objective, sol.status ("optimal" | "node_limit" | "time_limit"), sol.gap, sol.to_dict()
 
-Every back-end starts from a feasible incumbent (cheapest choice, then 1-swap local search), so a
-solve stopped by its time limit still returns a feasible decision, marked time_limit with its gap.
+Every back-end starts from a feasible incumbent (cheapest choice, then local search with 1- and
+2-swaps and seeded kicks), so a solve stopped by its node or time limit still returns a feasible
+decision, marked node_limit or time_limit with its gap. The node limit is the reproducible stop:
+the same problem stops at the same node on any machine; the time limit is the guard against hangs.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import numpy as np
 from .budgets import caps_of
 from .problem import Problem
 
-__all__ = ["BACKENDS", "Solution", "solve", "local_search"]
+__all__ = ["BACKENDS", "Solution", "solve", "local_search", "auto_backends"]
 log = logging.getLogger("mpqflow")
-BACKENDS = ("highs", "gurobi", "scip")
+BACKENDS = ("auto", "highs", "gurobi", "scip")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,30 @@ def _quadratic(problem: Problem) -> np.ndarray | None:
     same = problem.layer_of[:, None] == problem.layer_of[None, :]
     G[same] = 0.0
     return G
+
+
+def _is_psd(problem: Problem) -> bool:
+    """True if G is positive semidefinite up to rounding (a PSD-projected method's G)."""
+    eig = np.linalg.eigvalsh(np.asarray(problem.G, float))
+    return bool(eig[0] >= -1e-9 * max(1e-12, float(np.abs(eig).max())))
+
+
+def _convex_form(problem: Problem) -> tuple[np.ndarray | None, np.ndarray, float]:
+    """(Q, c, λ) with xᵀQx + c·x = xᵀGx + linear·x on every binary x and Q ⪰ 0: Q = G + λI, c = linear − λ.
+
+    G is taken whole: its within-layer entries vanish on one-hot x, but they are what makes a
+    PSD-projected G positive semidefinite, so that method's problem is a convex MIQP as given
+    (λ = 0). Zeroing them (as the linearization may) would leave an indefinite matrix. A raw,
+    indefinite G gets the smallest shift λ = −λ_min(G) (plus a hair, so that the back-end's own PSD
+    check passes). None for Q if the problem is linear.
+    """
+    c = np.zeros(problem.n) if problem.linear is None else problem.linear.astype(float).copy()
+    if problem.G is None:
+        return None, c, 0.0
+    G = np.asarray(problem.G, float)
+    eig = np.linalg.eigvalsh(G)
+    lam = max(0.0, -float(eig[0])) + 1e-9 * max(1e-12, float(np.abs(eig).max()))
+    return G + lam * np.eye(problem.n), c - lam, lam
 
 
 def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rounds: int = 1000) -> np.ndarray:
@@ -136,7 +163,7 @@ def _incumbent(problem: Problem, size_cap, bitops_cap, kicks: int = 60, seed: in
 
 
 # ---- HiGHS: the tight linearization ---------------------------------------------------------------
-def _highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
+def _highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
     """min Σ_a c_a x_a + Σ_{a<c cross-layer} 2 G_ac y_ac, with Σ_{c∈m} y_ac = x_a for every a and layer m ≠ l(a).
 
     With x binary these equalities force y_ac = x_a x_c, so y stays continuous in [0, 1].
@@ -199,6 +226,8 @@ def _highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
     for k, v in (("output_flag", False), ("time_limit", float(time_limit)), ("mip_rel_gap", float(mip_gap)),
                  ("random_seed", 0), ("threads", 1), ("presolve", "on")):
         h.setOptionValue(k, v)
+    if node_limit is not None:
+        h.setOptionValue("mip_max_nodes", int(node_limit))
     h.passModel(lp)
     if x0 is not None:
         start = highspy.HighsSolution()
@@ -212,16 +241,25 @@ def _highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
     x = None
     if info.primal_solution_status == 2:  # feasible
         x = (np.asarray(h.getSolution().col_value[:n]) > 0.5).astype(np.int64)
-    optimal = status == highspy.HighsModelStatus.kOptimal
+    # mip_max_nodes ends a run as kSolutionLimit; anything else short of optimal counts as the time limit.
+    stop = "optimal" if status == highspy.HighsModelStatus.kOptimal else \
+        "node_limit" if status == highspy.HighsModelStatus.kSolutionLimit else "time_limit"
     bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else -np.inf
-    return x, optimal, bound
+    return x, stop, bound
 
 
 # ---- Gurobi: the binary QP natively ---------------------------------------------------------------
-def _gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
+def _gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
+    """A PSD G in its convex form (_convex_form): Gurobi's convex MIQP branch and bound, which proves
+    the default model's PSD CLADO optimum in about a second. An indefinite G goes in as the native
+    nonconvex binary QP (within-layer blocks dropped): measured, the diagonal shift's relaxation is
+    too weak there (a gap near 1 after 30 s)."""
     import gurobipy as gp
 
-    G, lin = _quadratic(problem), problem.linear_terms()
+    if problem.G is not None and not _is_psd(problem):
+        Q, lin = _quadratic(problem), problem.linear_terms()
+    else:
+        Q, lin, _ = _convex_form(problem)
     try:
         env = gp.Env(params={"OutputFlag": 0})
         m = gp.Model(env=env)
@@ -232,30 +270,35 @@ def _gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
             m.addConstr(problem.size_bits @ x <= size_cap - problem.fixed_size_bits)
         if bitops_cap is not None:
             m.addConstr(problem.bitops @ x <= bitops_cap - problem.fixed_bitops)
-        m.setObjective(lin @ x + (x @ G @ x if G is not None else 0), gp.GRB.MINIMIZE)
+        m.setObjective(lin @ x + (x @ Q @ x if Q is not None else 0), gp.GRB.MINIMIZE)
         m.Params.TimeLimit, m.Params.MIPGap, m.Params.Seed, m.Params.Threads = time_limit, mip_gap, 0, 1
-        m.Params.NonConvex = 2
+        m.Params.NonConvex = 2  # an indefinite Q (and a PSD one that rounding leaves a hair short)
+        if node_limit is not None:
+            m.Params.NodeLimit = int(node_limit)
         if x0 is not None:
             x.Start = x0
         m.optimize()
     except gp.GurobiError as err:
         raise RuntimeError(f"gurobi cannot solve this problem ({problem.n} binaries): {err}; "
-                           "the pip licence is size-limited, use solver.backend: highs") from None
+                           "the pip licence is size-limited, use solver.backend: auto, highs or scip") from None
     sol = (np.asarray(x.X) > 0.5).astype(np.int64) if m.SolCount else None
-    return sol, m.Status == gp.GRB.OPTIMAL, float(m.ObjBound)
+    stop = {gp.GRB.OPTIMAL: "optimal", gp.GRB.NODE_LIMIT: "node_limit"}.get(m.Status, "time_limit")
+    return sol, stop, float(m.ObjBound)
 
 
 # ---- SCIP: a convex MIQP through the diagonal shift ------------------------------------------------
-def _scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
-    """xᵀGx = xᵀ(G + λI)x − λ·1ᵀx on binary x, λ = max(0, −λ_min(G)): the shifted G is PSD."""
+def _scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
+    """The convex form (_convex_form) as t ≥ ‖Fᵀx‖², Q = F Fᵀ: SCIP's convex MINLP branch and bound."""
     from pyscipopt import Model, quicksum
 
-    G, lin = _quadratic(problem), problem.linear_terms()
+    Q, lin, _ = _convex_form(problem)
     m = Model()
     m.hideOutput()
     m.setParam("limits/time", float(time_limit))
     m.setParam("limits/gap", float(mip_gap))
     m.setParam("randomization/randomseedshift", 0)
+    if node_limit is not None:
+        m.setParam("limits/nodes", int(node_limit))
     x = [m.addVar(vtype="B") for _ in range(problem.n)]
     for ix in problem.layers:
         m.addCons(quicksum(x[i] for i in ix) == 1)
@@ -266,18 +309,16 @@ def _scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
         m.addCons(quicksum(float(problem.bitops[i]) * x[i] for i in range(problem.n))
                   <= bitops_cap - problem.fixed_bitops)
     obj = quicksum(float(lin[i]) * x[i] for i in range(problem.n))
-    if G is not None:
-        lam_all, V = np.linalg.eigh(G)
-        shift = max(0.0, -float(lam_all.min()))
-        lam = lam_all + shift  # eigenvalues of G + shift I, all >= 0
+    if Q is not None:
+        lam, V = np.linalg.eigh(Q)  # all >= 0
         keep = lam > 1e-12 * max(1.0, float(lam.max()))
-        F = V[:, keep] * np.sqrt(lam[keep])  # (n, r): G + shift I = F Fᵀ
+        F = V[:, keep] * np.sqrt(lam[keep])  # (n, r): Q = F Fᵀ
         z = [m.addVar(lb=None) for _ in range(F.shape[1])]
         for j, zj in enumerate(z):
             m.addCons(zj == quicksum(float(F[i, j]) * x[i] for i in range(problem.n) if F[i, j] != 0))
         t = m.addVar(lb=0)
         m.addCons(quicksum(zj * zj for zj in z) <= t)
-        obj = obj + t - shift * quicksum(x)
+        obj = obj + t
     m.setObjective(obj, "minimize")
     if x0 is not None:
         start = m.createPartialSol()  # SCIP completes z and t itself
@@ -289,35 +330,65 @@ def _scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0):
     if m.getNSols():
         best = m.getBestSol()
         sol = (np.array([m.getSolVal(best, v) for v in x]) > 0.5).astype(np.int64)
-    return sol, m.getStatus() == "optimal", float(m.getDualbound())
+    stop = {"optimal": "optimal", "nodelimit": "node_limit", "totalnodelimit": "node_limit"}.get(m.getStatus(), "time_limit")
+    return sol, stop, float(m.getDualbound())
 
 
 _BACKENDS = {"highs": _highs, "gurobi": _gurobi, "scip": _scip}
 
 
+def auto_backends(problem: Problem) -> list:
+    """The back-ends `auto` tries, in order, for this problem's structure (measured on the default
+    model's 20-layer × 6-option CLADO problems, bench/solver_bench.py):
+    linear (diagonal methods) -> HiGHS (a multiple-choice knapsack MILP, milliseconds);
+    PSD G (clado, clado_kl) -> Gurobi's convex MIQP (proven in 0.1-1.2 s), SCIP's convex MINLP where
+        Gurobi is missing or its pip licence refuses the size (7-30 s; HiGHS's linearization did not
+        close the gap in 30 s);
+    indefinite G (clado_raw) -> HiGHS on the tight linearization (proven in 0.2-25 s where Gurobi's
+        shifted or nonconvex forms ran out of time).
+    """
+    if problem.G is None or problem.is_linear:
+        return ["highs"]
+    return ["gurobi", "scip"] if _is_psd(problem) else ["highs"]
+
+
 def solve(problem: Problem, budget=None, backend: str = "highs", time_limit: float = 60.0,
-          mip_gap: float = 1e-4) -> Solution:
+          mip_gap: float = 1e-4, node_limit: int | None = None) -> Solution:
     """The exact optimum of the problem under the budget(s), or the best decision found in time_limit.
 
     Args:
         problem: the Problem.
         budget: None, a Budget, a "kind-value" string, or a list of them (all caps apply).
-        backend: one of BACKENDS.
+        backend: one of BACKENDS; "auto" picks by the problem's structure (auto_backends) and
+            records the back-end it used.
         time_limit: seconds the back-end may run (the incumbent search comes on top, milliseconds).
         mip_gap: relative gap at which the back-end stops.
+        node_limit: branch-and-bound nodes after which the back-end stops (None: no limit). Unlike
+            the time limit it stops at the same point on any machine and under any load, so a
+            solve that is not proven optimal still gives the same decision every time.
 
     Raises InfeasibleBudget (naming the smallest achievable size or BitOPs) below the minimum.
     """
-    if backend not in _BACKENDS:
+    if backend not in BACKENDS:
         raise ValueError(f"unknown solver backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     t0 = time.perf_counter()
     size_cap, bitops_cap = caps_of(budget, problem)
     x0 = _incumbent(problem, size_cap, bitops_cap)
-    x, optimal, bound = _BACKENDS[backend](problem, size_cap, bitops_cap, time_limit, mip_gap, x0)
+    chain = auto_backends(problem) if backend == "auto" else [backend]
+    for i, backend in enumerate(chain):
+        try:
+            x, stop, bound = _BACKENDS[backend](problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit)
+            break
+        except (ImportError, RuntimeError) as err:  # gurobipy missing, or its licence refuses the size
+            if i == len(chain) - 1:
+                raise
+            log.info("solver %s unavailable (%s); trying %s", backend, err, chain[i + 1])
+    optimal = stop == "optimal"
     if x is None or not problem.is_feasible(x, size_cap, bitops_cap):
         if x0 is None:
             raise RuntimeError(f"{backend} found no decision within {time_limit} s and no incumbent exists")
         x, optimal = x0, False
+        stop = stop if stop != "optimal" else "time_limit"
     elif x0 is not None and problem.objective(x0) < problem.objective(x):
         x = x0  # the warm start beat the back-end's decision (within its gap when it says optimal)
     objective = problem.objective(x)
@@ -330,7 +401,7 @@ def solve(problem: Problem, budget=None, backend: str = "highs", time_limit: flo
         objective=objective,
         bound=bound,
         gap=_relative_gap(objective, bound),
-        status="optimal" if optimal else "time_limit",
+        status="optimal" if optimal else stop,
         backend=backend,
         seconds=time.perf_counter() - t0,
     )
