@@ -50,6 +50,9 @@ def _message(err: jsonschema.ValidationError) -> str:
         allowed = sorted(err.schema.get("properties", {}))
         where = "" if key == "<top level>" else f" under {key!r}"
         return f"unknown config key(s) {extra}{where}; allowed: {allowed}"
+    if err.validator in ("oneOf", "anyOf") and err.schema.get("description"):
+        # "is not valid under any of the given schemas" says nothing: name what the key expects.
+        return f"config key {key!r}: {err.instance!r} is not valid; expected {err.schema['description']}"
     return f"config key {key!r}: {err.message}"
 
 

@@ -37,6 +37,8 @@ def test_defaults_filled_and_default_config_valid():
         (_with(seed="zero"), "config key 'seed': 'zero' is not of type 'integer'"),
         (_with(quant={"weight": {"observer": "max"}}), "config key 'quant.weight.observer': 'max' is not one of"),
         (_with(quant={"weight": {"gran": "x"}}), "unknown config key(s) ['gran'] under 'quant.weight'"),
+        (_with(solver={"node_limit": {"cplex": 5}}),
+         "config key 'solver.node_limit': {'cplex': 5} is not valid; expected null, an integer >= 1, or a mapping"),
         ({"models": {"m": {"arch": "vgg", "dataset": {"name": "digits"}}}}, "config key 'models.m.arch': 'vgg' does not match"),
         ({}, "'models' is a required property"),
     ],

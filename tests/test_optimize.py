@@ -153,6 +153,14 @@ def test_node_limit_is_a_reproducible_stop(backend):
     assert a.to_dict()["status"] == "node_limit"
 
 
+def test_node_limit_per_backend():
+    """A {back-end: nodes} mapping applies the back-end's own limit (auto resolves to HiGHS here)."""
+    problem = make_problem(3, "indefinite", L=20, K=3)
+    a = solve(problem, "avg_bits-4", backend="auto", node_limit={"highs": 3, "gurobi": 10**6})
+    b = solve(problem, "avg_bits-4", backend="highs", node_limit=3)
+    assert a.backend == "highs" and a.status == "node_limit" and np.array_equal(a.x, b.x)
+
+
 def test_same_problem_same_decision():
     problem = make_problem(1, "indefinite", L=8)
     a, b = (solve(problem, "avg_bits-4.5", backend="highs") for _ in range(2))
