@@ -14,6 +14,8 @@ the same problem stops at the same node on any machine; the time limit is the gu
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -162,6 +164,22 @@ def _incumbent(problem: Problem, size_cap, bitops_cap, kicks: int = 60, seed: in
     return best
 
 
+def _silent_highs():
+    """A highspy.Highs without the banner its constructor writes to file descriptor 1 before any
+    option can turn output off (it went into every solve job's stdout, not the rule's log)."""
+    import highspy
+
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 # ---- HiGHS: the tight linearization ---------------------------------------------------------------
 def _highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
     """min Σ_a c_a x_a + Σ_{a<c cross-layer} 2 G_ac y_ac, with Σ_{c∈m} y_ac = x_a for every a and layer m ≠ l(a).
@@ -222,7 +240,7 @@ def _highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
     lp.integrality_ = [highspy.HighsVarType.kInteger] * n + [highspy.HighsVarType.kContinuous] * P
-    h = highspy.Highs()
+    h = _silent_highs()
     for k, v in (("output_flag", False), ("time_limit", float(time_limit)), ("mip_rel_gap", float(mip_gap)),
                  ("random_seed", 0), ("threads", 1), ("presolve", "on")):
         h.setOptionValue(k, v)
