@@ -68,7 +68,7 @@ def solve_budget(calibration, pooled_path, method, budget, solver: dict, out_pat
     G, linear = method_objective(method, pooled, table)
     problem = build_problem(table, G, linear)
     sol = solve(problem, Budget.parse(budget), backend=solver["backend"], time_limit=solver["time_limit"],
-                mip_gap=solver["mip_gap"], node_limit=solver.get("node_limit"))
+                mip_gap=solver["mip_gap"], node_limit=solver["node_limit"])
     choice = [problem.options[i] for i in sol.choice]
     n, s = map(int, SET_RE.search(pooled_path).groups())
     decision = {

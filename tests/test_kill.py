@@ -6,9 +6,8 @@ in its own process group; as soon as a `sensitivity_batch` job is running (its l
 output does not yet) the whole group (snakemake and the job) gets SIGKILL. Every artifact under a
 final output name must then load whole (they are written to a hidden temp name and renamed), the
 killed job's output must be absent, and (after `--unlock`, as the killed snakemake left its lock)
-a `--rerun-incomplete` run must produce artifacts equal,
-array by array and bit for bit, to those of the session's uninterrupted tiny run (conftest.tiny_run). Every wait
-has a timeout.
+a `--rerun-incomplete` run must produce artifacts equal, array by array and bit for bit, to those
+of the session's uninterrupted tiny run (conftest.tiny_run). Every wait has a timeout.
 
     python -m pytest -m slow tests/test_kill.py
 """

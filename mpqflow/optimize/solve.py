@@ -71,28 +71,33 @@ def _quadratic(problem: Problem) -> np.ndarray | None:
     return G
 
 
+def _min_eigenvalue(problem: Problem) -> tuple[float, float]:
+    """(λ_min(G), the rounding tolerance below 0 at which G still counts as PSD)."""
+    eig = np.linalg.eigvalsh(np.asarray(problem.G, float))
+    return float(eig[0]), 1e-9 * max(1e-12, float(np.abs(eig).max()))
+
+
 def _is_psd(problem: Problem) -> bool:
     """True if G is positive semidefinite up to rounding (a PSD-projected method's G)."""
-    eig = np.linalg.eigvalsh(np.asarray(problem.G, float))
-    return bool(eig[0] >= -1e-9 * max(1e-12, float(np.abs(eig).max())))
+    lam_min, tol = _min_eigenvalue(problem)
+    return lam_min >= -tol
 
 
-def _convex_form(problem: Problem) -> tuple[np.ndarray | None, np.ndarray, float]:
-    """(Q, c, λ) with xᵀQx + c·x = xᵀGx + linear·x on every binary x and Q ⪰ 0: Q = G + λI, c = linear − λ.
+def _convex_form(problem: Problem) -> tuple[np.ndarray | None, np.ndarray]:
+    """(Q, c) with xᵀQx + c·x = xᵀGx + linear·x on every binary x and Q ⪰ 0: Q = G + λI, c = linear − λ.
 
     G is taken whole: its within-layer entries vanish on one-hot x, but they are what makes a
     PSD-projected G positive semidefinite, so that method's problem is a convex MIQP as given
     (λ = 0). Zeroing them (as the linearization may) would leave an indefinite matrix. A raw,
-    indefinite G gets the smallest shift λ = −λ_min(G) (plus a hair, so that the back-end's own PSD
-    check passes). None for Q if the problem is linear.
+    indefinite G gets the smallest shift λ = −λ_min(G) (plus the tolerance, so that the back-end's
+    own PSD check passes). None for Q if the problem is linear.
     """
     c = np.zeros(problem.n) if problem.linear is None else problem.linear.astype(float).copy()
     if problem.G is None:
-        return None, c, 0.0
-    G = np.asarray(problem.G, float)
-    eig = np.linalg.eigvalsh(G)
-    lam = max(0.0, -float(eig[0])) + 1e-9 * max(1e-12, float(np.abs(eig).max()))
-    return G + lam * np.eye(problem.n), c - lam, lam
+        return None, c
+    lam_min, tol = _min_eigenvalue(problem)
+    lam = max(0.0, -lam_min) + tol
+    return np.asarray(problem.G, float) + lam * np.eye(problem.n), c - lam
 
 
 def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rounds: int = 1000) -> np.ndarray:
@@ -277,7 +282,7 @@ def _gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, nod
     if problem.G is not None and not _is_psd(problem):
         Q, lin = _quadratic(problem), problem.linear_terms()
     else:
-        Q, lin, _ = _convex_form(problem)
+        Q, lin = _convex_form(problem)
     try:
         env = gp.Env(params={"OutputFlag": 0})
         m = gp.Model(env=env)
@@ -309,7 +314,7 @@ def _scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_
     """The convex form (_convex_form) as t ≥ ‖Fᵀx‖², Q = F Fᵀ: SCIP's convex MINLP branch and bound."""
     from pyscipopt import Model, quicksum
 
-    Q, lin, _ = _convex_form(problem)
+    Q, lin = _convex_form(problem)
     m = Model()
     m.hideOutput()
     m.setParam("limits/time", float(time_limit))
@@ -365,7 +370,7 @@ def auto_backends(problem: Problem) -> list:
     indefinite G (clado_raw) -> HiGHS on the tight linearization (proven in 0.2-25 s where Gurobi's
         shifted or nonconvex forms ran out of time).
     """
-    if problem.G is None or problem.is_linear:
+    if problem.is_linear:  # no G, or no cross-layer entries
         return ["highs"]
     return ["gurobi", "scip"] if _is_psd(problem) else ["highs"]
 
