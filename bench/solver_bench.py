@@ -3,6 +3,7 @@
 Usage:
     .venv/bin/python bench/solver_bench.py                          # uses results/digits_resnet20/
     .venv/bin/python bench/solver_bench.py --results /tmp/run/results/digits_resnet20 --time-limit 60
+    .venv/bin/python bench/solver_bench.py --scaling --backends auto --time-limit 60
 
 Instances:
     1. the default model's CLADO cross-entropy matrix (sensitivity/clado/set_4x0.npz, else set_1x0),
@@ -11,12 +12,15 @@ Instances:
        (A{4,8}xW{2,4,8}), raw and PSD: torchvision ResNet-50's 54 Conv/Linear layers with their real
        weight counts and MACs; every G block (layer p, layer q) is a block of the real matrix
        (random real layer pair, diagonal blocks from real diagonal blocks), seeded.
+    3. with --scaling: the same construction on ResNet-50's first 12, 18, ..., 54 layers, to show how
+       the proof time of one back-end grows with the number of layers.
 Exact back-ends must agree where they prove optimality; a `disagree` line flags it otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -41,6 +45,13 @@ def real_problem(results: Path, method: str):
     return build_problem(table, G, linear), table, sets[0].name
 
 
+def real_raw_G(results: Path, table) -> np.ndarray:
+    """The default model's raw CLADO matrix (largest set) that the synthetic instances copy blocks from."""
+    batch = sorted((results / "sensitivity" / "clado").glob("set_*x0.npz"))[-1]
+    return build_problem(table, method_objective("clado_raw", load_batch_file(batch), table)[0], None).G
+
+
+@functools.lru_cache(maxsize=1)
 def resnet50_costs():
     """(numel, macs) of torchvision ResNet-50's 54 Conv/Linear layers at 224x224."""
     import torch
@@ -55,14 +66,17 @@ def resnet50_costs():
     return np.array([mods[n].weight.numel() for n in names], float), np.array([macs[n] for n in names], float)
 
 
-def synthetic_problem(real_G: np.ndarray, real_opts, K: int, raw: bool, seed: int = 0) -> Problem:
-    """54 layers x K options, G blocks copied from the real matrix, ResNet-50 costs."""
+def synthetic_problem(real_G: np.ndarray, real_opts, K: int, raw: bool, seed: int = 0,
+                      layers: int | None = None) -> Problem:
+    """ResNet-50's first `layers` layers (default all 54) x K options, G blocks copied from the real
+    matrix, ResNet-50 costs."""
     rng = np.random.default_rng(seed)
     k_real = len(real_opts)
     keep = [i for i, (w, a) in enumerate(real_opts) if K == k_real or a == 8][:K]
     opts = [real_opts[i] for i in keep]
     L_real = real_G.shape[0] // k_real
     numel, macs = resnet50_costs()
+    numel, macs = numel[:layers], macs[:layers]
     L = len(numel)
     block = lambda p, q: real_G[np.ix_([p * k_real + i for i in keep], [q * k_real + i for i in keep])]  # noqa: E731
     G = np.zeros((L * K, L * K))
@@ -96,13 +110,34 @@ def run(name: str, problem: Problem, budgets, backends, time_limit: float) -> No
             print(f"{name:28s} {budget:14s} disagree: {proven}")
 
 
+def scaling(raw_G: np.ndarray, real_opts, backend: str, time_limit: float, budget: str = "avg_bits-4") -> None:
+    """Proof time against problem size: the synthetic construction on ResNet-50's first L layers,
+    L growing until the back-end no longer proves the optimum within the time limit."""
+    for K in (3, 6):
+        for raw in (False, True):
+            for L in (12, 18, 24, 30, 36, 42, 48, 54):
+                problem = synthetic_problem(raw_G, real_opts, K, raw, layers=L)
+                sol = solve(problem, budget, backend=backend, time_limit=time_limit, mip_gap=1e-6)
+                name = f"scaling {L}x{K} {'raw' if raw else 'psd'}"
+                print(f"{name:28s} {budget:14s} {sol.backend:7s} {sol.seconds:8.2f} s  {sol.status:10s} "
+                      f"objective {sol.objective: .6g}  gap {sol.gap:.2e}", flush=True)
+                if sol.status != "optimal":
+                    break
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=Path("results/digits_resnet20"))
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--scaling", action="store_true",
+                    help="only the proof time of the first back-end against the number of layers (12..54)")
     args = ap.parse_args()
+    if args.scaling:
+        table = real_problem(args.results, "clado_raw")[1]
+        scaling(real_raw_G(args.results, table), list(table.options), args.backends[0], args.time_limit)
+        return
     for method in ("clado_raw", "clado"):
         problem, table, set_name = real_problem(args.results, method)
         run(f"{method} {set_name} {problem.L}x{len(table.options)}", problem,
@@ -110,8 +145,7 @@ def main() -> None:
             args.time_limit)
     if args.no_synthetic:
         return
-    raw_G = build_problem(table, method_objective("clado_raw", load_batch_file(
-        sorted((args.results / "sensitivity" / "clado").glob("set_*x0.npz"))[-1]), table)[0], None).G
+    raw_G = real_raw_G(args.results, table)
     for K in (3, 6):
         for raw in (False, True):
             t0 = time.perf_counter()

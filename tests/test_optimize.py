@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mpqflow.optimize import BACKENDS, Budget, InfeasibleBudget, Problem, parse_budgets, solve
+from mpqflow.optimize import BACKENDS, Budget, InfeasibleBudget, Problem, caps_of, parse_budgets, solve
 from mpqflow.optimize.solve import auto_backends
 
 solve_module = importlib.import_module("mpqflow.optimize.solve")  # the module; the package's `solve` is the function
@@ -159,6 +159,28 @@ def test_node_limit_per_backend():
     a = solve(problem, "avg_bits-4", backend="auto", node_limit={"highs": 3, "gurobi": 10**6})
     b = solve(problem, "avg_bits-4", backend="highs", node_limit=3)
     assert a.backend == "highs" and a.status == "node_limit" and np.array_equal(a.x, b.x)
+
+
+@pytest.mark.parametrize("kind", ["indefinite", "psd"])
+def test_incumbent_is_feasible_deterministic_and_no_worse_than_plain_descent(kind):
+    problem = make_problem(5, kind, L=12, K=3)
+    for budget in _mid_budgets(problem)[:-1]:
+        caps = caps_of(budget, problem)
+        x = solve_module._incumbent(problem, *caps)
+        assert problem.is_feasible(x, *caps), budget
+        assert np.array_equal(x, solve_module._incumbent(problem, *caps))
+        plain = solve_module.local_search(problem, problem.min_both(*caps), *caps)
+        assert problem.objective(x) <= problem.objective(plain) + 1e-12
+
+
+def test_repair_brings_the_all_8_bit_choice_within_both_caps():
+    problem = make_problem(2, "indefinite", L=10)
+    size_cap, bitops_cap = caps_of(["avg_bits-4", "bitops_rel-0.3"], problem)
+    top = np.array([ix[-1] for ix in problem.layers])  # (8, 8) everywhere: over both caps
+    assert not problem.is_feasible(problem.x_of(top), size_cap, bitops_cap)
+    fixed = solve_module._repair(problem, top, size_cap, bitops_cap)
+    assert problem.is_feasible(problem.x_of(fixed), size_cap, bitops_cap)
+    assert np.array_equal(solve_module._repair(problem, fixed, size_cap, bitops_cap), fixed)  # nothing to do
 
 
 def test_same_problem_same_decision():

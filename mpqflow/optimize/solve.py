@@ -5,8 +5,8 @@ Usage:
     sol = solve(problem, "avg_bits-3", backend="highs", time_limit=60, mip_gap=1e-4)
     sol.decision, sol.objective, sol.status ("optimal" | "node_limit" | "time_limit"), sol.gap, sol.to_dict()
 
-Every back-end starts from a feasible incumbent (cheapest choice, then local search with 1- and
-2-swaps and seeded kicks), so a solve stopped by its node or time limit still returns a feasible
+Every back-end starts from a feasible incumbent (local search with 1- and 2-swaps from the cheapest
+choice and from the diagonal model's optimum, then seeded kicks repaired into the caps), so a solve stopped by its node or time limit still returns a feasible
 decision, marked node_limit or time_limit with its gap. The node limit is the reproducible stop:
 the same problem stops at the same node on any machine; the time limit is the guard against hangs.
 """
@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -100,6 +100,41 @@ def _convex_form(problem: Problem) -> tuple[np.ndarray | None, np.ndarray]:
     return np.asarray(problem.G, float) + lam * np.eye(problem.n), c - lam
 
 
+def _single_moves(problem: Problem, G: np.ndarray | None, lin: np.ndarray, choice: np.ndarray) -> np.ndarray:
+    """(n,) d1[b]: the objective change when b's layer switches from its current option to b (0 for
+    the current ones); G with zero within-layer blocks (_quadratic), lin = problem.linear_terms()."""
+    n, cur = problem.n, choice[problem.layer_of]             # cur: (n,) the current option of b's layer
+    # Interaction of every option with the current choice: inter[b] = Σ_l G[b, choice_l].
+    inter = np.zeros(n) if G is None else G[:, choice].sum(1)
+    Gcur = np.zeros(n) if G is None else G[np.arange(n), cur]   # G[b, a_l(b)] (0: within-layer)
+    return lin - lin[cur] + 2 * (inter - Gcur) - 2 * inter[cur]
+
+
+def _repair(problem: Problem, choice: np.ndarray, size_cap, bitops_cap) -> np.ndarray | None:
+    """A choice within the caps reached from `choice` by single-layer changes, each the one that
+    costs the least objective per unit of excess it removes (greedy); None if it gets stuck."""
+    G, lin, lo = _quadratic(problem), problem.linear_terms(), problem.layer_of
+    caps = [(cost, fixed, cap) for cost, fixed, cap in ((problem.size_bits, problem.fixed_size_bits, size_cap),
+                                                        (problem.bitops, problem.fixed_bitops, bitops_cap))
+            if cap is not None]
+    choice = choice.copy()
+    for _ in range(problem.n):
+        cur = choice[lo]
+        totals = [fixed + cost[choice].sum() for cost, fixed, _ in caps]
+        over = sum(max(0.0, t - cap) / cap for t, (_, _, cap) in zip(totals, caps))  # relative overshoot
+        if over <= 1e-9:
+            return choice
+        after = sum(np.maximum(0.0, t + cost - cost[cur] - cap) / cap for t, (cost, _, cap) in zip(totals, caps))
+        removed = over - after                                 # (n,) overshoot each single move removes
+        d1 = _single_moves(problem, G, lin, choice)
+        score = np.where(removed > 1e-12, d1 / np.maximum(removed, 1e-12), np.inf)  # objective per overshoot
+        b = int(np.argmin(score))
+        if not np.isfinite(score[b]):
+            return None
+        choice[lo[b]] = b
+    return None
+
+
 def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rounds: int = 1000) -> np.ndarray:
     """Best-improvement descent within the caps: 1-swaps (one layer changes its option), then 2-swaps
     (two layers change together, which crosses the cap where no single move can); deterministic."""
@@ -112,11 +147,7 @@ def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rou
     cross = lo[:, None] != lo[None, :]
     for _ in range(max_rounds):
         cur = choice[lo]                                      # (n,) the current option of each option's layer
-        # Interaction of every option with the current choice: inter[b] = Σ_l G[b, choice_l].
-        inter = np.zeros(n) if G is None else G[:, choice].sum(1)
-        Gcur = np.zeros(n) if G is None else G[np.arange(n), cur]   # G[b, a_l(b)] (0: within-layer)
-        # One layer l switching a -> b changes the objective by d1[b] (0 for b = a).
-        d1 = lin - lin[cur] + 2 * (inter - Gcur) - 2 * inter[cur]
+        d1 = _single_moves(problem, G, lin, choice)
         ds, do = problem.size_bits - problem.size_bits[cur], problem.bitops - problem.bitops[cur]
         ok1 = (size + ds <= size_cap) & (ops + do <= bitops_cap) & (np.arange(n) != cur)
         d = np.where(ok1, d1, np.inf)
@@ -145,24 +176,38 @@ def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rou
     return problem.x_of(choice)
 
 
-def _incumbent(problem: Problem, size_cap, bitops_cap, kicks: int = 60, seed: int = 0) -> np.ndarray | None:
-    """A good feasible decision: local search from the cheapest choice, then iterated local search
-    (a seeded random change of a few layers, descent, keep if better), deterministic; None if no start."""
+def _incumbent(problem: Problem, size_cap, bitops_cap, kicks: int | None = None, seed: int = 0) -> np.ndarray | None:
+    """A good feasible decision, deterministic; None if no start is found.
+
+    Local search from two starts, the cheapest choice and the optimum of the diagonal model
+    (cross-layer terms dropped, exact multiple-choice knapsack), then iterated local search:
+    `kicks` times (default 10 per layer) a seeded random change of three layers, repaired into
+    the caps, descended, kept if better. Measured against the former 60 kicks from the cheapest
+    start without repair (a kick that left the caps was wasted): on the default model's ten CLADO
+    problems (bench/solver_bench.py) this reaches all ten proven optima, the former seven; on its
+    eight synthetic 54-layer problems at 4 and 5 bits the former ended 0.5-82 % worse on six and
+    better on none.
+    """
     x0 = problem.min_both(size_cap, bitops_cap)
     if x0 is None:  # both caps set and no cheapest-by-one-cost choice meets the other: let the MIP find one
         return None
     best = local_search(problem, x0, size_cap, bitops_cap)
     if problem.is_linear:
         return best
+    diagonal = replace(problem, G=None, linear=problem.linear_terms())
+    x, _, _ = _highs(diagonal, size_cap, bitops_cap, 10.0, 1e-9, x0, node_limit=10_000)  # milliseconds
+    if x is not None and problem.is_feasible(x, size_cap, bitops_cap):
+        x = local_search(problem, x, size_cap, bitops_cap)
+        best = x if problem.objective(x) < problem.objective(best) else best
     best_obj, rng = problem.objective(best), np.random.default_rng(seed)
-    for _ in range(kicks):
+    for _ in range(10 * problem.L if kicks is None else kicks):
         choice = problem.choice_of(best)
         for l in rng.choice(problem.L, size=min(problem.L, 3), replace=False):
             choice[l] = rng.choice(problem.layers[l])
-        x = problem.x_of(choice)
-        if not problem.is_feasible(x, size_cap, bitops_cap):
+        choice = _repair(problem, choice, size_cap, bitops_cap)
+        if choice is None:
             continue
-        x = local_search(problem, x, size_cap, bitops_cap)
+        x = local_search(problem, problem.x_of(choice), size_cap, bitops_cap)
         obj = problem.objective(x)
         if obj < best_obj - 1e-12 * max(1.0, abs(best_obj)):
             best, best_obj = x, obj
