@@ -8,8 +8,8 @@ Usage:
 Every back-end starts from a feasible incumbent (local search with 1- and 2-swaps from the cheapest
 choice and from the diagonal model's optimum, then seeded kicks repaired into the caps), so a solve
 stopped by its node or time limit still returns a feasible decision, marked node_limit or
-time_limit with its gap. The node limit is the reproducible stop:
-the same problem stops at the same node on any machine; the time limit is the guard against hangs.
+time_limit with its gap. The node limit is the reproducible stop: the same problem stops at the
+same node on any machine; the time limit is the guard against hangs.
 """
 
 from __future__ import annotations
