@@ -94,21 +94,26 @@ def test_every_backend_finds_the_brute_force_optimum(kind, backend):
 
 
 def test_auto_picks_the_backend_by_structure_and_falls_back(monkeypatch):
-    """auto: HiGHS for linear and indefinite objectives, Gurobi for a PSD G, SCIP where Gurobi
-    refuses (its pip licence is size-limited); the Solution names the back-end that solved it."""
+    """auto: HiGHS for linear objectives, Gurobi for a G with cross-layer terms (PSD as given,
+    indefinite in its QCR form), SCIP (PSD) or HiGHS (indefinite) where Gurobi refuses (its pip
+    licence is size-limited); the Solution names the back-end that solved it."""
     psd, indefinite, linear = (make_problem(0, kind) for kind in ("psd", "indefinite", "linear"))
     assert auto_backends(psd) == ["gurobi", "scip"]
-    assert auto_backends(indefinite) == auto_backends(linear) == ["highs"]
-    assert solve(indefinite, "avg_bits-4", backend="auto").backend == "highs"
+    assert auto_backends(indefinite) == ["gurobi", "highs"]
+    assert auto_backends(linear) == ["highs"]
+    assert solve(linear, "avg_bits-4", backend="auto").backend == "highs"
+    if "gurobi" in AVAILABLE:
+        assert solve(indefinite, "avg_bits-4", backend="auto").backend == "gurobi"
 
     def refuse(problem, *args):
         raise RuntimeError(f"gurobi cannot solve this problem ({problem.n} binaries): Model too large")
 
     monkeypatch.setitem(solve_module._BACKENDS, "gurobi", refuse)
-    budget = _mid_budgets(psd)[0]
-    sol = solve(psd, budget, backend="auto", mip_gap=1e-9)
-    assert sol.backend == "scip" and sol.status == "optimal"
-    assert sol.objective == pytest.approx(brute_force(psd, budget)[0], rel=1e-7, abs=1e-9)
+    for problem, fallback in ((psd, "scip"), (indefinite, "highs")):
+        budget = _mid_budgets(problem)[0]
+        sol = solve(problem, budget, backend="auto", mip_gap=1e-9)
+        assert sol.backend == fallback and sol.status == "optimal"
+        assert sol.objective == pytest.approx(brute_force(problem, budget)[0], rel=1e-7, abs=1e-9)
 
 
 def test_falling_sensitivities_without_budget_choose_highest_precision():
@@ -153,8 +158,13 @@ def test_node_limit_is_a_reproducible_stop(backend):
     assert a.to_dict()["status"] == "node_limit"
 
 
-def test_node_limit_per_backend():
-    """A {back-end: nodes} mapping applies the back-end's own limit (auto resolves to HiGHS here)."""
+def test_node_limit_per_backend(monkeypatch):
+    """A {back-end: nodes} mapping applies the back-end's own limit (auto resolves to HiGHS here,
+    Gurobi refusing)."""
+    def refuse(problem, *args):
+        raise RuntimeError("gurobi cannot solve this problem: Model too large")
+
+    monkeypatch.setitem(solve_module._BACKENDS, "gurobi", refuse)
     problem = make_problem(3, "indefinite", L=20, K=3)
     a = solve(problem, "avg_bits-4", backend="auto", node_limit={"highs": 3, "gurobi": 10**6})
     b = solve(problem, "avg_bits-4", backend="highs", node_limit=3)

@@ -24,6 +24,7 @@ import numpy as np
 
 from .budgets import caps_of
 from .problem import Problem
+from .qcr import qcr_form
 
 __all__ = ["BACKENDS", "Solution", "solve", "local_search", "auto_backends"]
 log = logging.getLogger("mpqflow")
@@ -318,14 +319,42 @@ def _highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node
 
 
 # ---- Gurobi: the binary QP natively ---------------------------------------------------------------
-def _gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
-    """A PSD G in its convex form (_convex_form): Gurobi's convex MIQP branch and bound, which proves
-    the default model's PSD CLADO optimum in about a second. An indefinite G goes in as the native
-    nonconvex binary QP (within-layer blocks dropped): measured, the diagonal shift's relaxation is
-    too weak there (a gap near 1 after 30 s)."""
+def _gurobi_refuses(n: int) -> str | None:
+    """Gurobi's error for a binary QP with n variables (its pip licence's size limit), else None;
+    milliseconds, on an almost empty model."""
     import gurobipy as gp
 
-    if problem.G is not None and not _is_psd(problem):
+    try:
+        m = gp.Model(env=gp.Env(params={"OutputFlag": 0}))
+        x = m.addMVar(n, vtype=gp.GRB.BINARY)
+        m.setObjective(x[0] * x[-1])
+        m.Params.TimeLimit = 0.0
+        m.optimize()
+    except gp.GurobiError as err:
+        return str(err)
+    return None
+
+
+def _gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
+    """Gurobi's convex MIQP branch and bound. An indefinite G (clado_raw) goes in as its QCR form
+    (qcr.py): exact on every decision, PSD, and as strong at the root as the SDP bound; measured
+    (bench/solver_bench.py), it proves the default model's raw problems in 1.5-2.3 s (HiGHS 6-13 s)
+    and the synthetic 54 x 3 raw ones in 14-32 s (HiGHS and Gurobi's own nonconvex MIQP: not in
+    60 s). A PSD G goes in as it is (_convex_form): there the SDP costs more than it saves
+    (54 x 3 PSD: 6.0-9.4 s with QCR, 0.6-8.7 s without). Should SCS fail, an indefinite G falls
+    back to Gurobi's native nonconvex binary QP (the diagonal shift's relaxation is too weak: a gap
+    near 1 after 30 s)."""
+    import gurobipy as gp
+
+    refusal = _gurobi_refuses(problem.n)
+    if refusal:  # before the QCR's SDP spends seconds on a model the licence will refuse
+        raise RuntimeError(f"gurobi cannot solve this problem ({problem.n} binaries): {refusal}; "
+                           "the pip licence is size-limited, use solver.backend: auto, highs or scip")
+    indefinite = not problem.is_linear and not _is_psd(problem)
+    form = qcr_form(problem, size_cap, bitops_cap) if indefinite else None
+    if form is not None:
+        Q, lin = form
+    elif indefinite:
         Q, lin = _quadratic(problem), problem.linear_terms()
     else:
         Q, lin = _convex_form(problem)
@@ -357,10 +386,14 @@ def _gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, nod
 
 # ---- SCIP: a convex MIQP through the diagonal shift ------------------------------------------------
 def _scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
-    """The convex form (_convex_form) as t ≥ ‖Fᵀx‖², Q = F Fᵀ: SCIP's convex MINLP branch and bound."""
+    """A convex form as t ≥ ‖Fᵀx‖², Q = F Fᵀ: SCIP's convex MINLP branch and bound. A PSD G as it is
+    (_convex_form), an indefinite one in its QCR form (qcr.py): measured on the default model's raw
+    problem at 2.5-4 bits, 60 s left gaps of 0.19-0.21 (one proven in 44 s) where the diagonal
+    shift left gaps above 10."""
     from pyscipopt import Model, quicksum
 
-    Q, lin = _convex_form(problem)
+    form = None if problem.is_linear or _is_psd(problem) else qcr_form(problem, size_cap, bitops_cap)
+    Q, lin = form if form is not None else _convex_form(problem)
     m = Model()
     m.hideOutput()
     m.setParam("limits/time", float(time_limit))
@@ -408,17 +441,18 @@ _BACKENDS = {"highs": _highs, "gurobi": _gurobi, "scip": _scip}
 
 def auto_backends(problem: Problem) -> list:
     """The back-ends `auto` tries, in order, for this problem's structure (measured on the default
-    model's 20-layer × 6-option CLADO problems, bench/solver_bench.py):
+    model's 20-layer × 6-option CLADO problems and the synthetic 54-layer ones, bench/solver_bench.py):
     linear (diagonal methods) -> HiGHS (a multiple-choice knapsack MILP, milliseconds);
-    PSD G (clado, clado_kl) -> Gurobi's convex MIQP (proven in 0.1-1.2 s), SCIP's convex MINLP where
+    PSD G (clado, clado_kl) -> Gurobi's convex MIQP (proven in 0.2-1.4 s), SCIP's convex MINLP where
         Gurobi is missing or its pip licence refuses the size (7-30 s; HiGHS's linearization did not
         close the gap in 30 s);
-    indefinite G (clado_raw) -> HiGHS on the tight linearization (proven in 0.2-25 s where Gurobi's
-        shifted or nonconvex forms ran out of time).
+    indefinite G (clado_raw) -> Gurobi on the QCR form (proven in 1.5-2.3 s), HiGHS on the tight
+        linearization where Gurobi is missing or refuses the size (6-13 s; SCIP's diagonal shift
+        ran out of time).
     """
     if problem.is_linear:  # no G, or no cross-layer entries
         return ["highs"]
-    return ["gurobi", "scip"] if _is_psd(problem) else ["highs"]
+    return ["gurobi", "scip"] if _is_psd(problem) else ["gurobi", "highs"]
 
 
 def solve(problem: Problem, budget=None, backend: str = "highs", time_limit: float = 60.0,
