@@ -28,8 +28,22 @@ import scipy.sparse as sp
 
 from .problem import Problem
 
-__all__ = ["qcr_form"]
+__all__ = ["qcr_form", "min_eigenvalue", "shift_to_psd"]
 log = logging.getLogger("mpqflow")
+
+
+def min_eigenvalue(M: np.ndarray) -> tuple[float, float]:
+    """(λ_min(M), the rounding tolerance below 0 at which M still counts as PSD)."""
+    eig = np.linalg.eigvalsh(np.asarray(M, float))
+    return float(eig[0]), 1e-9 * max(1e-12, float(np.abs(eig).max()))
+
+
+def shift_to_psd(Q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Q + λI, c − λ), λ = max(0, −λ_min(Q)) plus the tolerance (so that a back-end's own PSD check
+    passes): the same objective on every binary x, since x_a² = x_a, and PSD."""
+    lam_min, tol = min_eigenvalue(Q)
+    lam = max(0.0, -lam_min) + tol
+    return np.asarray(Q, float) + lam * np.eye(len(c)), c - lam
 
 
 def _perturbation_maps(problem: Problem):
@@ -101,8 +115,7 @@ def qcr_form(problem: Problem, size_cap: float | None, bitops_cap: float | None,
     Q = (Q + Q.T) / 2
     cq = c + v.value[diag_k] + Av.sum(1)
     # Exactly PSD whatever SCS's accuracy: x_a² = x_a moves any remaining shift into the linear term.
-    eig = np.linalg.eigvalsh(Q)
-    lam = max(0.0, -float(eig[0])) + 1e-9 * max(1e-12, float(np.abs(eig).max()))
+    Q_psd, c_psd = shift_to_psd(Q, cq)
     log.info("QCR: SDP bound %.6g (%s) in %.1f s, residual shift %.2e", sdp.value, sdp.status,
-             time.perf_counter() - t0, lam)
-    return Q + lam * np.eye(n), cq - lam
+             time.perf_counter() - t0, cq[0] - c_psd[0])
+    return Q_psd, c_psd
