@@ -20,5 +20,9 @@ rule all:
         all_targets(),
 
 
+onstart:
+    check_local_device()
+
+
 onsuccess:
     report_where()

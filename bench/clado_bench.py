@@ -75,7 +75,7 @@ def with_options(ctx, options):
 
 def run(ctx, x, y, engine: str):
     t0 = time.perf_counter()
-    payload = compute_batch("clado", ctx, x, y, {"engine": engine, "progress": False})
+    payload = compute_batch("clado", ctx, x, y, {"clado_engine": engine, "progress": False})
     return time.perf_counter() - t0, payload
 
 

@@ -1,131 +1,285 @@
-"""Load and validate the workflow config against schemas/config.schema.yaml, filling in defaults.
+"""Typed config: the validated dict as frozen dataclasses, one per section.
 
 Usage:
-    cfg = validate_config(yaml.safe_load(open("config.yaml")))   # raises ConfigError naming the key
-    options = option_table(cfg)                                   # [(w_bits, a_bits), ...]
+    cfg = Config.from_dict(load_config("config.yaml"))    # the whole validated config
+    cfg.quant.options                                     # [(8, 8), (8, 4), ...]
+    cfg.models["digits_resnet20"].dataset.name            # "digits"
+    quant = QuantConfig.from_dict(snakemake.params.quant) # what a workflow script builds from its params
+
+The schema (schemas/config.schema.yaml, through :mod:`mpqflow.validation`) is the only place
+defaults live: these classes have none, and ``from_dict`` refuses a missing or unknown key, so a
+section can only be built from a validated dict. Library functions take the section they need.
+No torch here: the Snakefile and the torch-free stages import this module.
 """
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass
 
-import jsonschema
-import yaml
+from .names import option_table
+from .validation import ConfigError, load_config, validate_config
 
-__all__ = ["SCHEMA_PATH", "ConfigError", "validate_config", "load_config", "option_table", "option_name"]
-
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """The config does not satisfy the schema; the message names the key and what was expected."""
-
-
-def _with_defaults(validator_class):
-    """A validator class that fills `default` values into objects as it validates (then re-validates)."""
-    validate_props = validator_class.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for key, sub in properties.items():
-                if "default" in sub and key not in instance:
-                    instance[key] = copy.deepcopy(sub["default"])
-        yield from validate_props(validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+__all__ = [
+    "ConfigError",
+    "validate_config",
+    "load_config",
+    "Runtime",
+    "DatasetConfig",
+    "TrainSettings",
+    "ModelConfig",
+    "QuantConfig",
+    "SamplePlanConfig",
+    "SensitivityConfig",
+    "SolverConfig",
+    "StudyConfig",
+    "PlotsConfig",
+    "EvaluationConfig",
+    "PtqConfig",
+    "Config",
+]
 
 
-def _key(path) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "<top level>"
+def _tuples(value):
+    """Lists become tuples (recursively), so a frozen section is immutable all the way down."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
 
 
-def _message(err: jsonschema.ValidationError) -> str:
-    key = _key(err.absolute_path)
-    if err.validator == "additionalProperties":
-        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-        allowed = sorted(err.schema.get("properties", {}))
-        where = "" if key == "<top level>" else f" under {key!r}"
-        return f"unknown config key(s) {extra}{where}; allowed: {allowed}"
-    if err.validator in ("oneOf", "anyOf") and err.schema.get("description"):
-        # "is not valid under any of the given schemas" says nothing: name what the key expects.
-        return f"config key {key!r}: {err.instance!r} is not valid; expected {err.schema['description']}"
-    return f"config key {key!r}: {err.message}"
+class _Section:
+    """from_dict/to_dict for a frozen dataclass whose fields are plain values or nested sections."""
 
+    _nested: dict = {}
 
-def _schema() -> dict:
-    with open(SCHEMA_PATH) as f:
-        return yaml.safe_load(f)
-
-
-def validate_config(config: dict) -> dict:
-    """Validate `config` and check paths; raise ConfigError on the first problem.
-
-    Returns a copy with the defaults filled in and every mapping's keys sorted: rule params derived
-    from it (and so Snakemake's params rerun trigger) do not depend on the key order of the YAML.
-    """
-    cfg = copy.deepcopy(dict(config))
-    validator = _with_defaults(jsonschema.Draft202012Validator)(_schema())
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
-    if errors:
-        raise ConfigError(_message(errors[0]))
-    # Fill in defaults of nested objects whose default was set above, then validate the result.
-    errors = list(validator.iter_errors(cfg))
-    if errors:
-        raise ConfigError(_message(errors[0]))
-    _check_paths(cfg)
-    return _sorted_keys(cfg)
-
-
-def _sorted_keys(obj):
-    """`obj` with the keys of every nested mapping in sorted order (lists keep their order)."""
-    if isinstance(obj, dict):
-        return {k: _sorted_keys(obj[k]) for k in sorted(obj)}
-    if isinstance(obj, list):
-        return [_sorted_keys(v) for v in obj]
-    return obj
-
-
-def _check_paths(cfg: dict) -> None:
-    for name, m in cfg["models"].items():
-        ds = m["dataset"]
-        if ds["name"] != "digits":
-            if not ds.get("root"):
-                raise ConfigError(f"config key 'models.{name}.dataset.root': dataset {ds['name']!r} needs a local path")
-            if not Path(ds["root"]).is_dir():
-                raise ConfigError(
-                    f"config key 'models.{name}.dataset.root': {ds['root']!r} is not an existing directory"
-                )
-        if m.get("weights") is not None and not Path(m["weights"]).is_file():
-            raise ConfigError(f"config key 'models.{name}.weights': {m['weights']!r} is not an existing file")
-        if m["arch"].startswith("torchvision:") and m.get("weights") is None and ds["name"] == "imagenet":
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Build from a validated mapping: every field present, no unknown key (else ConfigError)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+        missing, unknown = sorted(set(names) - set(d)), sorted(set(d) - set(names))
+        if missing or unknown:
             raise ConfigError(
-                f"config key 'models.{name}.weights': a torchvision model on ImageNet needs a local weights file"
+                f"{cls.__name__}: missing key(s) {missing}, unknown key(s) {unknown} "
+                "(build sections from a validated config)"
             )
+        kwargs = {}
+        for n in names:
+            sub = cls._nested.get(n)
+            kwargs[n] = sub.from_dict(d[n]) if sub is not None else _tuples(d[n])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists for tuples): JSON-ready, and equal to the validated input."""
+        return _plain(dataclasses.asdict(self))
 
 
-def load_config(path: str | Path) -> dict:
-    """Read a YAML config file and validate it; errors name the file."""
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    try:
-        return validate_config(raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
-def option_table(cfg: dict) -> list[tuple[int, int]]:
-    """All (w_bits, a_bits) options, highest precision first."""
-    q = cfg["quant"]
-    return [(w, a) for w in sorted(q["w_bits"], reverse=True) for a in sorted(q["a_bits"], reverse=True)]
+@dataclass(frozen=True)
+class Runtime(_Section):
+    """Execution settings: where and how a job runs. Not rule params, so changing them reruns nothing.
+
+    Args:
+        device: auto | cpu | cuda.
+        threads: torch intra-op threads of the job (its rule's `threads:`).
+    """
+
+    device: str
+    threads: int
 
 
-def option_name(option: tuple[int, int]) -> str:
-    """'w4a8' for (4, 8)."""
-    return f"w{option[0]}a{option[1]}"
+@dataclass(frozen=True)
+class DatasetConfig(_Section):
+    """models.<m>.dataset: which data and how it is read."""
+
+    name: str
+    root: str | None
+    test_fraction: float
+    image_size: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class TrainSettings(_Section):
+    """models.<m>.train: SGD with Nesterov momentum, one-cycle learning rate, random shifts."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    augment_shift: int
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """models.<m>: architecture, local weights (None = train) and data."""
+
+    arch: str
+    weights: str | None
+    dataset: DatasetConfig
+    train: TrainSettings
+    _nested = {"dataset": DatasetConfig, "train": TrainSettings}
+
+
+@dataclass(frozen=True)
+class QuantConfig(_Section):
+    """quant: the quantizer schemes (plain dicts for :meth:`mpqflow.quant.QuantScheme.from_dict`),
+    the searched bit-widths and the calibration samples."""
+
+    weight: dict
+    activation: dict
+    w_bits: tuple[int, ...]
+    a_bits: tuple[int, ...]
+    fixed_bits: int
+    fix_first_last: bool
+    calibration_samples: int
+    calibration_batch_size: int
+
+    @property
+    def options(self) -> list[tuple[int, int]]:
+        """The option table w_bits x a_bits, highest precision first."""
+        return option_table(self.w_bits, self.a_bits)
+
+
+@dataclass(frozen=True)
+class SamplePlanConfig(_Section):
+    """How the training split is used: calibration samples first, then the sensitivity batch pool.
+
+    Built from quant.calibration_samples, sensitivity.batch_size / pool_batches and seed: the
+    only settings that decide which samples a batch or a sensitivity set holds.
+    """
+
+    calibration_samples: int
+    batch_size: int
+    pool_batches: int
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: dict) -> SamplePlanConfig:
+        """From a validated config dict (or a rule's params holding seed, quant and sensitivity)."""
+        s = cfg["sensitivity"]
+        return cls(cfg["quant"]["calibration_samples"], s["batch_size"], s["pool_batches"], cfg["seed"])
+
+
+@dataclass(frozen=True)
+class SensitivityConfig(_Section):
+    """sensitivity: the batch pool and each estimator's settings (`<estimator>_<key>`)."""
+
+    batch_size: int
+    pool_batches: int
+    clado_engine: str
+    clado_stack: bool
+    hawq_max_probes: int
+    hawq_tol: float
+    hawq_seed: int
+
+    def of_estimator(self, estimator: str) -> dict:
+        """The batch size and the settings of one estimator: what its per-batch job depends on."""
+        own = {k: v for k, v in self.to_dict().items() if k.startswith(f"{estimator}_")}
+        return {"batch_size": self.batch_size, **own}
+
+
+@dataclass(frozen=True)
+class SolverConfig(_Section):
+    """solver: back-end, limits and gap of every solve."""
+
+    backend: str
+    time_limit: float
+    mip_gap: float
+    node_limit: object  # None, an int, or {backend: int | None}
+
+    def node_limit_for(self, backend: str):
+        """The node limit of one back-end (None = none)."""
+        if isinstance(self.node_limit, dict):
+            return self.node_limit.get(backend)
+        return self.node_limit
+
+
+@dataclass(frozen=True)
+class StudyConfig(_Section):
+    """study: sensitivity-set sizes and how many sets of each size."""
+
+    set_sizes: tuple[int, ...]
+    sets_per_size: int
+
+
+@dataclass(frozen=True)
+class PlotsConfig(_Section):
+    """plots: resolution and panel size."""
+
+    dpi: int
+    panel_width: float
+
+
+@dataclass(frozen=True)
+class EvaluationConfig(_Section):
+    """evaluation: batch size on the held-out split."""
+
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class PtqConfig(_Section):
+    """ptq: the PTQ study's variants and uniform options."""
+
+    variants: tuple[str, ...]
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated config, one typed section per key."""
+
+    seed: int
+    device: str
+    threads: int
+    models: dict  # name -> ModelConfig
+    quant: QuantConfig
+    sensitivity: SensitivityConfig
+    methods: tuple[str, ...]
+    budgets: tuple[str, ...]
+    study: StudyConfig
+    solver: SolverConfig
+    ptq: PtqConfig
+    plots: PlotsConfig
+    evaluation: EvaluationConfig
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> Config:
+        """From a dict that :func:`validate_config` returned."""
+        return cls(
+            seed=cfg["seed"],
+            device=cfg["device"],
+            threads=cfg["threads"],
+            models={name: ModelConfig.from_dict(m) for name, m in cfg["models"].items()},
+            quant=QuantConfig.from_dict(cfg["quant"]),
+            sensitivity=SensitivityConfig.from_dict(cfg["sensitivity"]),
+            methods=tuple(cfg["methods"]),
+            budgets=tuple(cfg["budgets"]),
+            study=StudyConfig.from_dict(cfg["study"]),
+            solver=SolverConfig.from_dict(cfg["solver"]),
+            ptq=PtqConfig.from_dict(cfg["ptq"]),
+            plots=PlotsConfig.from_dict(cfg["plots"]),
+            evaluation=EvaluationConfig.from_dict(cfg["evaluation"]),
+        )
+
+    @property
+    def runtime(self) -> Runtime:
+        """The execution settings (device, threads) of a job of this config."""
+        return Runtime(self.device, self.threads)
+
+    @property
+    def sample_plan(self) -> SamplePlanConfig:
+        """The sample plan's settings."""
+        return SamplePlanConfig(
+            self.quant.calibration_samples, self.sensitivity.batch_size, self.sensitivity.pool_batches, self.seed
+        )

@@ -6,6 +6,8 @@ Usage:
     plan = SamplePlan(len(train), calibration_samples=256, pool_batches=8, batch_size=64, seed=0)
     x, y = stack(train, plan.pool_batch(3))          # sensitivity batch 3
     batches = sensitivity_set(n=4, set_id=1, pool_batches=8, seed=0)   # batch ids of set_4x1
+    idx = pool_batch_indices(len(train), plan_cfg, 3)                    # the same, from the config
+    idx = set_indices(len(train), plan_cfg, n=4, set_id=1)              # every sample of set_4x1
 
 `digits` is scikit-learn's bundled 8x8 handwritten digits (no download). CIFAR-10/100 are read by
 torchvision from a local root (download=False); ImageNet-style data from `root/{train,val}/<class>/*`.
@@ -27,7 +29,17 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
 
-__all__ = ["DATASETS", "DataSpec", "load_split", "SamplePlan", "sensitivity_set", "stack", "iterate"]
+__all__ = [
+    "DATASETS",
+    "DataSpec",
+    "load_split",
+    "SamplePlan",
+    "sensitivity_set",
+    "pool_batch_indices",
+    "set_indices",
+    "stack",
+    "iterate",
+]
 
 DATASETS = {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100), "imagenet": (3, 1000)}
 
@@ -170,6 +182,31 @@ def sensitivity_set(n: int, set_id: int, pool_batches: int, seed: int = 0) -> li
         raise ValueError(f"set size {n} must be within 1..pool_batches={pool_batches}")
     perm = np.random.default_rng(seed + 7919).permutation(pool_batches)
     return sorted(int(perm[(set_id * n + k) % pool_batches]) for k in range(n))
+
+
+def pool_batch_indices(n_train: int, plan, batch: int) -> np.ndarray:
+    """Training-split indices of pool batch `batch` under `plan` (a config.SamplePlanConfig).
+
+    Batch b depends on the seed, the calibration samples and the batch size, not on the pool's size,
+    so growing the pool keeps every finished batch valid.
+    """
+    if not 0 <= batch < plan.pool_batches:
+        raise ValueError(f"batch index {batch} outside the pool 0..{plan.pool_batches - 1} (sensitivity.pool_batches)")
+    need = plan.calibration_samples + (batch + 1) * plan.batch_size
+    if need > n_train:
+        raise ValueError(
+            f"pool batch {batch} needs training samples up to {need} = quant.calibration_samples "
+            f"({plan.calibration_samples}) + {batch + 1} x sensitivity.batch_size ({plan.batch_size}), but the "
+            f"training split has {n_train}; the configured pool of {plan.pool_batches} batches needs "
+            f"{plan.calibration_samples + plan.pool_batches * plan.batch_size}"
+        )
+    return SamplePlan(n_train, plan.calibration_samples, batch + 1, plan.batch_size, plan.seed).pool_batch(batch)
+
+
+def set_indices(n_train: int, plan, n: int, set_id: int) -> np.ndarray:
+    """Training-split indices of every sample in sensitivity set `set_{n}x{set_id}` (batch order)."""
+    batches = sensitivity_set(n, set_id, plan.pool_batches, plan.seed)
+    return np.concatenate([pool_batch_indices(n_train, plan, b) for b in batches])
 
 
 def stack(dataset: Dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "save_json", "load_json", "save_torch", "save_npz", "load_npz", "setup_logging"]
+__all__ = ["atomic_path", "save_json", "load_json", "save_torch", "save_npz", "load_npz", "setup_logging", "file_sha256", "save_csv"]
 
 
 @contextlib.contextmanager
@@ -55,6 +56,12 @@ def save_json(path: str | Path, data) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def save_csv(path: str | Path, df, float_format: str | None = "%.6g") -> None:
+    """A pandas DataFrame as CSV (no index; floats to 6 significant digits unless float_format=None), atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format=float_format)
 
 
 def load_json(path: str | Path):
@@ -108,3 +115,12 @@ def setup_logging(log_file: str | Path | None) -> logging.Logger:
         # Proof (and a pointer for `sacct`) that this job ran under the scheduler.
         logger.info("SLURM_JOB_ID=%s", os.environ["SLURM_JOB_ID"])
     return logger
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (identifies a checkpoint in every artifact)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

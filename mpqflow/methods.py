@@ -21,8 +21,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .artifacts import means
 
-__all__ = ["Method", "METHODS", "method_estimator", "method_objective", "estimated_loss_increase", "psd_project"]
+__all__ = [
+    "Method",
+    "METHODS",
+    "method_estimator",
+    "method_objective",
+    "estimated_loss_increase",
+    "psd_project",
+    "clado_matrix",
+    "hawq_omega",
+]
 
 
 @dataclass(frozen=True)
@@ -71,15 +81,55 @@ def method_estimator(method: str) -> str | None:
 
 
 def psd_project(G) -> np.ndarray:
-    """Nearest PSD matrix (Frobenius): eigenvalues of the symmetrized G clipped at 0."""
-    try:
-        from .optimize.objectives import psd_project as _psd
-    except ImportError:
-        G = np.asarray(G, dtype=np.float64)
-        lam, V = np.linalg.eigh((G + G.T) / 2)  # (n,), (n, n)
-        P = (V * np.clip(lam, 0.0, None)) @ V.T
-        return (P + P.T) / 2
-    return _psd(G)
+    """Nearest PSD matrix in Frobenius norm: V max(Λ, 0) Vᵀ of the symmetrized G (symmetrized)."""
+    G = np.asarray(G, dtype=np.float64)
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"G must be square, got shape {G.shape}")
+    lam, V = np.linalg.eigh((G + G.T) / 2)  # (n,), (n, n)
+    P = (V * np.clip(lam, 0.0, None)) @ V.T
+    return (P + P.T) / 2
+
+
+def clado_matrix(pooled: dict, kind: str = "ce", layer_of: np.ndarray | None = None) -> np.ndarray:
+    """CLADO's G (n, n) from a per-batch or pooled CLADO dict: sums / count, then
+
+        G[i, i] = 2 (L(i) - L0);  G[i, j] = L(i, j) - L(i) - L(j) + L0;  G = 0 within a layer.
+
+    Args:
+        pooled: payload with the clado keys, plus meta (`options`) unless layer_of is given.
+        kind: "ce" (cross-entropy) or "kl" (KL to the base model's softmax; base value 0).
+        layer_of: (n,) layer of each option; default from the number of options in pooled["options"].
+    """
+    if kind not in ("ce", "kl"):
+        raise ValueError(f"kind must be 'ce' or 'kl', got {kind!r}")
+    mu = means(pooled)
+    Li, Lij = mu[f"{kind}_single"], mu[f"{kind}_pair"]  # (n,), (n, n)
+    L0 = mu["ce_base"] if kind == "ce" else 0.0
+    n = Li.shape[0]
+    if layer_of is None:
+        if "options" not in pooled:
+            raise ValueError("clado_matrix needs pooled['options'] (meta) or an explicit layer_of")
+        K = len(np.asarray(pooled["options"]).reshape(-1, 2))
+        layer_of = np.repeat(np.arange(n // K), K)
+    layer_of = np.asarray(layer_of)
+    G = Lij - Li[:, None] - Li[None, :] + L0
+    G[layer_of[:, None] == layer_of[None, :]] = 0.0
+    G[np.diag_indices(n)] = 2.0 * (Li - L0)
+    return (G + G.T) / 2
+
+
+def hawq_omega(pooled: dict, numel) -> np.ndarray:
+    """HAWQ's Ω (n,) = (trace_sum/count) / numel(W_l) · weight_err, option i = l*K + k.
+
+    Args:
+        pooled: per-batch or pooled HAWQ dict.
+        numel: (L,) weights per candidate layer (execution order).
+    """
+    trace = means(pooled)["trace"]  # (L,) trace of the mean-loss Hessian blocks
+    numel = np.asarray(numel, dtype=np.float64)
+    err = np.asarray(pooled["weight_err"], dtype=np.float64)
+    K = err.shape[0] // trace.shape[0]
+    return np.repeat(trace / numel, K) * err
 
 
 def _check_pooled(method: Method, pooled: dict, table) -> None:
@@ -102,10 +152,8 @@ def method_objective(method: str, pooled: dict, table) -> tuple[np.ndarray | Non
     Args:
         method: a key of METHODS.
         pooled: a pooled (or per-batch) sensitivity dict of the method's estimator (None for uniform).
-        table: pipeline.LayerTable (candidates, options, numel).
+        table: layers.LayerTable (candidates, options, numel).
     """
-    from .sensitivity import clado_matrix, hawq_omega, means  # torch: not for the Snakefile's imports
-
     m = _method(method)
     if m.estimator is None:
         return None, None

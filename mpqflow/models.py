@@ -10,12 +10,13 @@ Conv2d/Linear layers in execution order; the first and last are the ones fixed a
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checkpoints import load_state_dict
 
 __all__ = [
     "ARCHS",
@@ -25,7 +26,6 @@ __all__ = [
     "load_weights",
     "quantizable_layers",
     "layer_macs",
-    "file_sha256",
 ]
 
 
@@ -140,9 +140,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model weights file {str(path)!r} does not exist (weights are never downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = load_state_dict(path, "model weights")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -187,12 +185,3 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         for h in hooks:
             h.remove()
     return macs
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (identifies a checkpoint in every artifact)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,8 +1,10 @@
 """The variance study's figures: PNG files with titles, labelled axes, units and legends.
 
 Usage:
-    study_plots("results/m/study.csv", "results/m/sensitivity/clado/set_4x0.npz",
-                "results/m/calibration.pt", {"accuracy": "...png", ...}, {"dpi": 150})
+    df = pd.read_csv("results/m/study.csv")
+    plot_accuracy_vs_size(df, "accuracy_vs_size.png", dpi=150, width=5.0)
+    ptq_plot(pd.read_csv("results/m/ptq.csv"), "ptq.png")
+(:mod:`mpqflow.stages.study` draws them all from the study's files.)
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from .io import atomic_path, load_json  # noqa: E402
-from .study import _write_csv, pareto_auc, running_best  # noqa: E402
+from .io import atomic_path, save_csv  # noqa: E402
+from .names import parse_option  # noqa: E402
+from .study import pareto_auc, running_best  # noqa: E402
 
 __all__ = [
     "plot_accuracy_vs_size",
@@ -24,7 +27,8 @@ __all__ = [
     "plot_estimated_vs_measured",
     "plot_interaction_heatmap",
     "plot_layer_bits",
-    "study_plots",
+    "first_set_choices",
+    "ptq_plot",
 ]
 
 
@@ -72,7 +76,7 @@ def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: fl
 def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width: float = 5.0) -> pd.DataFrame:
     """Running-best Pareto curves (mean ± std over sets) and their AUC per method; writes the AUC table."""
     auc = pareto_auc(df)
-    _write_csv(auc, auc_csv)
+    save_csv(auc_csv, auc)
     searched = df[df.method != "uniform"]
     colors = _colors(searched.method.unique())
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(2 * width, 4))
@@ -164,28 +168,7 @@ def plot_layer_bits(decisions: dict, layers: list[str], path: str, dpi: int = 15
     _save(fig, path, dpi)
 
 
-def study_plots(table_csv: str, clado_set: str | None, calibration: str, out: dict, settings: dict) -> None:
-    """Draw every study figure from the study table (and the CLADO matrix for the heat map)."""
-    import torch
-
-    dpi, width = settings.get("dpi", 150), settings.get("panel_width", 5.0)
-    df = pd.read_csv(table_csv)
-    plot_accuracy_vs_size(df, out["accuracy"], dpi, width)
-    plot_pareto(df, out["pareto"], out["auc"], dpi, width)
-    plot_estimated_vs_measured(df, out["sanity"], dpi, width)
-    table = torch.load(calibration, map_location="cpu", weights_only=False)["table"]
-    layers, options = table["candidates"], table["options"]
-    if clado_set:
-        from .sensitivity import clado_matrix, load_batch_file
-
-        G = clado_matrix(load_batch_file(clado_set), "ce")
-    else:
-        G = np.zeros((len(layers) * len(options),) * 2)
-    plot_interaction_heatmap(G, layers, options, out["heatmap"], dpi)
-    plot_layer_bits(_first_set_choices(df), layers, out["bits"], dpi)
-
-
-def _first_set_choices(df: pd.DataFrame) -> dict:
+def first_set_choices(df: pd.DataFrame) -> dict:
     """{method: {budget: [(w, a) per candidate layer]}} for the first set of the largest size."""
     searched = df[df.method != "uniform"].dropna(subset=["choice"])
     if searched.empty:
@@ -194,5 +177,35 @@ def _first_set_choices(df: pd.DataFrame) -> dict:
     first = searched[(searched.set_size == n) & (searched.set_id == searched[searched.set_size == n].set_id.min())]
     out: dict = {}
     for row in first.itertuples():
-        out.setdefault(row.method, {})[row.budget] = [tuple(map(int, o[1:].split("a"))) for o in row.choice.split()]
+        out.setdefault(row.method, {})[row.budget] = [parse_option(o) for o in row.choice.split()]
     return out
+
+
+def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
+    """Grouped bar chart: x = option, one bar per variant, y = top-1 (%); FP top-1 as a dashed line.
+
+    The y axis starts just below the worst bar (not at 0), so every bar carries its value."""
+    options = list(dict.fromkeys(df["option"]))
+    variants = list(dict.fromkeys(df["variant"]))
+    acc = df.pivot(index="option", columns="variant", values="top1").loc[options, variants] * 100
+    x, w = np.arange(len(options)), 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(1.3 * width, 0.6 * width))
+    for i, v in enumerate(variants):
+        ax.bar(x + (i - (len(variants) - 1) / 2) * w, acc[v].to_numpy(), w, label=v)
+    fp = 100 * float(df["fp_top1"].iloc[0])
+    ax.axhline(fp, color="k", ls="--", lw=1, label="FP")
+    lo = float(np.nanmin(acc.to_numpy()))  # zoom on the differences: the axis starts near the worst bar
+    ax.set_ylim(max(0.0, np.floor(lo - 2 - 0.1 * (fp - lo))), min(100.0, max(fp, float(np.nanmax(acc.to_numpy()))) + 1))
+    for i, v in enumerate(variants):  # the value on every bar: the axis does not start at 0
+        for xi, val in zip(x + (i - (len(variants) - 1) / 2) * w, acc[v].to_numpy()):
+            ax.annotate(f"{val:.1f}", (xi, val), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks(x, [o.upper() for o in options])
+    ax.set_xlabel("uniform option (weight bits, activation bits)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("Post-training quantization: naive min/max vs ACIQ schemes")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)

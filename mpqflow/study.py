@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path, load_json
+from .io import load_json, save_csv
 
 __all__ = ["uniform_table", "study_table", "STUDY_COLUMNS", "running_best", "pareto_auc"]
 
@@ -23,16 +23,11 @@ STUDY_COLUMNS = [
 ]
 
 
-def _write_csv(df: pd.DataFrame, out_csv: str) -> None:
-    with atomic_path(out_csv) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-
-
 def uniform_table(paths: list[str], out_csv: str) -> pd.DataFrame:
     """One row per uniform option, largest first; written atomically as CSV."""
     rows = [{k: load_json(p)[k] for k in UNIFORM_COLUMNS} for p in paths]
     df = pd.DataFrame(rows, columns=UNIFORM_COLUMNS).sort_values(["size_mb", "top1"], ascending=False)
-    _write_csv(df, out_csv)
+    save_csv(out_csv, df)
     return df
 
 
@@ -42,7 +37,7 @@ def study_table(uniform_paths: list[str], eval_paths: list[str], out_csv: str) -
     rows += [load_json(p) for p in eval_paths]
     df = pd.DataFrame([{k: r.get(k) for k in STUDY_COLUMNS} for r in rows], columns=STUDY_COLUMNS)
     df = df.sort_values(["method", "set_size", "set_id", "budget", "option"], na_position="first")
-    _write_csv(df.reset_index(drop=True), out_csv)
+    save_csv(out_csv, df.reset_index(drop=True))
     return df
 
 

@@ -1,13 +1,12 @@
 """Train a full-precision model (the embedded default trains ResNet-20 on digits in about a minute).
 
 Usage:
-    model = train_model(model, train_set, TrainConfig(epochs=40), device="cpu")
+    model = train_model(model, train_set, settings, seed=0, device="cpu")   # settings: config.TrainSettings
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,21 +15,8 @@ from tqdm import tqdm
 
 from .data import stack
 
-__all__ = ["TrainConfig", "train_model", "seed_everything"]
+__all__ = ["train_model", "seed_everything"]
 log = logging.getLogger("mpqflow")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """SGD with momentum, cosine learning-rate decay, random-shift augmentation."""
-
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    augment_shift: int = 1  # max pixels of random translation (0 = off)
-    seed: int = 0
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -50,9 +36,11 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
 
 
-def train_model(model, train_set, cfg: TrainConfig, device="cpu"):
-    """Train `model` in place on `train_set`; returns the model in eval mode."""
-    gen = seed_everything(cfg.seed)
+def train_model(model, train_set, cfg, seed: int, device="cpu"):
+    """Train `model` in place on `train_set` with `cfg` (a config.TrainSettings); returns it in eval mode.
+
+    SGD with Nesterov momentum and a one-cycle learning rate, random-shift augmentation."""
+    gen = seed_everything(seed)
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     steps = cfg.epochs * -(-len(train_set) // cfg.batch_size)

@@ -1,22 +1,27 @@
-import hashlib
 import sys
-from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)
 
-from mpqflow.config import ConfigError, option_name, option_table, validate_config
+from mpqflow.codehash import code_hash
+from mpqflow.config import ConfigError, validate_config
+from mpqflow.validation import check_device
 from mpqflow.data import sensitivity_set
 from mpqflow.methods import method_estimator
+from mpqflow.names import option_name, option_table
 
+# The device is checked in check_local_device (onstart), once the executor is known: a cluster's
+# submit host may have no GPU where its compute nodes do.
 try:
-    _validated = validate_config(config)
+    _validated = validate_config(config, local=False)
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
 config.clear()
 config.update(_validated)
 
 MODELS = list(config["models"])
-OPTIONS = [option_name(o) for o in option_table(config)]
+OPTIONS = [
+    option_name(o) for o in option_table(config["quant"]["w_bits"], config["quant"]["a_bits"])
+]
 SEARCH_METHODS = [m for m in config["methods"] if method_estimator(m) is not None]
 ESTIMATORS = sorted({method_estimator(m) for m in SEARCH_METHODS})
 SETS = [
@@ -37,30 +42,30 @@ wildcard_constraints:
     budget=r"[a-z_]+-[0-9.]+",
 
 
-def code_version(*modules):
-    """Hash of the mpqflow modules a stage runs: a param, so editing that code reruns the stage."""
-    root = Path(workflow.basedir) / "mpqflow"
-    h = hashlib.sha256()
-    for name in sorted(modules):
-        path = root / name
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [root / f"{name}.py"]
-        for f in files:
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+def stage_code(stage):
+    """Hash of the import closure of mpqflow.stages.<stage>: a param, so editing any module the
+    stage runs reruns it (and what follows), and editing anything else does not."""
+    return code_hash(f"mpqflow.stages.{stage}")
 
 
-def stage_params(*sections):
-    """Params factory: the model's own config plus the named top-level sections (nothing else)."""
-
-    def inner(wildcards):
-        out = {key: config[key] for key in sections}
-        out["models"] = {wildcards.model: config["models"][wildcards.model]}
-        return out
-
-    return inner
+def model_config(wildcards):
+    """The configured model of the {model} wildcard."""
+    return config["models"][wildcards.model]
 
 
-def batch_settings(wildcards):
+def sample_plan(with_pool):
+    """The settings that decide which samples a batch (with_pool=False) or a set (True) holds."""
+    plan = {
+        "calibration_samples": config["quant"]["calibration_samples"],
+        "batch_size": config["sensitivity"]["batch_size"],
+        "seed": config["seed"],
+    }
+    if with_pool:  # sets are drawn from the pool; a single batch does not depend on its size
+        plan["pool_batches"] = config["sensitivity"]["pool_batches"]
+    return plan
+
+
+def estimator_settings(wildcards):
     """The batch size and this estimator's own settings: growing the pool or retuning another
     estimator leaves finished batch files valid."""
     sens = config["sensitivity"]
@@ -93,6 +98,14 @@ def method_set_file(wildcards):
     return f"results/{wildcards.model}/sensitivity/{estimator}/set_{wildcards.n}x{wildcards.s}.npz"
 
 
+def set_decisions(wildcards):
+    """Every budget's decision of one (method, set), in config order."""
+    return [
+        f"results/{wildcards.model}/decisions/{wildcards.method}/set_{wildcards.n}x{wildcards.s}/{budget}.json"
+        for budget in config["budgets"]
+    ]
+
+
 def decision_evals(wildcards):
     return [
         f"results/{wildcards.model}/eval/{method}/set_{n}x{s}/{budget}.json"
@@ -121,6 +134,7 @@ def uniform_evals(wildcards):
 def all_targets():
     return expand(
         [
+            "results/{model}/budgets.json",
             "results/{model}/eval/uniform.csv",
             "results/{model}/study.csv",
             "results/{model}/plots/accuracy_vs_size.png",
@@ -129,6 +143,15 @@ def all_targets():
         ],
         model=MODELS,
     )
+
+
+def check_local_device():
+    """Before the first job: `device: cuda` on a machine without CUDA, when jobs run on this machine."""
+    if workflow.local_exec:
+        try:
+            check_device(config)
+        except ConfigError as err:
+            raise WorkflowError(f"invalid configuration: {err}") from None
 
 
 def report_where():

@@ -3,18 +3,23 @@ rule evaluate_uniform:
         model="results/{model}/model.pt",
         calibration="results/{model}/calibration.pt",
     output:
-        metrics="results/{model}/eval/uniform/{option}.json",
+        expand("results/{{model}}/eval/uniform/{option}.json", option=OPTIONS),
     log:
-        "logs/{model}/eval/uniform/{option}.log",
+        "logs/{model}/eval/uniform.log",
     conda:
         "../envs/mpqflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=gpu_if_cuda,
     params:
-        cfg=stage_params("seed", "quant", "evaluation"),
-        code=code_version("quant", "models", "data", "evaluate", "pipeline"),
+        model=model_config,
+        seed=config["seed"],
+        quant=config["quant"],
+        evaluation=config["evaluation"],
+        options=OPTIONS,
+        code=stage_code("evaluate"),
     script:
         "../workflow_scripts/evaluate_uniform.py"
 
@@ -29,19 +34,26 @@ rule uniform_table:
     localrule: True
     conda:
         "../envs/mpqflow.yaml"
+    params:
+        code=stage_code("study"),
     script:
         "../workflow_scripts/uniform_table.py"
 
 
-rule evaluate_decision:
+# One job per (method, set) evaluates all its budgets: the model, data and torch load once per
+# job instead of once per decision, and every decision still gets its own file.
+rule evaluate_decisions:
     input:
         model="results/{model}/model.pt",
         calibration="results/{model}/calibration.pt",
-        decision="results/{model}/decisions/{method}/set_{n}x{s}/{budget}.json",
+        decisions=set_decisions,
     output:
-        metrics="results/{model}/eval/{method}/set_{n}x{s}/{budget}.json",
+        expand(
+            "results/{{model}}/eval/{{method}}/set_{{n}}x{{s}}/{budget}.json",
+            budget=config["budgets"],
+        ),
     log:
-        "logs/{model}/eval/{method}/set_{n}x{s}/{budget}.log",
+        "logs/{model}/eval/{method}/set_{n}x{s}.log",
     conda:
         "../envs/mpqflow.yaml"
     threads: 1
@@ -50,7 +62,10 @@ rule evaluate_decision:
         runtime=30,
         gpu=gpu_if_cuda,
     params:
-        cfg=stage_params("seed", "quant", "evaluation", "sensitivity"),
-        code=code_version("quant", "models", "data", "evaluate", "pipeline", "search"),
+        model=model_config,
+        quant=config["quant"],
+        plan=sample_plan(with_pool=True),
+        evaluation=config["evaluation"],
+        code=stage_code("evaluate"),
     script:
-        "../workflow_scripts/evaluate_decision.py"
+        "../workflow_scripts/evaluate_decisions.py"

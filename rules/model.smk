@@ -5,13 +5,14 @@ rule train_model:
         "logs/{model}/train_model.log",
     conda:
         "../envs/mpqflow.yaml"
-    threads: 2
+    threads: config["threads"]
     resources:
         mem_mb=4000,
         runtime=60,
     params:
-        cfg=stage_params("seed", "evaluation"),
-        code=code_version("models", "data", "train", "evaluate", "pipeline"),
+        model=model_config,
+        seed=config["seed"],
+        code=stage_code("model"),
     script:
         "../workflow_scripts/train_model.py"
 
@@ -21,16 +22,19 @@ rule calibrate:
         model="results/{model}/model.pt",
     output:
         calibration="results/{model}/calibration.pt",
+        layers="results/{model}/layers.json",
     log:
         "logs/{model}/calibrate.log",
     conda:
         "../envs/mpqflow.yaml"
-    threads: 2
+    threads: config["threads"]
     resources:
         mem_mb=4000,
         runtime=30,
     params:
-        cfg=stage_params("seed", "quant"),
-        code=code_version("quant", "models", "data", "pipeline"),
+        model=model_config,
+        seed=config["seed"],
+        quant=config["quant"],
+        code=stage_code("model"),
     script:
         "../workflow_scripts/calibrate.py"

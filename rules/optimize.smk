@@ -1,6 +1,26 @@
+# Right after calibration (priority), before the sensitivity stage: a budget no decision can meet
+# stops the run here, naming the smallest achievable size or BitOPs.
+rule check_budgets:
+    input:
+        layers="results/{model}/layers.json",
+    output:
+        caps="results/{model}/budgets.json",
+    log:
+        "logs/{model}/check_budgets.log",
+    localrule: True
+    priority: 100
+    conda:
+        "../envs/mpqflow.yaml"
+    params:
+        budgets=config["budgets"],
+        code=stage_code("solve"),
+    script:
+        "../workflow_scripts/check_budgets.py"
+
+
 rule solve_budget:
     input:
-        calibration="results/{model}/calibration.pt",
+        layers="results/{model}/layers.json",
         pooled=method_set_file,
     output:
         decision="results/{model}/decisions/{method}/set_{n}x{s}/{budget}.json",
@@ -13,7 +33,7 @@ rule solve_budget:
         mem_mb=4000,
         runtime=lambda wildcards: int(config["solver"]["time_limit"] / 60) + 5,
     params:
-        solver=lookup(dpath="solver", within=config),
-        code=code_version("optimize", "methods", "search"),
+        solver=config["solver"],
+        code=stage_code("solve"),
     script:
         "../workflow_scripts/solve_budget.py"

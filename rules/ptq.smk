@@ -14,8 +14,12 @@ rule ptq_variant:
         mem_mb=4000,
         runtime=60,
     params:
-        cfg=stage_params("seed", "quant", "evaluation", "ptq"),
-        code=code_version("quant", "models", "data", "evaluate", "pipeline", "ptq"),
+        model=model_config,
+        seed=config["seed"],
+        quant=config["quant"],
+        ptq=config["ptq"],
+        evaluation=config["evaluation"],
+        code=stage_code("ptq"),
     script:
         "../workflow_scripts/ptq_variant.py"
 
@@ -33,7 +37,7 @@ rule ptq_table:
     conda:
         "../envs/mpqflow.yaml"
     params:
-        code=code_version("ptq"),
+        code=stage_code("ptq"),
     script:
         "../workflow_scripts/ptq_table.py"
 
@@ -53,7 +57,7 @@ rule ptq_plot:
     conda:
         "../envs/mpqflow.yaml"
     params:
-        plots=lookup(dpath="plots", within=config),
-        code=code_version("ptq"),
+        plots=config["plots"],
+        code=stage_code("ptq"),
     script:
         "../workflow_scripts/ptq_plot.py"

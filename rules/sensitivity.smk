@@ -8,15 +8,17 @@ rule sensitivity_batch:
         "logs/{model}/sensitivity/{estimator}/batch_{batch}.log",
     conda:
         "../envs/mpqflow.yaml"
-    threads: 2
+    threads: config["threads"]
     resources:
         mem_mb=6000,
         runtime=60,
         gpu=gpu_if_cuda,
     params:
-        cfg=stage_params("seed", "quant", "evaluation"),
-        sensitivity=batch_settings,
-        code=code_version("sensitivity", "quant", "models", "data", "pipeline"),
+        model=model_config,
+        quant=config["quant"],
+        plan=sample_plan(with_pool=False),
+        settings=estimator_settings,
+        code=stage_code("sensitivity"),
     script:
         "../workflow_scripts/sensitivity_batch.py"
 
@@ -32,6 +34,6 @@ rule pool_set:
     conda:
         "../envs/mpqflow.yaml"
     params:
-        code=code_version("sensitivity"),
+        code=stage_code("sensitivity"),
     script:
         "../workflow_scripts/pool_set.py"

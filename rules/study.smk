@@ -10,7 +10,7 @@ rule study_table:
     conda:
         "../envs/mpqflow.yaml"
     params:
-        code=code_version("study"),
+        code=stage_code("study"),
     script:
         "../workflow_scripts/study_table.py"
 
@@ -19,7 +19,7 @@ rule study_plots:
     input:
         table="results/{model}/study.csv",
         pooled=heatmap_matrix,
-        calibration="results/{model}/calibration.pt",
+        layers="results/{model}/layers.json",
     output:
         accuracy=report(
             "results/{model}/plots/accuracy_vs_size.png",
@@ -57,7 +57,7 @@ rule study_plots:
     conda:
         "../envs/mpqflow.yaml"
     params:
-        plots=lookup(dpath="plots", within=config),
-        code=code_version("plots", "study"),
+        plots=config["plots"],
+        code=stage_code("study"),
     script:
         "../workflow_scripts/study_plots.py"

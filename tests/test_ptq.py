@@ -4,9 +4,10 @@ table has every (variant, option) row; the plot is a PNG; bit-rates are in (0, b
 import pytest
 import torch
 
-from mpqflow.config import validate_config
-from mpqflow.pipeline import train_or_load
-from mpqflow.ptq import VARIANTS, ptq_plot, ptq_table, ptq_variant, variant_quant
+from mpqflow.config import Config, QuantConfig, validate_config
+from mpqflow.plots import ptq_plot
+from mpqflow.stages.model import train_or_load
+from mpqflow.stages.ptq import VARIANTS, ptq_table, ptq_variant, variant_quant
 
 OPTIONS = ["w4a4", "w4a8", "w8a4"]
 
@@ -14,15 +15,16 @@ OPTIONS = ["w4a4", "w4a8", "w8a4"]
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     torch.set_num_threads(1)
-    cfg = validate_config({
+    cfg = Config.from_dict(validate_config({
         "seed": 0, "device": "cpu", "threads": 1,
         "models": {"tiny": {"arch": "digits_cnn", "dataset": {"name": "digits"},
                             "train": {"epochs": 4, "batch_size": 64, "lr": 0.1}}},
         "quant": {"calibration_samples": 128, "calibration_batch_size": 64},
         "ptq": {"variants": ["naive", "aciq_bias", "all"], "options": OPTIONS},
-    })
+        "budgets": ["avg_bits-4"],
+    }))
     ckpt = str(tmp_path_factory.mktemp("ptq") / "model.pt")
-    fp = train_or_load(cfg, "tiny", ckpt)
+    fp = train_or_load(cfg.models["tiny"], cfg.seed, cfg.evaluation, cfg.runtime, ckpt)
     assert fp["top1"] > 0.9
     return cfg, ckpt
 
@@ -31,8 +33,9 @@ def digits(tmp_path_factory):
 def results(digits, tmp_path_factory):
     cfg, ckpt = digits
     out = tmp_path_factory.mktemp("ptq_out")
-    return {v: ptq_variant({**cfg, "variant": v}, "tiny", ckpt, str(out / f"{v}.json"))
-            for v in cfg["ptq"]["variants"]}
+    return {v: ptq_variant(v, cfg.models["tiny"], cfg.quant, cfg.ptq, cfg.seed, cfg.evaluation, cfg.runtime, ckpt,
+                           str(out / f"{v}.json"))
+            for v in cfg.ptq.variants}
 
 
 def _top1(result, option):
@@ -63,7 +66,7 @@ def test_table_and_plot(results, tmp_path):
 
 
 def test_variant_quant_overrides():
-    cfg = validate_config({"models": {"m": {"arch": "digits_cnn", "dataset": {"name": "digits"}}}})
+    cfg = Config.from_dict(validate_config({"models": {"m": {"arch": "digits_cnn", "dataset": {"name": "digits"}}}})
     q = variant_quant(cfg, "all")
     assert q["weight"]["observer"] == "aciq_laplace" and q["weight"]["bit_allocation"]
     assert q["activation"]["granularity"] == "per_channel" and q["weight"]["bias_correction"] == "bias_variance"

@@ -268,3 +268,97 @@ def test_aciq_observer_per_channel_state_dict_and_quantizer():
     x = torch.randn(2, 3, 8, 8, generator=g)
     with q.applied({"0": (2, 4), "2": (4, 4)}):
         assert torch.isfinite(model(x)).all()
+
+
+# ---------------------------------------------------------------- QuantScheme.aciq_model
+
+
+def _laplace(shape, b, seed):
+    """Laplace(0, b) by the inverse CDF, with one value at +-15 b so that every alpha* up to 8 bits
+    (9.9 b) lies inside the observed range (ACIQ never extends the range beyond the data)."""
+    u = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) - 0.5
+    x = -b * torch.sign(u) * torch.log1p(-2 * u.abs())
+    x.view(-1)[:2] = torch.tensor([15.0 * b, -15.0 * b])
+    return x.float()
+
+
+def _clip_multipliers(lo, hi, x):
+    """(alpha / b) from both ends of an ACIQ range [mean - alpha, mean + alpha] of the data x."""
+    xd = x.double()
+    mean, b = xd.mean(), (xd - xd.mean()).abs().mean()
+    return float((hi.double() - mean) / b), float((mean - lo.double()) / b)
+
+
+BANNER_LAPLACE = {2: 2.83, 3: 3.89, 4: 5.03, 8: 9.89}  # Banner et al. 2019, alpha* / b
+
+
+def test_aciq_model_banner_through_observer_and_quantizer():
+    bits = sorted(BANNER_LAPLACE)
+    lin = torch.nn.Linear(256, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(_laplace((64, 256), 0.05, seed=1))
+    x = _laplace((512, 256), 0.7, seed=2)  # the layer's input, two-sided
+    model = torch.nn.Sequential(lin)
+    ranges = {}
+    for name in ("banner", "signed_grid"):
+        s = QuantScheme(observer="aciq_laplace", aciq_model=name)
+        q = ModelQuantizer(model, ["0"], s, s, w_bits=bits, a_bits=bits)
+        q.calibrate([x])
+        st = q.state_dict()["qparams"]["0"]
+        ranges[name] = {(kind, b): (st[kind][b]["min_val"], st[kind][b]["max_val"])
+                        for kind in ("weight", "act") for b in bits}
+        assert st["weight"][2]["min_val"] is not None
+    w = lin.weight.detach()
+    for (kind, b), (lo, hi) in ranges["banner"].items():
+        data = w if kind == "weight" else x
+        up, down = _clip_multipliers(lo, hi, data)
+        # the paper's multipliers, and exactly the banner model of aciq.py
+        assert up == pytest.approx(BANNER_LAPLACE[b], abs=0.01) and down == pytest.approx(BANNER_LAPLACE[b], abs=0.01)
+        assert up == pytest.approx(optimal_clip_ratio(b, "laplace", model="banner"), rel=1e-5)
+        sg_up, _ = _clip_multipliers(*ranges["signed_grid"][kind, b], data)
+        assert sg_up == pytest.approx(optimal_clip_ratio(b, "laplace", model="signed_grid"), rel=1e-5)
+        assert not torch.equal(hi, ranges["signed_grid"][kind, b][1]), (kind, b)
+    # the default is signed_grid, the observer path before the key existed
+    assert QuantScheme().aciq_model == "signed_grid"
+    assert make_observer(QuantScheme(observer="aciq_gauss"), 4).model == "signed_grid"
+    assert make_observer(QuantScheme(observer="aciq_gauss", aciq_model="grid"), 4).model == "grid"
+
+
+def test_aciq_model_in_per_channel_bit_allocation():
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, 32, generator=g) * torch.logspace(-1.5, 1.5, 16)[:, None])
+    w = lin.weight.detach()
+    alloc = {}
+    for name in ("banner", "signed_grid"):
+        s = QuantScheme(observer="aciq_laplace", granularity="per_channel", bit_allocation=True, aciq_model=name)
+        q = ModelQuantizer(torch.nn.Sequential(lin), ["0"], s, QuantScheme(), w_bits=[3], a_bits=[8])
+        q.calibrate([torch.randn(4, 32, generator=g)])
+        cb = alloc[name] = q.channel_bits("0", "weight", 3)
+        assert cb.bits.max() > cb.bits.min()
+        lo, hi = aciq_range(w, cb.bits, "laplace", ch_axis=0, model=name)  # re-clipped at alpha*(bits_c)
+        torch.testing.assert_close(cb.min_val, lo, rtol=1e-6, atol=0)
+        torch.testing.assert_close(cb.max_val, hi, rtol=1e-6, atol=0)
+    assert torch.equal(alloc["banner"].bits, alloc["signed_grid"].bits)  # same ranges -> same bits
+    assert not torch.allclose(alloc["banner"].max_val, alloc["signed_grid"].max_val, rtol=1e-3)
+
+
+def test_aciq_model_validation_and_state():
+    with pytest.raises(ValueError) as err:
+        QuantScheme(observer="aciq_laplace", aciq_model="paper")
+    msg = str(err.value)
+    assert "QuantScheme.aciq_model" in msg and "'paper'" in msg
+    assert all(f"'{m}'" in msg for m in ("signed_grid", "grid", "banner")), msg
+    with pytest.raises(ValueError, match="model must be one of"):
+        ACIQObserver(4, model="paper")
+    s = QuantScheme(observer="aciq_gauss", aciq_model="banner")
+    assert QuantScheme.from_dict(s.to_dict()) == s
+    assert QuantScheme.from_dict({"observer": "aciq_gauss"}).aciq_model == "signed_grid"  # older dicts load
+    # a state calibrated under one model does not load into a quantizer of another
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    q = ModelQuantizer(model, ["0"], s, QuantScheme(), [4], [8])
+    q.calibrate([torch.randn(16, 8)])
+    other = ModelQuantizer(model, ["0"], QuantScheme(observer="aciq_gauss"), QuantScheme(), [4], [8])
+    with pytest.raises(ValueError, match="aciq_model"):
+        other.load_state_dict(q.state_dict())

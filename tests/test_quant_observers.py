@@ -36,6 +36,7 @@ from mpqflow.quant.functional import clip_ratios
         ({"averaging_constant": 1.5}, "averaging_constant", "1.5"),
         ({"mse_grid": 1}, "mse_grid", "1"),
         ({"mse_grid": 10.0}, "mse_grid", "10.0"),
+        ({"aciq_model": "paper"}, "aciq_model", "'paper'"),
     ],
 )
 def test_scheme_validation_names_field_and_value(kwargs, field, value):
@@ -55,6 +56,31 @@ def test_scheme_dict_round_trip_and_unknown_key():
         QuantScheme.from_dict({"gran": "per_channel"})
     with pytest.raises(Exception):
         s.observer = "minmax"  # frozen
+
+
+def test_schema_scheme_matches_quant_scheme():
+    """schemas/config.schema.yaml's $defs/scheme: every key a QuantScheme field with the same default,
+    every enum the vocabulary QuantScheme validates against."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from mpqflow.quant import BIAS_CORRECTIONS, GRANULARITIES, LEVELS
+    from mpqflow.quant.aciq import MODELS
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "config.schema.yaml").read_text())
+    props = schema["$defs"]["scheme"]["properties"]
+    defaults = {f.name: f.default for f in dataclasses.fields(QuantScheme)}
+    assert set(props) <= set(defaults), set(props) - set(defaults)
+    assert "aciq_model" in props
+    for key, spec in props.items():
+        if "default" in spec:
+            assert spec["default"] == defaults[key], key
+    vocab = {"granularity": GRANULARITIES, "levels": LEVELS, "bias_correction": BIAS_CORRECTIONS, "aciq_model": MODELS}
+    for key, values in vocab.items():
+        assert sorted(props[key]["enum"]) == sorted(values), key
+    assert set(props["observer"]["enum"]) <= set(OBSERVERS)
 
 
 def test_registry_is_open():

@@ -314,3 +314,18 @@ def test_layer_that_never_runs_is_reported():
     q = ModelQuantizer(model, LAYERS + ["unused"], QuantScheme(), QuantScheme(), [4], [8])
     with pytest.raises(RuntimeError, match=r"never ran.*\['unused'\]"):
         q.calibrate(_batches(1))
+
+
+def test_public_import_paths():
+    """The split of quantizer.py / levels.py keeps the old import paths (same objects)."""
+    from mpqflow.quant import qparams
+    from mpqflow.quant.level_quant import fake_quantize_levels as fql
+    from mpqflow.quant.levels import (
+        fake_quantize_levels,
+        normalized_magnitudes,
+        quantize_stochastic,
+    )
+    from mpqflow.quant.quantizer import ChannelBits, QParams, quantize_weight
+
+    assert (QParams, ChannelBits, quantize_weight) == (qparams.QParams, qparams.ChannelBits, qparams.quantize_weight)
+    assert fake_quantize_levels is fql and callable(normalized_magnitudes) and callable(quantize_stochastic)

@@ -107,8 +107,11 @@ def _decisions(config, budgets, sets=None):
     )
 
 
-def _evals(decisions):
-    return sorted(d.replace("/decisions/", "/eval/") for d in decisions)
+def _eval_jobs(config, sets=None):
+    """First outputs of the evaluate_decisions jobs: one job per (method, set) evaluates all budgets."""
+    sets = _sets(config) if sets is None else sets
+    first = config["budgets"][0]
+    return sorted(f"results/tiny/eval/{m}/set_{n}x{s}/{first}.json" for m in _searched(config) for n, s in sets)
 
 
 STUDY = ["results/tiny/study.csv"]
@@ -122,8 +125,8 @@ def test_changed_budget_reruns_only_its_solves(tiny):
     changed["budgets"] = ["avg_bits-4", "avg_bits-5"]  # avg_bits-6 -> avg_bits-5
     decisions = _decisions(config, ["avg_bits-5"])
     assert len(decisions) == 10  # 5 searched methods x 2 sets
-    expected = {"solve_budget": decisions, "evaluate_decision": _evals(decisions), "study_table": STUDY,
-                "study_plots": PLOTS}
+    expected = {"check_budgets": ["results/tiny/budgets.json"], "solve_budget": decisions,
+                "evaluate_decisions": _eval_jobs(changed), "study_table": STUDY, "study_plots": PLOTS}
     assert dry_run(workdir, changed, "budget_changed") == expected
 
 
@@ -133,8 +136,8 @@ def test_added_budget_reruns_only_its_solves(tiny):
     added = _copy(config)
     added["budgets"] = config["budgets"] + ["avg_bits-5"]
     decisions = _decisions(config, ["avg_bits-5"])
-    expected = {"solve_budget": decisions, "evaluate_decision": _evals(decisions), "study_table": STUDY,
-                "study_plots": PLOTS}
+    expected = {"check_budgets": ["results/tiny/budgets.json"], "solve_budget": decisions,
+                "evaluate_decisions": _eval_jobs(added), "study_table": STUDY, "study_plots": PLOTS}
     assert dry_run(workdir, added, "budget_added") == expected
 
 
@@ -158,7 +161,7 @@ def test_larger_pool_computes_only_new_batches(tiny):
         "sensitivity_batch": sorted(f"{sens}/{e}/batch_{b}.npz" for e in estimators for b in new_batches),
         "pool_set": sorted(f"{sens}/{e}/set_{n}x{s}.npz" for e in estimators for n, s in changed_sets),
         "solve_budget": _decisions(config, config["budgets"], changed_sets),
-        "evaluate_decision": _evals(_decisions(config, config["budgets"], changed_sets)),
+        "evaluate_decisions": _eval_jobs(config, changed_sets),
         "study_table": STUDY,
         "study_plots": PLOTS,
     }
@@ -223,7 +226,7 @@ def test_unchanged_repo_copy_reruns_nothing(tiny, repo_copy):
 
 
 def test_solver_code_change_invalidates_solves(tiny, repo_copy, tmp_path):
-    """(e) Editing mpqflow/optimize reruns every solve and what follows it, no sensitivity."""
+    """(e) Editing mpqflow/optimize reruns the budget check, every solve and what follows, no sensitivity."""
     workdir, config = tiny
     edited = tmp_path / "edited"
     shutil.copytree(repo_copy, edited)
@@ -231,8 +234,8 @@ def test_solver_code_change_invalidates_solves(tiny, repo_copy, tmp_path):
         f.write("\n# an edit the solve stage must notice\n")
     found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
     decisions = _decisions(config, config["budgets"])
-    assert found == {"solve_budget": decisions, "evaluate_decision": _evals(decisions), "study_table": STUDY,
-                     "study_plots": PLOTS}
+    assert found == {"check_budgets": ["results/tiny/budgets.json"], "solve_budget": decisions,
+                     "evaluate_decisions": _eval_jobs(config), "study_table": STUDY, "study_plots": PLOTS}
     assert not UPSTREAM & found.keys()
 
 
@@ -245,5 +248,47 @@ def test_sensitivity_code_change_invalidates_sensitivity(tiny, every_job, repo_c
     init = edited / "mpqflow" / "sensitivity" / "__init__.py"
     init.write_text(init.read_text() + "\n# an edit the sensitivity stage must notice\n")
     found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
-    keep = {"train_model", "calibrate", "evaluate_uniform", "uniform_table", "ptq_variant", "ptq_table", "ptq_plot"}
+    keep = {"train_model", "calibrate", "check_budgets", "evaluate_uniform", "uniform_table", "ptq_variant",
+            "ptq_table", "ptq_plot"}
     assert found == {rule: outs for rule, outs in every_job.items() if rule not in keep}
+
+
+def test_evaluation_code_change_reruns_only_evaluations(tiny, repo_copy, tmp_path):
+    """(f) Editing the evaluation code (mpqflow/evaluate.py) re-evaluates the decisions, the uniform
+    options and the PTQ variants (which evaluate too) and redraws what follows; it never retrains,
+    recalibrates, re-measures sensitivities or re-solves."""
+    workdir, config = tiny
+    edited = tmp_path / "edited"
+    shutil.copytree(repo_copy, edited)
+    with open(edited / "mpqflow" / "evaluate.py", "a") as f:
+        f.write("\n# an edit the evaluation stage must notice\n")
+    found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
+    assert found == {
+        "evaluate_uniform": ["results/tiny/eval/uniform/w8a8.json"],
+        "uniform_table": ["results/tiny/eval/uniform.csv"],
+        "evaluate_decisions": _eval_jobs(config),
+        "study_table": STUDY,
+        "study_plots": PLOTS,
+        "ptq_variant": sorted(f"results/tiny/ptq/{v}.json" for v in config["ptq"]["variants"]),
+        "ptq_table": ["results/tiny/ptq.csv"],
+        "ptq_plot": ["results/tiny/plots/ptq.png"],
+    }
+    assert not {"train_model", "calibrate", "sensitivity_batch", "pool_set", "solve_budget"} & found.keys()
+
+
+def test_evaluation_batch_size_reruns_no_sensitivity(tiny):
+    """(g) evaluation.batch_size reruns the evaluations (and the PTQ variants, which evaluate) and
+    what follows them: not training, calibration, the sensitivity batches or the solves."""
+    workdir, config = tiny
+    changed = _copy(config)
+    changed["evaluation"]["batch_size"] = config["evaluation"]["batch_size"] // 2
+    assert dry_run(workdir, changed, "eval_batch") == {
+        "evaluate_uniform": ["results/tiny/eval/uniform/w8a8.json"],
+        "uniform_table": ["results/tiny/eval/uniform.csv"],
+        "evaluate_decisions": _eval_jobs(config),
+        "study_table": STUDY,
+        "study_plots": PLOTS,
+        "ptq_variant": sorted(f"results/tiny/ptq/{v}.json" for v in config["ptq"]["variants"]),
+        "ptq_table": ["results/tiny/ptq.csv"],
+        "ptq_plot": ["results/tiny/plots/ptq.png"],
+    }

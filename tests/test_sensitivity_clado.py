@@ -29,8 +29,8 @@ QUIET = {"progress": False}
 
 
 def _compare(ctx, x, y, tol=1e-5):
-    ref = compute_batch("clado", ctx, x, y, {**QUIET, "engine": "reference"})
-    fast = compute_batch("clado", ctx, x, y, {**QUIET, "engine": "fast"})
+    ref = compute_batch("clado", ctx, x, y, {**QUIET, "clado_engine": "reference"})
+    fast = compute_batch("clado", ctx, x, y, {**QUIET, "clado_engine": "fast"})
     B = x.shape[0]
     assert set(ref) == set(fast)
     for k in ref:
@@ -188,7 +188,7 @@ def test_second_order_exactness(engine):
     y = torch.randint(0, 3, (24,))
     ctx = make_context(net, x, w_bits=(2, 4), a_bits=(8,), fix_first_last=False)
     assert ctx.table.candidates == ("a", "b", "c") and not ctx.table.fixed
-    payload = compute_batch("clado", ctx, x, y, {**QUIET, "engine": engine, "loss_fn": _squared_error})
+    payload = compute_batch("clado", ctx, x, y, {**QUIET, "clado_engine": engine, "loss_fn": _squared_error})
     idx = OptionIndex.from_table(ctx.table)
     G = clado_matrix(payload, "ce", idx.layer_of)
 

@@ -57,7 +57,7 @@ def test_round_trip(tmp_path, digits_ctx):
     back = load_batch_file(tmp_path / "b.npz")
     assert back["estimator"] == "mpqco" and back["layers"] == list(ctx.table.candidates)
     assert back["options"].tolist() == [list(o) for o in ctx.table.options]
-    assert json.loads(back["quant"]) == ctx.cfg["quant"]
+    assert json.loads(back["quant"]) == ctx.quant.to_dict()
     assert int(back["count"]) == 5
     np.testing.assert_array_equal(back["sq_sum"], payload["sq_sum"])
     # a loaded dict carries its meta: it can be written again as is

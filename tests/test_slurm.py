@@ -30,9 +30,9 @@ PROFILE = REPO / "profiles" / "slurm"
 BRINGUP_TIMEOUT = 240  # s: apt install (about a minute on a fresh machine) and five daemons
 RUN_TIMEOUT = 420  # s: the SLURM run of the tiny config
 # Jobs per sbatch job for the tiny DAG on the 2-CPU test node: train+calibrate, then 6 estimator
-# batches + 2 uniform evaluations + 2 PTQ variants, 20 solves, 20 evaluations, each group in two
-# bundles that run side by side (a bundle runs its jobs one after another on its one CPU).
-GROUP_COMPONENTS = ("model=1", "calibrated=5", "solve=10", "evaluate=10")
+# batches + 1 uniform evaluation job + 2 PTQ variants, 20 solves, 10 (method, set) evaluation jobs,
+# each group in two bundles that run side by side (a bundle runs its jobs one after another on its one CPU).
+GROUP_COMPONENTS = ("model=1", "calibrated=5", "solve=10", "evaluate=5")
 # Values that measure the run rather than define its result: left out of the comparison.
 TIMING_KEY = re.compile(r"(^|_)(seconds|time|elapsed|timestamp|date|host|hostname)$")
 

@@ -25,7 +25,9 @@ def test_uniform_dag_end_to_end(tiny_run):
     assert w8["avg_bits"] == pytest.approx(8.0)
     w2 = table.set_index("option").loc["w2a8"]
     assert w2.size_mb < w8["size_mb"] and w2.avg_bits < 8
-    for log in ("train_model.log", "calibrate.log", "eval/uniform/w8a8.log"):
+    caps = json.loads((res / "budgets.json").read_text())  # every budget checked against the layer table
+    assert sorted(caps) == ["avg_bits-4", "avg_bits-6"] and all(c["size_cap_bits"] > 0 for c in caps.values())
+    for log in ("train_model.log", "calibrate.log", "check_budgets.log", "eval/uniform.log"):
         assert (tiny_run / "logs" / "tiny" / log).stat().st_size > 0
     # Nothing to do on a second run: every artifact is cached.
     again = snakemake(tiny_run, "--dry-run")

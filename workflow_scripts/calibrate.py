@@ -1,6 +1,18 @@
 from mpqflow.io import setup_logging
-from mpqflow.pipeline import calibrate, stage_config
 
-setup_logging(snakemake.log[0])
-cfg = stage_config(snakemake.params.cfg, snakemake.config, snakemake.threads)
-calibrate(cfg, snakemake.wildcards.model, snakemake.input.model, snakemake.output.calibration)
+setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
+
+from mpqflow.config import ModelConfig, QuantConfig, Runtime, SamplePlanConfig  # noqa: E402
+from mpqflow.stages.model import calibrate  # noqa: E402
+
+p = snakemake.params
+calibrate(
+    ModelConfig.from_dict(p.model),
+    QuantConfig.from_dict(p.quant),
+    p.seed,
+    Runtime(snakemake.config["device"], snakemake.threads),
+    snakemake.input.model,
+    snakemake.output.calibration,
+    snakemake.output.layers,
+    plan=SamplePlanConfig.of(snakemake.config),  # checked here, not a param: a larger pool must not recalibrate
+)

@@ -1,8 +1,19 @@
-from mpqflow.io import save_json, setup_logging
-from mpqflow.pipeline import evaluate_uniform, stage_config
+from mpqflow.io import setup_logging
 
-setup_logging(snakemake.log[0])
-cfg = stage_config(snakemake.params.cfg, snakemake.config, snakemake.threads)
-metrics = evaluate_uniform(cfg, snakemake.wildcards.model, snakemake.input.model,
-                           snakemake.input.calibration, snakemake.wildcards.option)
-save_json(snakemake.output.metrics, metrics)
+setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
+
+from mpqflow.config import EvaluationConfig, ModelConfig, QuantConfig, Runtime  # noqa: E402
+from mpqflow.stages.evaluate import evaluate_uniform  # noqa: E402
+
+p = snakemake.params
+evaluate_uniform(
+    ModelConfig.from_dict(p.model),
+    QuantConfig.from_dict(p.quant),
+    p.seed,
+    EvaluationConfig.from_dict(p.evaluation),
+    Runtime(snakemake.config["device"], snakemake.threads),
+    snakemake.input.model,
+    snakemake.input.calibration,
+    list(p.options),
+    list(snakemake.output),
+)

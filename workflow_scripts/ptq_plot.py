@@ -1,5 +1,8 @@
 from mpqflow.io import setup_logging
-from mpqflow.ptq import plot_ptq_table
 
-setup_logging(snakemake.log[0])
-plot_ptq_table(snakemake.input.table, snakemake.output.plot, snakemake.params.plots)
+setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
+
+from mpqflow.config import PlotsConfig  # noqa: E402
+from mpqflow.stages.ptq import plot_ptq_table  # noqa: E402
+
+plot_ptq_table(snakemake.input.table, snakemake.output.plot, PlotsConfig.from_dict(snakemake.params.plots))

@@ -1,8 +1,19 @@
 from mpqflow.io import setup_logging
-from mpqflow.pipeline import stage_config
-from mpqflow.ptq import ptq_variant
 
-setup_logging(snakemake.log[0])
-cfg = stage_config(snakemake.params.cfg, snakemake.config, snakemake.threads)
-ptq_variant({**cfg, "variant": snakemake.wildcards.variant}, snakemake.wildcards.model,
-            snakemake.input.model, snakemake.output.metrics)
+setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
+
+from mpqflow.config import EvaluationConfig, ModelConfig, PtqConfig, QuantConfig, Runtime  # noqa: E402
+from mpqflow.stages.ptq import ptq_variant  # noqa: E402
+
+p = snakemake.params
+ptq_variant(
+    snakemake.wildcards.variant,
+    ModelConfig.from_dict(p.model),
+    QuantConfig.from_dict(p.quant),
+    PtqConfig.from_dict(p.ptq),
+    p.seed,
+    EvaluationConfig.from_dict(p.evaluation),
+    Runtime(snakemake.config["device"], snakemake.threads),
+    snakemake.input.model,
+    snakemake.output.metrics,
+)

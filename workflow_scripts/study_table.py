@@ -1,5 +1,7 @@
 from mpqflow.io import setup_logging
-from mpqflow.study import study_table
 
-setup_logging(snakemake.log[0])
+setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
+
+from mpqflow.stages.study import study_table  # noqa: E402
+
 study_table(list(snakemake.input.uniform), list(snakemake.input.evals), snakemake.output.table)

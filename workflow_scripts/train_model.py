@@ -1,6 +1,17 @@
 from mpqflow.io import setup_logging
-from mpqflow.pipeline import stage_config, train_or_load
 
-setup_logging(snakemake.log[0])
-cfg = stage_config(snakemake.params.cfg, snakemake.config, snakemake.threads)
-train_or_load(cfg, snakemake.wildcards.model, snakemake.output.model)
+setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
+
+from mpqflow.config import EvaluationConfig, ModelConfig, Runtime  # noqa: E402
+from mpqflow.stages.model import train_or_load  # noqa: E402
+
+p = snakemake.params
+train_or_load(
+    ModelConfig.from_dict(p.model),
+    p.seed,
+    # The FP metrics' batch size is an execution detail (top-1 does not depend on it), not a param:
+    # changing evaluation.batch_size must not retrain the model and invalidate everything after it.
+    EvaluationConfig.from_dict(snakemake.config["evaluation"]),
+    Runtime(snakemake.config["device"], snakemake.threads),
+    snakemake.output.model,
+)

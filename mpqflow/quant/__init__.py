@@ -8,9 +8,11 @@
         logits = model(x)
 
 Modules: :mod:`.functional` (stateless qparams and fake-quant), :mod:`.scheme` (QuantScheme and the
-observer registry), :mod:`.observers` (statistics -> qparams), :mod:`.quantizer` (ModelQuantizer).
-Extensions (pure functions): :mod:`.aciq` (analytical clipping, GEMMLOWP qparams), :mod:`.bitalloc`
-(per-channel bits), :mod:`.bias_correction`, :mod:`.levels` (ALQ/AMQ, stochastic quantization),
+observer registry), :mod:`.observers` (statistics -> qparams), :mod:`.qparams` (QParams, ChannelBits,
+quantize_weight: applying them), :mod:`.calibration` (observers run on a model's layers),
+:mod:`.quantizer` (ModelQuantizer). Extensions (pure functions): :mod:`.aciq` (analytical clipping,
+GEMMLOWP qparams), :mod:`.bitalloc` (per-channel bits), :mod:`.bias_correction`, :mod:`.levels`
+(ALQ/AMQ level fitting), :mod:`.level_quant` (quantization onto levels, stochastic quantization),
 :mod:`.entropy` (bit-rate).
 """
 
@@ -25,7 +27,8 @@ from .functional import (
 from .scheme import BIAS_CORRECTIONS, GRANULARITIES, LEVELS, OBSERVERS, QuantScheme, register_observer
 from .observers import (ACIQObserver, EMAMinMaxObserver, EMAMSEObserver, MinMaxObserver, MSEObserver, Observer,
                         make_observer)
-from .quantizer import ModelQuantizer, QParams, quantize_weight
+from .qparams import QParams, quantize_weight
+from .quantizer import ModelQuantizer
 
 __all__ = [
     "quant_range",

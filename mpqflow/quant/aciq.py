@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from scipy import optimize, special
 
-from .functional import choose_qparams
+from .functional import _reduce_dims, choose_qparams
 
 __all__ = [
     "PRIORS",
@@ -219,13 +219,6 @@ def optimal_clip_ratio(bits: int, prior: str = "laplace", *, one_sided: bool = F
     i = idx[np.argmin(vals[idx, 0])]
     fprime = lambda a: _unit_mse(a, bits, prior, one_sided, model)[1]  # noqa: E731
     return float(optimize.brentq(fprime, grid[i], grid[i + 1], xtol=1e-13, rtol=1e-13))
-
-
-def _reduce_dims(x: torch.Tensor, ch_axis: int | None) -> tuple[int, ...]:
-    if ch_axis is None:
-        return tuple(range(x.dim()))
-    ch_axis = ch_axis % x.dim()
-    return tuple(d for d in range(x.dim()) if d != ch_axis)
 
 
 def fit_prior(x: torch.Tensor, prior: str = "laplace", *, one_sided: bool = False,

@@ -17,7 +17,7 @@ handles every bit-width from 1 to 16.
   those ranges over batches (MQBench's MSEObserver convention).
 - ema_mse: moving average of the per-batch MSE-optimal ranges.
 - aciq_laplace, aciq_gauss: the ACIQ clipping range (:mod:`mpqflow.quant.aciq`) from running moment
-  sums of all batches.
+  sums of all batches, optimal under the MSE model ``scheme.aciq_model``.
 
 ``signed=None`` decides from the data: unsigned when every observed value is >= 0 (post-ReLU
 activations), signed otherwise.
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.ao.quantization import observer as _tao
 
-from .aciq import aciq_range_from_sums, merge_sums, moment_sums
+from .aciq import MODELS, aciq_range_from_sums, merge_sums, moment_sums
 from .functional import DEFAULT_EPS, _check_bits, choose_qparams, clip_ratios, mse_clip_range
 from .scheme import OBSERVERS, QuantScheme, register_observer
 
@@ -236,18 +236,22 @@ class ACIQObserver(Observer):
     """ACIQ range: alpha* minimizing the expected MSE under a Laplace or Gaussian prior fitted to the
     running statistics; [mean - alpha, mean + alpha] or [0, alpha] (all data >= 0), within the data.
 
-    Two-sided ranges use the ``signed_grid`` model, the grid :func:`choose_qparams` builds from a
-    range symmetric about 0 (pow2_scale widens it further and is not modelled). The Laplace b pools
+    By default (``model="signed_grid"``) two-sided ranges are optimal for the grid
+    :func:`choose_qparams` builds from a range symmetric about 0 (pow2_scale widens it further and
+    is not modelled); "grid" and "banner" are the other MSE models of :mod:`.aciq`. The Laplace b pools
     each batch's mean |x - batch mean|, which assumes batches are samples of one distribution
     (shuffled calibration data); sigma and the one-sided fits are exact over all batches.
 
     Args:
         prior: "laplace" or "gauss".
+        model: MSE model of the clipping, one of :data:`mpqflow.quant.aciq.MODELS`.
         (other arguments as :class:`Observer`)
     """
 
-    def __init__(self, bits: int, *, prior: str = "laplace", **kwargs):
-        self.prior = prior
+    def __init__(self, bits: int, *, prior: str = "laplace", model: str = "signed_grid", **kwargs):
+        if model not in MODELS:
+            raise ValueError(f"ACIQObserver: model must be one of {list(MODELS)}, got {model!r}")
+        self.prior, self.model = prior, model
         super().__init__(bits, **kwargs)
 
     def _make_stats(self) -> nn.Module:
@@ -258,7 +262,7 @@ class ACIQObserver(Observer):
         if st.n.numel() == 0:
             return torch.zeros(0), torch.zeros(0)
         sums = {k: getattr(st, k) for k in _SumStats._KEYS}
-        lo, hi = aciq_range_from_sums(sums, self.bits, self.prior, model="signed_grid")
+        lo, hi = aciq_range_from_sums(sums, self.bits, self.prior, model=self.model)
         return lo.float(), hi.float()
 
     @property
@@ -272,17 +276,17 @@ class ACIQObserver(Observer):
         return self._range()[1]
 
     def extra_repr(self) -> str:
-        return f"prior={self.prior}, " + super().extra_repr()
+        return f"prior={self.prior}, model={self.model}, " + super().extra_repr()
 
 
 @register_observer("aciq_laplace")
 def _aciq_laplace(scheme: QuantScheme, bits: int, signed: bool | None) -> Observer:
-    return ACIQObserver(bits, prior="laplace", **_common(scheme, signed))
+    return ACIQObserver(bits, prior="laplace", model=scheme.aciq_model, **_common(scheme, signed))
 
 
 @register_observer("aciq_gauss")
 def _aciq_gauss(scheme: QuantScheme, bits: int, signed: bool | None) -> Observer:
-    return ACIQObserver(bits, prior="gauss", **_common(scheme, signed))
+    return ACIQObserver(bits, prior="gauss", model=scheme.aciq_model, **_common(scheme, signed))
 
 
 def make_observer(scheme: QuantScheme, bits: int, signed: bool | None = None) -> Observer:

@@ -20,120 +20,28 @@ calibrate again (quantized weights are cached).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from .aciq import aciq_range_from_sums
-from .bias_correction import correct_bias
-from .bitalloc import allocate_bits, fake_quantize_per_channel_bits
-from .functional import MAX_BITS, fake_quantize
-from .levels import fake_quantize_levels, fit_levels, levels_for_bits
-from .observers import ACIQObserver, make_observer
+from .calibration import calibrate_layers
+from .functional import MAX_BITS
+from .qparams import ACT_CH_AXIS, ChannelBits, QParams, quantize_weight
 from .scheme import QuantScheme
 
-__all__ = ["QParams", "ChannelBits", "ModelQuantizer", "quantize_weight"]
+__all__ = ["ModelQuantizer"]
 
 _LAYER_TYPES = (nn.Conv2d, nn.Linear)
-_ACT_CH_AXIS = 1  # channel axis of layer inputs (N, C, ...)
 _KINDS = ("weight", "act")
 _FP = (None, None)
 _STATE_VERSION = 1
 
 
-class QParams(NamedTuple):
-    """Qparams of one quantizer; ``fake_quantize(x, *qp)`` (or ``qp.fake_quantize(x)``) applies them.
-
-    Args:
-        scale: () per tensor or (C,) per channel, float32.
-        zero_point: same shape, int32.
-        quant_min, quant_max: integer range.
-        ch_axis: None per tensor, else the channel axis.
-    """
-
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    quant_min: int
-    quant_max: int
-    ch_axis: int | None
-
-    def to(self, device: torch.device | str) -> QParams:
-        """The same qparams with tensors on `device`."""
-        return self._replace(scale=self.scale.to(device), zero_point=self.zero_point.to(device))
-
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize x with these qparams."""
-        return fake_quantize(x, *self)
-
-
-class ChannelBits(NamedTuple):
-    """Per-channel bit allocation of one quantizer (scheme.bit_allocation): channel c is quantized at
-    bits[c] on [min_val[c], max_val[c]] (the qparams of each bit group come from ``choose_qparams``).
-
-    Args:
-        bits: (C,) int64 bit-widths, mean = the layer's bit-width.
-        min_val, max_val: (C,) ranges.
-        symmetric, signed, pow2_scale: as in ``choose_qparams``.
-        ch_axis: channel axis (0 for weights, 1 for inputs).
-    """
-
-    bits: torch.Tensor
-    min_val: torch.Tensor
-    max_val: torch.Tensor
-    symmetric: bool
-    signed: bool
-    pow2_scale: bool
-    ch_axis: int
-
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize x, channel c at bits[c]."""
-        return fake_quantize_per_channel_bits(x, self.bits, self.min_val, self.max_val, self.ch_axis,
-                                              symmetric=self.symmetric, signed=self.signed,
-                                              pow2_scale=self.pow2_scale)
-
-
 def _quant_input_hook(qp, module: nn.Module, args: tuple) -> tuple:
     return (qp.fake_quantize(args[0]),) + tuple(args[1:])
-
-
-def _allocate(obs, lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: QuantScheme, signed: bool,
-              ch_axis: int) -> ChannelBits:
-    """Bits per channel proportional to log2(alpha_i^{2/3}) with mean `bits`; ACIQ ranges re-clipped per bits_i."""
-    alpha = ((hi - lo) / 2).double().clamp_min(torch.finfo(torch.float32).tiny)  # (C,)
-    min_bits = 1 if bits == 1 or not (scheme.symmetric and signed) else 2
-    cb = allocate_bits(alpha, bits, min_bits=min_bits, max_bits=16)
-    if isinstance(obs, ACIQObserver):
-        sums = {k: getattr(obs.stats, k) for k in obs.stats._KEYS}
-        lo, hi = (t.float().cpu() for t in aciq_range_from_sums(sums, cb, obs.prior, model="signed_grid"))
-    return ChannelBits(cb, lo.clone(), hi.clone(), scheme.symmetric, signed, scheme.pow2_scale, ch_axis)
-
-
-def _observe_hook(observers: list, module: nn.Module, args: tuple) -> None:
-    for obs in observers:
-        obs(args[0])
-
-
-def quantize_weight(w: torch.Tensor, qp: QParams, scheme: QuantScheme, bits: int,
-                    alloc: ChannelBits | None = None) -> torch.Tensor:
-    """Fake-quantized weight under `scheme` at `bits`: uniform with qp (or with the per-channel bits
-    `alloc`, when given), or the scheme's non-uniform levels (fitted to w, per channel along qp.ch_axis
-    or per tensor), then the scheme's bias correction per output channel (along scheme.ch_axis).
-    Deterministic in w, so nothing beyond qp (and alloc) is stored."""
-    if alloc is not None:
-        q = alloc.fake_quantize(w)
-    elif scheme.levels == "uniform":
-        q = fake_quantize(w, *qp)
-    else:
-        lv = fit_levels(w, levels_for_bits(bits), scheme.levels, ch_axis=qp.ch_axis).to(w.device)
-        q = fake_quantize_levels(w, lv, ch_axis=qp.ch_axis)
-    if scheme.bias_correction != "none":
-        q = correct_bias(w, q, scheme.ch_axis, variance=scheme.bias_correction == "bias_variance")
-    return q
 
 
 def _bits_tuple(name: str, bits: Sequence[int]) -> tuple[int, ...]:
@@ -207,82 +115,21 @@ class ModelQuantizer:
         """True after :meth:`calibrate` or :meth:`load_state_dict`."""
         return bool(self._qparams)
 
-    def _weight_ch_axis(self) -> int | None:
-        return self.weight_scheme.ch_axis if self.weight_scheme.per_channel else None
-
-    def _act_ch_axis(self) -> int | None:
-        return _ACT_CH_AXIS if self.act_scheme.per_channel else None
-
     def calibrate(self, batches: Iterable[torch.Tensor], max_samples: int | None = None) -> None:
         """Compute all qparams: activations from the model run on `batches`, weights from the weights.
 
         The model runs in eval mode under no_grad with no assignment applied (any applied one is
         removed first); a forward-pre-hook feeds each layer's input to one observer per a_bits. Weight
         qparams come from one observer per (layer, w_bits) fed the FP weight. Replaces earlier qparams.
+        (:func:`mpqflow.quant.calibration.calibrate_layers`.)
 
         Args:
             batches: input tensors (or tuples/lists whose first item is the input), on the model's device.
             max_samples: stop after this many samples (the last batch is truncated); None uses all.
         """
         self.remove()
-        observers = self._observe_inputs(batches, max_samples)
-        qparams, ranges, alloc = {}, {}, {}
-        for l in self.layers:
-            for b, obs in zip(self.a_bits, observers[l]):
-                qparams[l, "act", b], ranges[l, "act", b] = self._observer_qparams(obs, l, "act", self._act_ch_axis())
-                if self.act_scheme.bit_allocation:
-                    alloc[l, "act", b] = _allocate(obs, *ranges[l, "act", b], b, self.act_scheme,
-                                                   qparams[l, "act", b].quant_min < 0, _ACT_CH_AXIS)
-            w = self._fp_weight(l)
-            for b in self.w_bits:
-                obs = make_observer(self.weight_scheme, b, True).to(w.device)
-                obs(w)
-                qparams[l, "weight", b], ranges[l, "weight", b] = self._observer_qparams(
-                    obs, l, "weight", self._weight_ch_axis())
-                if self.weight_scheme.bit_allocation:
-                    alloc[l, "weight", b] = _allocate(obs, *ranges[l, "weight", b], b, self.weight_scheme, True,
-                                                      self.weight_scheme.ch_axis)
-        self._set_qparams(qparams, ranges, alloc)
-
-    def _observe_inputs(self, batches: Iterable, max_samples: int | None) -> dict[str, list]:
-        """Run the model (eval, no_grad) on the batches; returns {layer: [observer per a_bits]}."""
-        act_scheme = dataclasses.replace(self.act_scheme, ch_axis=_ACT_CH_AXIS)
-        observers = {l: [make_observer(act_scheme, b, None).to(m.weight.device) for b in self.a_bits]
-                     for l, m in self._modules.items()}
-        hooks = [m.register_forward_pre_hook(functools.partial(_observe_hook, observers[l]))
-                 for l, m in self._modules.items()]
-        was_training, n = self.model.training, 0
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for batch in tqdm(batches, desc="calibrate", unit="batch", leave=False):
-                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    x = x if max_samples is None else x[: max_samples - n]
-                    if len(x) == 0:
-                        break
-                    self.model(x)
-                    n += len(x)
-                    if max_samples is not None and n >= max_samples:
-                        break
-        finally:
-            for h in hooks:
-                h.remove()
-            self.model.train(was_training)
-        if n == 0:
-            raise RuntimeError("calibrate() got no samples")
-        unseen = [l for l, obs in observers.items() if obs and not obs[0].observed]
-        if unseen:
-            raise RuntimeError(f"layers never ran during calibration (no input observed): {unseen}")
-        return observers
-
-    @staticmethod
-    def _observer_qparams(obs, layer: str, kind: str, ch_axis: int | None):
-        try:
-            scale, zp, qmin, qmax = obs.calculate_qparams()
-        except ValueError as err:
-            raise ValueError(f"layer {layer!r}, {kind} at {obs.bits} bits: {err}") from None
-        rng = (obs.min_val.detach().cpu().clone(), obs.max_val.detach().cpu().clone())
-        return QParams(scale.cpu(), zp.cpu(), qmin, qmax, ch_axis), rng
+        self._set_qparams(*calibrate_layers(self.model, self._modules, self.weight_scheme, self.act_scheme,
+                                            self.w_bits, self.a_bits, batches, max_samples))
 
     def _set_qparams(self, qparams: dict, ranges: dict, alloc: dict | None = None) -> None:
         self.remove()
@@ -356,7 +203,7 @@ class ModelQuantizer:
                         alloc[l, kind, b] = ChannelBits(
                             e["channel_bits"].cpu(), e["channel_min"].cpu(), e["channel_max"].cpu(), scheme.symmetric,
                             int(e["quant_min"]) < 0, scheme.pow2_scale,
-                            scheme.ch_axis if kind == "weight" else _ACT_CH_AXIS)
+                            scheme.ch_axis if kind == "weight" else ACT_CH_AXIS)
         self._set_qparams(qparams, ranges, alloc)
 
     # ------------------------------------------------------------------ qparams and quantized tensors

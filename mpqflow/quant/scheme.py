@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .aciq import MODELS as _ACIQ_MODELS  # MSE models of the aciq_* observers' clipping
+
 __all__ = ["GRANULARITIES", "LEVELS", "BIAS_CORRECTIONS", "OBSERVERS", "QuantScheme", "register_observer"]
 
 GRANULARITIES = ("per_tensor", "per_channel")
@@ -70,6 +72,11 @@ class QuantScheme:
             alpha_i^{2/3} (alpha_i: half-width of the channel's calibrated range), integers with mean
             exactly M (:func:`mpqflow.quant.bitalloc.allocate_bits`); ACIQ observers then clip
             each channel at its alpha*(M_i). Uniform levels only.
+        aciq_model: aciq_* observers only (and their per-channel re-clipping under bit_allocation):
+            the MSE model whose minimizer is the clipping value (:mod:`mpqflow.quant.aciq`):
+            "signed_grid" (the grid choose_qparams builds from the range, i.e. the quantizer that is
+            applied), "grid" (2^M levels spanning the range) or "banner" (the paper's approximation
+            clip + alpha^2 / (3 * 4^M); Laplace alpha* = 2.83b, 3.89b, 5.03b at 2, 3, 4 bits).
     """
 
     observer: str = "minmax"
@@ -82,6 +89,7 @@ class QuantScheme:
     levels: str = "uniform"
     bias_correction: str = "none"
     bit_allocation: bool = False
+    aciq_model: str = "signed_grid"
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
@@ -103,6 +111,8 @@ class QuantScheme:
             _fail("levels", self.levels, f"one of {list(LEVELS)}")
         if self.bias_correction not in BIAS_CORRECTIONS:
             _fail("bias_correction", self.bias_correction, f"one of {list(BIAS_CORRECTIONS)}")
+        if self.aciq_model not in _ACIQ_MODELS:
+            _fail("aciq_model", self.aciq_model, f"one of {list(_ACIQ_MODELS)}")
         if self.bit_allocation and (not self.per_channel or self.levels != "uniform"):
             _fail("bit_allocation", self.bit_allocation,
                   "false unless granularity is 'per_channel' and levels is 'uniform'")

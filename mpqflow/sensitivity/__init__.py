@@ -60,7 +60,7 @@ def compute_batch(estimator: str, ctx, x: torch.Tensor, y: torch.Tensor, setting
 
     Args:
         estimator: one of ESTIMATORS (clado, mpqco, hawq).
-        ctx: pipeline.Context (net, calibrated quantizer, layer table, device).
+        ctx: context.Context (net, calibrated quantizer, layer table, device).
         x: (B, ...) inputs, y: (B,) labels (moved to ctx.device here).
         settings: the config's `sensitivity` section (extra keys are ignored).
 

@@ -1,7 +1,7 @@
 """CLADO: pairwise loss changes from forward passes only, cross-entropy and KL from the same passes.
 
 Usage:
-    payload = clado_batch(ctx, x, y, {"engine": "fast"})   # sums over the batch + count
+    payload = clado_batch(ctx, x, y, {"clado_engine": "fast"})   # sums over the batch + count
     G = clado_matrix(pooled, kind="ce")                    # or kind="kl"
 
 With the base assignment (fixed layers quantized) as reference, per sample n:
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import OptionIndex, means
+from ..methods import clado_matrix
+from .common import OptionIndex
 from .fx_engine import pairwise_fx, pairwise_reference
 
 __all__ = ["ENGINES", "clado_batch", "clado_matrix", "clado_head"]
@@ -69,13 +70,13 @@ def clado_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
     """CLADO payload of one batch (sums over its samples).
 
     Args:
-        ctx: pipeline.Context (net, quantizer, table, device).
+        ctx: context.Context (net, quantizer, table, device).
         x: (B, ...) inputs on ctx.device; y: (B,) labels.
-        settings: `engine` (or `clado_engine`): "fast" (default) | "reference"; `loss_fn` (optional
+        settings: `clado_engine`: "fast" (default) | "reference"; `loss_fn` (optional
             per-sample loss, default cross-entropy); `clado_stack` (bool, default True); `progress`.
     """
     settings = settings or {}
-    engine = settings.get("engine", settings.get("clado_engine", "fast"))
+    engine = settings.get("clado_engine", "fast")
     if engine not in ENGINES:
         raise ValueError(f"unknown CLADO engine {engine!r}; expected one of {sorted(ENGINES)}")
     idx = OptionIndex.from_table(ctx.table)
@@ -97,29 +98,3 @@ def clado_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
         "kl_pair_sum": res.pair[:, :, 1].copy(),
         "count": np.int64(x.shape[0]),
     }
-
-
-def clado_matrix(pooled: dict, kind: str = "ce", layer_of: np.ndarray | None = None) -> np.ndarray:
-    """G (n, n) from a per-batch or pooled CLADO dict: sums / count, then the formulas above.
-
-    Args:
-        pooled: payload with the clado keys, plus meta (`options`) unless layer_of is given.
-        kind: "ce" (cross-entropy) or "kl" (KL to the base model's softmax; base value 0).
-        layer_of: (n,) layer of each option; default from the number of options in pooled["options"].
-    """
-    if kind not in ("ce", "kl"):
-        raise ValueError(f"kind must be 'ce' or 'kl', got {kind!r}")
-    mu = means(pooled)
-    Li, Lij = mu[f"{kind}_single"], mu[f"{kind}_pair"]  # (n,), (n, n)
-    L0 = mu["ce_base"] if kind == "ce" else 0.0
-    n = Li.shape[0]
-    if layer_of is None:
-        if "options" not in pooled:
-            raise ValueError("clado_matrix needs pooled['options'] (meta) or an explicit layer_of")
-        K = len(np.asarray(pooled["options"]).reshape(-1, 2))
-        layer_of = np.repeat(np.arange(n // K), K)
-    layer_of = np.asarray(layer_of)
-    G = Lij - Li[:, None] - Li[None, :] + L0
-    G[layer_of[:, None] == layer_of[None, :]] = 0.0
-    G[np.diag_indices(n)] = 2.0 * (Li - L0)
-    return (G + G.T) / 2

@@ -25,7 +25,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ..io import load_npz, save_npz
+from ..artifacts import (
+    FORMAT_VERSION,
+    META_FIELDS,
+    is_additive,
+    load_batch_file,
+    means,
+    pool_batch_files,
+    save_batch_file,
+    split_meta,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,10 +50,6 @@ __all__ = [
     "means",
     "make_context",
 ]
-
-FORMAT_VERSION = 1
-META_FIELDS = ("format", "estimator", "layers", "options", "quant", "checkpoint_sha256", "settings")
-_CONST_RTOL = 1e-6  # per-file constants (e.g. weight errors) may differ by float noise across devices
 
 # Estimator settings that change the numbers (and their defaults); anything else (the CLADO engine,
 # chunk sizes, progress bars) is an execution detail and is not recorded.
@@ -119,128 +124,21 @@ def estimator_settings(estimator: str, settings: dict | None) -> dict:
 
 
 def batch_meta(ctx, estimator: str, settings: dict | None = None) -> dict:
-    """The meta fields of a per-batch file computed on `ctx` (a pipeline.Context)."""
+    """The meta fields of a per-batch file computed on `ctx` (a context.Context)."""
     return {
         "format": FORMAT_VERSION,
         "estimator": estimator,
         "layers": list(ctx.table.candidates),
         "options": np.asarray(ctx.table.options, dtype=np.int64).reshape(-1, 2),
-        "quant": json.dumps(ctx.cfg["quant"], sort_keys=True),
+        "quant": json.dumps(ctx.quant.to_dict(), sort_keys=True),
         "checkpoint_sha256": str(ctx.checkpoint_sha256),
         "settings": json.dumps(estimator_settings(estimator, settings), sort_keys=True),
     }
 
 
-def split_meta(data: dict) -> tuple[dict, dict]:
-    """(payload, meta) of a loaded or pooled dict."""
-    return ({k: v for k, v in data.items() if k not in META_FIELDS},
-            {k: v for k, v in data.items() if k in META_FIELDS})
-
-
-def is_additive(key: str) -> bool:
-    """True for payload keys that are sums over samples (pooling adds them)."""
-    return key == "count" or key.endswith("_sum")
-
-
-def save_batch_file(path: str | Path, payload: dict, meta: dict | None = None) -> None:
-    """Write payload arrays and meta fields to one .npz, atomically.
-
-    Args:
-        path: output file.
-        payload: arrays of an estimator (sums + `count`), or a loaded/pooled dict that carries meta.
-        meta: from :func:`batch_meta`; None when `payload` already holds the meta fields.
-    """
-    payload, carried = split_meta(payload)
-    meta = carried if meta is None else meta
-    missing = [f for f in META_FIELDS if f not in meta]
-    if missing:
-        raise ValueError(f"{path}: meta fields {missing} are missing")
-    if "count" not in payload:
-        raise ValueError(f"{path}: the payload has no 'count'")
-    arrays = {k: np.asarray(v) for k, v in payload.items()}
-    arrays.update(
-        format=np.int64(meta["format"]),
-        estimator=np.str_(meta["estimator"]),
-        layers=np.asarray([str(l) for l in meta["layers"]], dtype=np.str_),
-        options=np.asarray(meta["options"], dtype=np.int64).reshape(-1, 2),
-        quant=np.str_(meta["quant"]),
-        checkpoint_sha256=np.str_(meta["checkpoint_sha256"]),
-        settings=np.str_(meta["settings"]),
-    )
-    save_npz(path, **arrays)
-
-
-def load_batch_file(path: str | Path) -> dict:
-    """A per-batch or pooled file as a dict: payload arrays plus meta (layers as a list of str)."""
-    data = load_npz(path)
-    missing = [f for f in META_FIELDS + ("count",) if f not in data]
-    if missing:
-        raise ValueError(f"{path}: not a sensitivity file (missing {missing})")
-    data["layers"] = [str(l) for l in np.atleast_1d(data["layers"])]
-    data["format"] = int(data["format"])
-    data["options"] = np.asarray(data["options"], dtype=np.int64).reshape(-1, 2)
-    return data
-
-
-def _meta_differs(a, b) -> bool:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        a, b = np.asarray(a), np.asarray(b)
-        return a.shape != b.shape or not np.array_equal(a, b)
-    return a != b
-
-
-def _describe(field: str, a, b) -> str:
-    if field in ("quant", "settings"):
-        da, db = json.loads(a), json.loads(b)
-        keys = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
-        return ", ".join(f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in keys)
-    if field == "layers":
-        return f"{len(a)} layers {list(a)[:4]}... vs {len(b)} layers {list(b)[:4]}..."
-    if field == "options":
-        return f"{np.asarray(a).tolist()} vs {np.asarray(b).tolist()}"
-    return f"{a!r} vs {b!r}"
-
-
-def pool_batch_files(paths: Sequence[str | Path]) -> dict:
-    """Pool per-batch (or already pooled) files: sums added, counts added, constants checked equal.
-
-    Raises ValueError naming both files and the field when meta fields or payload keys differ.
-    """
-    paths = list(paths)
-    if not paths:
-        raise ValueError("pool_batch_files needs at least one file")
-    first = load_batch_file(paths[0])
-    pooled, meta = split_meta(first)
-    pooled = {k: (np.asarray(v, dtype=np.float64) if is_additive(k) and k != "count" else np.asarray(v))
-              for k, v in pooled.items()}
-    for p in paths[1:]:
-        payload, m = split_meta(load_batch_file(p))
-        for f in META_FIELDS:
-            if _meta_differs(meta[f], m[f]):
-                raise ValueError(f"cannot pool {paths[0]} with {p}: field {f!r} differs "
-                                 f"({_describe(f, meta[f], m[f])})")
-        if set(payload) != set(pooled):
-            raise ValueError(f"cannot pool {paths[0]} with {p}: field 'payload keys' differs "
-                             f"({sorted(pooled)} vs {sorted(payload)})")
-        for k, v in payload.items():
-            if is_additive(k):
-                pooled[k] = pooled[k] + v
-            elif np.shape(v) != np.shape(pooled[k]) or not np.allclose(v, pooled[k], rtol=_CONST_RTOL, atol=0):
-                raise ValueError(f"cannot pool {paths[0]} with {p}: per-file constant {k!r} differs")
-    return {**pooled, **meta}
-
-
-def means(pooled: dict) -> dict:
-    """Every `<name>_sum` divided by `count`, as `<name>` (float64)."""
-    c = float(pooled["count"])
-    if c <= 0:
-        raise ValueError(f"count must be positive, got {c}")
-    return {k[: -len("_sum")]: np.asarray(v, dtype=np.float64) / c for k, v in pooled.items() if k.endswith("_sum")}
-
-
 def make_context(net, calib_x, w_bits=(2, 4, 8), a_bits=(8,), *, quant: dict | None = None,
                  candidates: Sequence[str] | None = None, fix_first_last: bool = True, device=None):
-    """A calibrated pipeline.Context for an in-memory model (tests, benchmarks; no files involved).
+    """A calibrated context.Context for an in-memory model (tests, benchmarks; no files involved).
 
     Args:
         net: the model (put in eval mode, moved to `device`).
@@ -253,12 +151,13 @@ def make_context(net, calib_x, w_bits=(2, 4, 8), a_bits=(8,), *, quant: dict | N
     """
     import dataclasses
 
-    from ..pipeline import Context, _quantizer, layer_table
+    from ..config import QuantConfig
+    from ..context import Context, build_quantizer, layer_table
 
     device = torch_device(net) if device is None else device
     net = net.to(device).eval()
     calib_x = calib_x.to(device)
-    q = {
+    q = QuantConfig.from_dict({
         "weight": {"granularity": "per_channel"},
         "activation": {"observer": "ema_minmax", "symmetric": False},
         "w_bits": list(w_bits),
@@ -268,15 +167,14 @@ def make_context(net, calib_x, w_bits=(2, 4, 8), a_bits=(8,), *, quant: dict | N
         "calibration_samples": int(calib_x.shape[0]),
         "calibration_batch_size": int(calib_x.shape[0]),
         **(quant or {}),
-    }
-    cfg = {"quant": q, "seed": 0}
-    table = layer_table(cfg, net, calib_x)
+    })
+    table = layer_table(net, calib_x, q)
     if candidates is not None:
         keep = set(candidates)
         table = dataclasses.replace(table, candidates=tuple(c for c in table.candidates if c in keep))
-    quantizer = _quantizer(cfg, net, table)
+    quantizer = build_quantizer(net, table, q)
     quantizer.calibrate([calib_x])
-    return Context(cfg, "in_memory", net, quantizer, table, "in-memory", device)
+    return Context(net, quantizer, table, q, "in-memory", device)
 
 
 def torch_device(net):

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import OptionIndex, means
+from ..methods import hawq_omega
+from .common import OptionIndex
 
 __all__ = ["hutchinson_traces", "hawq_batch", "hawq_omega"]
 
@@ -81,7 +82,7 @@ def hawq_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = No
     """HAWQ payload of one batch: trace_sum (L,), weight_err (n,), count.
 
     Args:
-        ctx: pipeline.Context; x: (B, ...) inputs on ctx.device; y: (B,) labels.
+        ctx: context.Context; x: (B, ...) inputs on ctx.device; y: (B,) labels.
         settings: hawq_max_probes (100), hawq_tol (1e-3), hawq_seed (0).
     """
     settings = settings or {}
@@ -107,17 +108,3 @@ def hawq_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = No
         q.apply(previous)
     log.info("hawq: %d samples, Hutchinson probes per layer: %s", x.shape[0], probes)
     return {"trace_sum": traces.cpu().numpy(), "weight_err": err.cpu().numpy(), "count": np.int64(x.shape[0])}
-
-
-def hawq_omega(pooled: dict, numel) -> np.ndarray:
-    """Ω (n,) = (trace_sum/count) / numel(W_l) · weight_err, option i = l*K + k.
-
-    Args:
-        pooled: per-batch or pooled HAWQ dict.
-        numel: (L,) weights per candidate layer (execution order).
-    """
-    trace = means(pooled)["trace"]  # (L,) trace of the mean-loss Hessian blocks
-    numel = np.asarray(numel, dtype=np.float64)
-    err = np.asarray(pooled["weight_err"], dtype=np.float64)
-    K = err.shape[0] // trace.shape[0]
-    return np.repeat(trace / numel, K) * err

@@ -42,7 +42,7 @@ def mpqco_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
     """MPQCO payload of one batch: sq_sum (n,) = Σ_n s_n^2 and count.
 
     Args:
-        ctx: pipeline.Context; x: (B, ...) inputs on ctx.device; y: (B,) labels.
+        ctx: context.Context; x: (B, ...) inputs on ctx.device; y: (B,) labels.
         settings: optional `mpqco_chunk` (samples per vmap call; default from a memory bound).
     """
     settings = settings or {}

@@ -1,0 +1,262 @@
+"""One owner per artifact: how each file under results/ is written, read and checked.
+
+Usage:
+    save_checkpoint(path, net.state_dict(), "resnet20", fp_metrics)   # results/{model}/model.pt
+    fp_metrics(path)                                                  # its held-out FP metrics
+    save_calibration(path, quantizer.state_dict(), table, sha, quant)  # results/{model}/calibration.pt
+    state, table = load_calibration(path, checkpoint_sha256=sha, quant=quant.to_dict())
+    save_layer_table(path, table); load_layer_table(path)             # results/{model}/layers.json
+    save_batch_file(path, payload, meta); pool_batch_files(paths)     # sensitivity/{est}/*.npz
+    save_decision(path, decision); load_decision(path, table)         # decisions/.../{budget}.json
+    set_of(path)                                                      # (n, s) of a set_{n}x{s} path
+
+Every write is atomic (:mod:`mpqflow.io`); every read checks what the file claims to be made from
+and names the file when it refuses. Torch is imported only to read or write the .pt files, so the
+torch-free stages (solve, study) can use the rest. Sensitivity files:
+    `count` (samples) and every key ending in `_sum` are sums over samples: pooling adds them.
+    Any other payload key (e.g. hawq's `weight_err`) is a per-file constant that does not depend on
+    the samples: pooling checks that all files agree and keeps it.
+Meta fields (checked equal before pooling): estimator, layers, options, quant, checkpoint_sha256,
+settings (the estimator settings that change numbers), format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .checkpoints import torch_load
+from .io import load_json, load_npz, save_json, save_npz, save_torch
+from .layers import LayerTable
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_FIELDS",
+    "save_checkpoint",
+    "load_checkpoint",
+    "fp_metrics",
+    "save_calibration",
+    "load_calibration",
+    "save_layer_table",
+    "load_layer_table",
+    "split_meta",
+    "is_additive",
+    "save_batch_file",
+    "load_batch_file",
+    "pool_batch_files",
+    "means",
+    "save_decision",
+    "load_decision",
+    "set_name",
+    "set_of",
+]
+
+FORMAT_VERSION = 1
+META_FIELDS = ("format", "estimator", "layers", "options", "quant", "checkpoint_sha256", "settings")
+_CONST_RTOL = 1e-6  # per-file constants (e.g. weight errors) may differ by float noise across devices
+
+
+
+def split_meta(data: dict) -> tuple[dict, dict]:
+    """(payload, meta) of a loaded or pooled dict."""
+    return ({k: v for k, v in data.items() if k not in META_FIELDS},
+            {k: v for k, v in data.items() if k in META_FIELDS})
+
+
+def is_additive(key: str) -> bool:
+    """True for payload keys that are sums over samples (pooling adds them)."""
+    return key == "count" or key.endswith("_sum")
+
+
+def save_batch_file(path: str | Path, payload: dict, meta: dict | None = None) -> None:
+    """Write payload arrays and meta fields to one .npz, atomically.
+
+    Args:
+        path: output file.
+        payload: arrays of an estimator (sums + `count`), or a loaded/pooled dict that carries meta.
+        meta: from :func:`batch_meta`; None when `payload` already holds the meta fields.
+    """
+    payload, carried = split_meta(payload)
+    meta = carried if meta is None else meta
+    missing = [f for f in META_FIELDS if f not in meta]
+    if missing:
+        raise ValueError(f"{path}: meta fields {missing} are missing")
+    if "count" not in payload:
+        raise ValueError(f"{path}: the payload has no 'count'")
+    arrays = {k: np.asarray(v) for k, v in payload.items()}
+    arrays.update(
+        format=np.int64(meta["format"]),
+        estimator=np.str_(meta["estimator"]),
+        layers=np.asarray([str(l) for l in meta["layers"]], dtype=np.str_),
+        options=np.asarray(meta["options"], dtype=np.int64).reshape(-1, 2),
+        quant=np.str_(meta["quant"]),
+        checkpoint_sha256=np.str_(meta["checkpoint_sha256"]),
+        settings=np.str_(meta["settings"]),
+    )
+    save_npz(path, **arrays)
+
+
+def load_batch_file(path: str | Path) -> dict:
+    """A per-batch or pooled file as a dict: payload arrays plus meta (layers as a list of str)."""
+    data = load_npz(path)
+    missing = [f for f in META_FIELDS + ("count",) if f not in data]
+    if missing:
+        raise ValueError(f"{path}: not a sensitivity file (missing {missing})")
+    data["layers"] = [str(l) for l in np.atleast_1d(data["layers"])]
+    data["format"] = int(data["format"])
+    data["options"] = np.asarray(data["options"], dtype=np.int64).reshape(-1, 2)
+    return data
+
+
+def _meta_differs(a, b) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        return a.shape != b.shape or not np.array_equal(a, b)
+    return a != b
+
+
+def _describe(field: str, a, b) -> str:
+    if field in ("quant", "settings"):
+        da, db = json.loads(a), json.loads(b)
+        keys = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
+        return ", ".join(f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in keys)
+    if field == "layers":
+        return f"{len(a)} layers {list(a)[:4]}... vs {len(b)} layers {list(b)[:4]}..."
+    if field == "options":
+        return f"{np.asarray(a).tolist()} vs {np.asarray(b).tolist()}"
+    return f"{a!r} vs {b!r}"
+
+
+def pool_batch_files(paths: Sequence[str | Path]) -> dict:
+    """Pool per-batch (or already pooled) files: sums added, counts added, constants checked equal.
+
+    Raises ValueError naming both files and the field when meta fields or payload keys differ.
+    """
+    paths = list(paths)
+    if not paths:
+        raise ValueError("pool_batch_files needs at least one file")
+    first = load_batch_file(paths[0])
+    pooled, meta = split_meta(first)
+    pooled = {k: (np.asarray(v, dtype=np.float64) if is_additive(k) and k != "count" else np.asarray(v))
+              for k, v in pooled.items()}
+    for p in paths[1:]:
+        payload, m = split_meta(load_batch_file(p))
+        for f in META_FIELDS:
+            if _meta_differs(meta[f], m[f]):
+                raise ValueError(f"cannot pool {paths[0]} with {p}: field {f!r} differs "
+                                 f"({_describe(f, meta[f], m[f])})")
+        if set(payload) != set(pooled):
+            raise ValueError(f"cannot pool {paths[0]} with {p}: field 'payload keys' differs "
+                             f"({sorted(pooled)} vs {sorted(payload)})")
+        for k, v in payload.items():
+            if is_additive(k):
+                pooled[k] = pooled[k] + v
+            elif np.shape(v) != np.shape(pooled[k]) or not np.allclose(v, pooled[k], rtol=_CONST_RTOL, atol=0):
+                raise ValueError(f"cannot pool {paths[0]} with {p}: per-file constant {k!r} differs")
+    return {**pooled, **meta}
+
+
+def means(pooled: dict) -> dict:
+    """Every `<name>_sum` divided by `count`, as `<name>` (float64)."""
+    c = float(pooled["count"])
+    if c <= 0:
+        raise ValueError(f"count must be positive, got {c}")
+    return {k[: -len("_sum")]: np.asarray(v, dtype=np.float64) / c for k, v in pooled.items() if k.endswith("_sum")}
+
+
+# ---------------------------------------------------------------- model checkpoint and calibration
+
+
+def save_checkpoint(path, state_dict: dict, arch: str, metrics: dict) -> None:
+    """The FP model: its state_dict (CPU tensors), architecture and held-out metrics."""
+    save_torch(path, {"state_dict": state_dict, "arch": arch, "fp_metrics": metrics})
+
+
+def load_checkpoint(path) -> dict:
+    """{state_dict, arch, fp_metrics} of a checkpoint written by :func:`save_checkpoint`."""
+    ckpt = torch_load(path, "model checkpoint", "expected results/<model>/model.pt written by train_model")
+    if not isinstance(ckpt, dict) or not {"state_dict", "arch", "fp_metrics"} <= set(ckpt):
+        raise ValueError(f"{path}: not a model checkpoint written by mpqflow (expected state_dict, arch, fp_metrics)")
+    return ckpt
+
+
+def fp_metrics(path) -> dict:
+    """The held-out metrics of the FP model stored in its checkpoint."""
+    return load_checkpoint(path)["fp_metrics"]
+
+
+def save_calibration(path, quantizer_state: dict, table: LayerTable, checkpoint_sha256: str, quant: dict) -> None:
+    """Calibrated quantizer parameters, with the layer table, checkpoint hash and quant section they belong to."""
+    save_torch(
+        path,
+        {"quantizer": quantizer_state, "table": table.to_dict(), "checkpoint_sha256": checkpoint_sha256,
+         "quant_config": quant},
+    )
+
+
+def load_calibration(path, checkpoint_sha256: str, quant: dict) -> tuple[dict, LayerTable]:
+    """(quantizer state, layer table); refuses a calibration of another checkpoint or quant section."""
+    calib = torch_load(path, "calibration", "expected results/<model>/calibration.pt written by calibrate")
+    if calib["checkpoint_sha256"] != checkpoint_sha256:
+        raise ValueError(f"{path} was calibrated for another checkpoint (sha256 {calib['checkpoint_sha256'][:12]}..., "
+                         f"expected {checkpoint_sha256[:12]}...)")
+    if calib["quant_config"] != quant:
+        keys = sorted(k for k in set(quant) | set(calib["quant_config"]) if quant.get(k) != calib["quant_config"].get(k))
+        raise ValueError(f"{path} was made with other quant settings than the config's 'quant' section "
+                         f"(differing keys: {keys})")
+    return calib["quantizer"], LayerTable.from_dict(calib["table"])
+
+
+def save_layer_table(path, table: LayerTable) -> None:
+    """The layer table as JSON: what the torch-free stages need of the model."""
+    save_json(path, table.to_dict())
+
+
+def load_layer_table(path) -> LayerTable:
+    """Inverse of :func:`save_layer_table`."""
+    data = load_json(path)
+    try:
+        return LayerTable.from_dict(data)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a layer table (missing or malformed {err})") from None
+
+
+# ---------------------------------------------------------------- decisions
+
+SET_RE = re.compile(r"set_(\d+)x(\d+)")
+
+
+def set_name(n: int, s: int) -> str:
+    """'set_4x1' for set 1 of size 4."""
+    return f"set_{int(n)}x{int(s)}"
+
+
+def set_of(path) -> tuple[int, int]:
+    """(n, s) of a path holding `set_{n}x{s}`; ValueError naming the path otherwise."""
+    m = SET_RE.search(str(path))
+    if not m:
+        raise ValueError(f"{path}: expected a path holding set_<n>x<s>")
+    return int(m.group(1)), int(m.group(2))
+
+
+def save_decision(path, decision: dict) -> None:
+    """A solved decision: method, budget, set, candidates, choice (option names), estimate, solver record."""
+    save_json(path, decision)
+
+
+def load_decision(path, table: LayerTable | None = None) -> dict:
+    """A decision; with `table`, refuse one whose candidate layers or options are not the table's."""
+    decision = load_json(path)
+    if table is not None:
+        if decision["candidates"] != list(table.candidates):
+            raise ValueError(f"{path}: candidate layers differ from the calibration's layer table")
+        from .names import parse_option
+
+        unknown = sorted({o for o in decision["choice"] if parse_option(o) not in table.options})
+        if unknown:
+            raise ValueError(f"{path}: options {unknown} are not in the option table {list(table.options)}")
+    return decision

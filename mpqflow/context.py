@@ -1,0 +1,163 @@
+"""A loaded model with its data, layer table and calibrated quantizer: what the torch stages share.
+
+Usage:
+    device = resolve_device(Runtime("auto", 2))
+    net = load_model(model_cfg, "results/m/model.pt", device)
+    table, quantizer = calibrate_quantizer(net, train_set, quant, seed, device, workers=0)
+    ctx = load_context(model_cfg, quant, seed, runtime, "results/m/model.pt", "results/m/calibration.pt")
+    with ctx.quantizer.applied(ctx.table.uniform_assignment((4, 8))):
+        logits = ctx.net(x)
+
+A Context is built once per job and not changed afterwards (frozen); its data splits load on
+first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+
+from .artifacts import load_calibration, load_checkpoint
+from .config import ModelConfig, QuantConfig, Runtime
+from .data import DataSpec, SamplePlan, iterate, load_split, stack
+from .io import file_sha256
+from .layers import LayerTable
+from .models import build_model, layer_macs, quantizable_layers
+from .quant import ModelQuantizer, QuantScheme
+
+__all__ = [
+    "resolve_device",
+    "data_spec",
+    "fresh_model",
+    "load_model",
+    "layer_table",
+    "build_quantizer",
+    "calibrate_quantizer",
+    "Context",
+    "load_context",
+]
+log = logging.getLogger("mpqflow")
+
+
+def resolve_device(runtime: Runtime) -> torch.device:
+    """`auto` picks CUDA when available; `cuda` without a GPU is a clear error. Sets torch's threads."""
+    want = runtime.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config key 'device' is 'cuda' but no CUDA device is available")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(runtime.threads)
+    return torch.device(want)
+
+
+def data_spec(model: ModelConfig, seed: int) -> DataSpec:
+    """The DataSpec of a configured model."""
+    ds = model.dataset
+    return DataSpec(ds.name, ds.root, ds.test_fraction, ds.image_size, seed)
+
+
+def fresh_model(model: ModelConfig, seed: int) -> torch.nn.Module:
+    """The configured architecture with fresh weights, for the model's data (channels, classes)."""
+    spec = data_spec(model, seed)
+    return build_model(model.arch, spec.in_channels, spec.num_classes)
+
+
+def load_model(model: ModelConfig, checkpoint: str, device, seed: int = 0) -> torch.nn.Module:
+    """Rebuild a configured model and load its FP checkpoint (eval mode, on `device`)."""
+    net = fresh_model(model, seed)
+    net.load_state_dict(load_checkpoint(checkpoint)["state_dict"])
+    return net.to(device).eval()
+
+
+def layer_table(net: torch.nn.Module, example: torch.Tensor, quant: QuantConfig) -> LayerTable:
+    """Quantizable layers of `net` (traced on `example`), with first/last fixed per `quant`."""
+    layers = tuple(quantizable_layers(net, example[:1]))
+    fixed_names = (layers[0], layers[-1]) if quant.fix_first_last and len(layers) > 2 else ()
+    modules = dict(net.named_modules())
+    return LayerTable(
+        layers=layers,
+        candidates=tuple(l for l in layers if l not in fixed_names),
+        fixed={l: (quant.fixed_bits, quant.fixed_bits) for l in fixed_names},
+        options=tuple(quant.options),
+        numel={l: int(modules[l].weight.numel()) for l in layers},
+        macs={l: int(v) for l, v in layer_macs(net, example[:1]).items()},
+    )
+
+
+def build_quantizer(net: torch.nn.Module, table: LayerTable, quant: QuantConfig) -> ModelQuantizer:
+    """An uncalibrated quantizer of every table layer at every bit-width the table uses."""
+    w_bits = sorted({w for w, _ in table.options} | {w for w, _ in table.fixed.values()})
+    a_bits = sorted({a for _, a in table.options} | {a for _, a in table.fixed.values()})
+    return ModelQuantizer(
+        net,
+        list(table.layers),
+        QuantScheme.from_dict(quant.weight),
+        QuantScheme.from_dict(quant.activation),
+        w_bits,
+        a_bits,
+    )
+
+
+def calibrate_quantizer(net, train_set, quant: QuantConfig, seed: int, device, workers: int = 0):
+    """(layer table, calibrated quantizer) from the sample plan's calibration samples.
+
+    The calibration samples do not depend on the sensitivity pool, so growing the pool keeps them.
+    """
+    plan = SamplePlan(len(train_set), quant.calibration_samples, 0, 1, seed)
+    example, _ = stack(train_set, plan.calibration()[:2])
+    table = layer_table(net, example.to(device), quant)
+    quantizer = build_quantizer(net, table, quant)
+    batches = (x.to(device) for x, _ in iterate(train_set, quant.calibration_batch_size, plan.calibration(), workers))
+    quantizer.calibrate(batches)
+    return table, quantizer
+
+
+@dataclass(frozen=True)
+class Context:
+    """A loaded model with its calibrated quantizer, layer table and data.
+
+    Args:
+        net: the FP model (eval mode, on `device`); the quantizer's assignment decides what is quantized.
+        quantizer: the calibrated ModelQuantizer of `net`.
+        table: the layer table.
+        quant: the quant section the quantizer was built from.
+        checkpoint_sha256: hash of the FP checkpoint (recorded in every artifact made from it).
+        device: where `net` lives.
+        spec: the model's data; `workers`: DataLoader workers for folder datasets.
+    """
+
+    net: torch.nn.Module
+    quantizer: ModelQuantizer
+    table: LayerTable
+    quant: QuantConfig
+    checkpoint_sha256: str
+    device: torch.device
+    spec: DataSpec | None = None
+    workers: int = 0
+
+    @cached_property
+    def train_set(self):
+        return load_split(self.spec, "train")
+
+    @cached_property
+    def test_set(self):
+        return load_split(self.spec, "test")
+
+    def with_table(self, table: LayerTable) -> Context:
+        """The same context with another layer table (e.g. fewer candidates)."""
+        return replace(self, table=table)
+
+
+def load_context(model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtime, checkpoint: str,
+                 calibration: str) -> Context:
+    """Load model + calibrated quantizer; refuse a calibration made from another checkpoint or quant section."""
+    device = resolve_device(runtime)
+    net = load_model(model, checkpoint, device, seed)
+    sha = file_sha256(checkpoint)
+    state, table = load_calibration(calibration, sha, quant.to_dict())
+    quantizer = build_quantizer(net, table, quant)
+    quantizer.load_state_dict(state)
+    return Context(net, quantizer, table, quant, sha, device, data_spec(model, seed), model.dataset.workers)

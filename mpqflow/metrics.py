@@ -1,0 +1,33 @@
+"""Top-1, top-5 and mean cross-entropy of a model over a dataset: the measurement every stage shares.
+
+Usage:
+    metrics = evaluate(model, test_set, batch_size=256, device="cpu")   # {"top1", "top5", "loss", "n"}
+
+Quantized assignments (size, bits, bit-rates) are evaluated by :mod:`mpqflow.evaluate`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import iterate
+
+__all__ = ["evaluate"]
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int = 256, device="cpu", indices=None, workers: int = 0) -> dict:
+    """Top-1/top-5 accuracy (fractions) and mean cross-entropy of `model` on `dataset`."""
+    model.eval()
+    n, top1, top5, loss = 0, 0, 0, 0.0
+    for x, y in iterate(dataset, batch_size, indices, workers):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)  # (B, K)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == y[:, None]  # (B, k)
+        top1 += int(hits[:, 0].sum())
+        top5 += int(hits.any(1).sum())
+        n += len(y)
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "n": n}

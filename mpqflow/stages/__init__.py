@@ -1,0 +1,13 @@
+"""The workflow's stages: one module per stage, the only thing its workflow scripts call.
+
+    model        train (or load) the FP model; calibrate the quantizers   (torch)
+    sensitivity  one estimator on one pool batch; pool batches into a set  (torch)
+    solve        one exact integer program per (method, set, budget)      (no torch)
+    evaluate     held-out metrics of uniform assignments and decisions    (torch)
+    study        the study's tables and plots                             (no torch)
+    ptq          the PTQ scheme study                                     (torch)
+
+Each stage takes typed config sections (:mod:`mpqflow.config`) and paths; no stage imports another.
+Rules hash the import closure of their stage module (:mod:`mpqflow.codehash`), so editing a stage's
+code reruns that stage and what follows, nothing before it.
+"""

@@ -1,0 +1,78 @@
+"""Stage `evaluate`: held-out metrics of uniform assignments and of solved decisions.
+
+Usage (what workflow_scripts/evaluate_uniform.py and evaluate_decisions.py call):
+    evaluate_uniform(model_cfg, quant, seed, evaluation, runtime, model_pt, calibration_pt,
+                     ["w8a8", "w4a8"], ["results/m/eval/uniform/w8a8.json", ...])
+    evaluate_decisions(model_cfg, quant, plan, evaluation, runtime, model_pt, calibration_pt,
+                       decision_jsons, eval_jsons)
+
+One job evaluates several assignments on one loaded context: loading torch, the model and the data
+costs more than an evaluation of the default model, and each result is still its own file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..artifacts import fp_metrics, load_decision
+from ..config import EvaluationConfig, ModelConfig, QuantConfig, Runtime, SamplePlanConfig
+from ..context import load_context
+from ..data import set_indices
+from ..evaluate import assignment_loss, evaluate_assignment
+from ..io import save_json
+from ..names import parse_option
+
+__all__ = ["evaluate_uniform", "evaluate_decisions"]
+log = logging.getLogger("mpqflow")
+
+
+def evaluate_uniform(model: ModelConfig, quant: QuantConfig, seed: int, evaluation: EvaluationConfig,
+                     runtime: Runtime, checkpoint: str, calibration: str, options: list[str],
+                     out_paths: list[str]) -> list[dict]:
+    """Evaluate every candidate layer at each option (fixed layers at their bits), next to the FP metrics."""
+    ctx = load_context(model, quant, seed, runtime, checkpoint, calibration)
+    fp = fp_metrics(checkpoint)
+    results = []
+    for option, out_path in zip(options, out_paths, strict=True):
+        opt = parse_option(option)
+        if opt not in ctx.table.options:
+            raise ValueError(f"option {option!r} is not in the option table {list(ctx.table.options)}")
+        metrics = evaluate_assignment(ctx, ctx.table.uniform_assignment(opt), evaluation.batch_size)
+        metrics.update(method="uniform", option=option, fp_top1=fp["top1"], fp_loss=fp["loss"])
+        log.info("uniform %s: top1 %.4f (FP %.4f)", option, metrics["top1"], fp["top1"])
+        save_json(out_path, metrics)
+        results.append(metrics)
+    return results
+
+
+def evaluate_decisions(model: ModelConfig, quant: QuantConfig, plan: SamplePlanConfig,
+                       evaluation: EvaluationConfig, runtime: Runtime, checkpoint: str, calibration: str,
+                       decision_paths: list[str], out_paths: list[str]) -> list[dict]:
+    """Held-out metrics of each decision, and the loss increase it causes on its own sensitivity set."""
+    ctx = load_context(model, quant, plan.seed, runtime, checkpoint, calibration)
+    fp = fp_metrics(checkpoint)
+    base_loss: dict = {}  # (n, s) -> loss of the base model (fixed layers only) on that set
+    results = []
+    for decision_path, out_path in zip(decision_paths, out_paths, strict=True):
+        decision = load_decision(decision_path, ctx.table)
+        options = [parse_option(o) for o in decision["choice"]]
+        assignment = ctx.table.full_assignment(dict(zip(ctx.table.candidates, options)))
+        metrics = evaluate_assignment(ctx, assignment, evaluation.batch_size)
+        key = (decision["set_size"], decision["set_id"])
+        idx = set_indices(len(ctx.train_set), plan, *key)
+        if key not in base_loss:
+            base_loss[key] = assignment_loss(ctx, ctx.table.fixed, idx, evaluation.batch_size)
+        measured = assignment_loss(ctx, assignment, idx, evaluation.batch_size) - base_loss[key]
+        metrics.update(
+            method=decision["method"], budget=decision["budget"], set_size=decision["set_size"],
+            set_id=decision["set_id"], choice=" ".join(decision["choice"]), fp_top1=fp["top1"],
+            estimated_loss_increase=decision["estimated_loss_increase"], measured_loss_increase=measured,
+            solver_status=decision["solver"]["status"], solver_gap=decision["solver"]["gap"],
+            solver_seconds=decision["solver"]["seconds"],
+        )
+        log.info("%s %s: top1 %.4f, size %.4f MB, loss increase estimated %.4g measured %.4g",
+                 decision["method"], decision["budget"], metrics["top1"], metrics["size_mb"],
+                 metrics["estimated_loss_increase"], measured)
+        save_json(out_path, metrics)
+        results.append(metrics)
+    return results

@@ -1,0 +1,51 @@
+"""Stage `study`: the variance study's tables and plots from the evaluations.
+
+Usage (what workflow_scripts/uniform_table.py, study_table.py and study_plots.py call):
+    uniform_table(uniform_jsons, "results/m/eval/uniform.csv")
+    study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv")
+    study_plots("results/m/study.csv", "results/m/sensitivity/clado/set_4x0.npz", "results/m/layers.json",
+                {"accuracy": "...png", ...}, plots_cfg)
+
+No torch: the layer table comes from layers.json.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..artifacts import load_batch_file, load_layer_table
+from ..config import PlotsConfig
+from ..methods import clado_matrix
+from ..plots import (
+    first_set_choices,
+    plot_accuracy_vs_size,
+    plot_estimated_vs_measured,
+    plot_interaction_heatmap,
+    plot_layer_bits,
+    plot_pareto,
+)
+from ..study import study_table, uniform_table
+
+__all__ = ["uniform_table", "study_table", "study_plots"]
+
+
+def study_plots(table_csv: str, clado_set: str | None, layers_path: str, out: dict, plots: PlotsConfig) -> None:
+    """Draw every study figure from the study table (and the CLADO matrix for the heat map).
+
+    Args:
+        out: paths by figure: accuracy, pareto, auc (the Pareto AUC table, CSV), sanity, heatmap, bits.
+    """
+    dpi, width = plots.dpi, plots.panel_width
+    df = pd.read_csv(table_csv)
+    plot_accuracy_vs_size(df, out["accuracy"], dpi, width)
+    plot_pareto(df, out["pareto"], out["auc"], dpi, width)
+    plot_estimated_vs_measured(df, out["sanity"], dpi, width)
+    table = load_layer_table(layers_path)
+    layers, options = list(table.candidates), [list(o) for o in table.options]
+    if clado_set:
+        G = clado_matrix(load_batch_file(clado_set), "ce")
+    else:
+        G = np.zeros((len(layers) * len(options),) * 2)
+    plot_interaction_heatmap(G, layers, options, out["heatmap"], dpi)
+    plot_layer_bits(first_set_choices(df), layers, out["bits"], dpi)
