@@ -20,7 +20,8 @@ config.update(_validated)
 
 MODELS = list(config["models"])
 OPTIONS = [
-    option_name(o) for o in option_table(config["quant"]["w_bits"], config["quant"]["a_bits"])
+    option_name(o)
+    for o in option_table(config["quant"]["w_bits"], config["quant"]["a_bits"])
 ]
 SEARCH_METHODS = [m for m in config["methods"] if method_estimator(m) is not None]
 ESTIMATORS = sorted({method_estimator(m) for m in SEARCH_METHODS})
@@ -60,7 +61,9 @@ def sample_plan(with_pool):
         "batch_size": config["sensitivity"]["batch_size"],
         "seed": config["seed"],
     }
-    if with_pool:  # sets are drawn from the pool; a single batch does not depend on its size
+    if (
+        with_pool
+    ):  # sets are drawn from the pool; a single batch does not depend on its size
         plan["pool_batches"] = config["sensitivity"]["pool_batches"]
     return plan
 

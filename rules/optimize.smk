@@ -7,8 +7,8 @@ rule check_budgets:
         caps="results/{model}/budgets.json",
     log:
         "logs/{model}/check_budgets.log",
-    localrule: True
     priority: 100
+    localrule: True
     conda:
         "../envs/mpqflow.yaml"
     params:

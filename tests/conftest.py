@@ -44,3 +44,14 @@ def tiny_run(tmp_path_factory):
     run_snakemake(workdir, "--quiet", "rules")
     assert (workdir / "results" / "tiny" / "study.csv").is_file()
     return workdir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared 2-core machine does not slow them 100x."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -66,12 +66,15 @@ def test_table_and_plot(results, tmp_path):
 
 
 def test_variant_quant_overrides():
-    cfg = Config.from_dict(validate_config({"models": {"m": {"arch": "digits_cnn", "dataset": {"name": "digits"}}}})
-    q = variant_quant(cfg, "all")
-    assert q["weight"]["observer"] == "aciq_laplace" and q["weight"]["bit_allocation"]
-    assert q["activation"]["granularity"] == "per_channel" and q["weight"]["bias_correction"] == "bias_variance"
-    assert q["w_bits"] == [4, 8] and q["a_bits"] == [4, 8]
-    assert validate_config({**cfg, "quant": q})["quant"] == q  # every variant is a valid quant section
-    assert set(cfg["ptq"]["variants"]) <= set(VARIANTS)
+    raw = validate_config({"models": {"m": {"arch": "digits_cnn", "dataset": {"name": "digits"}}}})
+    cfg = Config.from_dict(raw)
+    q = variant_quant(cfg.quant, cfg.ptq, "all")
+    assert isinstance(q, QuantConfig)
+    assert q.weight["observer"] == "aciq_laplace" and q.weight["bit_allocation"]
+    assert q.activation["granularity"] == "per_channel" and q.weight["bias_correction"] == "bias_variance"
+    assert q.w_bits == (4, 8) and q.a_bits == (4, 8)
+    # every variant is a valid quant section (with budgets within reach of its bits)
+    assert validate_config({**raw, "quant": q.to_dict(), "budgets": ["avg_bits-4"]})["quant"] == q.to_dict()
+    assert set(cfg.ptq.variants) <= set(VARIANTS)
     with pytest.raises(ValueError, match="unknown PTQ variant"):
-        variant_quant(cfg, "nope")
+        variant_quant(cfg.quant, cfg.ptq, "nope")

@@ -20,13 +20,7 @@ from mpqflow.sensitivity import (
 from mpqflow.sensitivity.common import make_context
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core machine does not slow them 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 QUIET = {"progress": False}
 

@@ -52,19 +52,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def variant_quant(cfg: dict, variant: str) -> dict:
-    """The config's ``quant`` section with the variant's overrides, and w_bits / a_bits = the bits of ``ptq.options``."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown PTQ variant {variant!r}; known: {sorted(VARIANTS)}")
-    q = copy.deepcopy(cfg["quant"])
-    for kind, over in VARIANTS[variant].items():
-        q[kind] = {**q.get(kind, {}), **over}
-    opts = [parse_option(o) for o in cfg["ptq"]["options"]]
-    q["w_bits"] = sorted({w for w, _ in opts})
-    q["a_bits"] = sorted({a for _, a in opts})
-    return q
-
-
 def variant_quant(quant: QuantConfig, ptq: PtqConfig, variant: str) -> QuantConfig:
     """The ``quant`` section with the variant's overrides, and w_bits / a_bits = the bits of ``ptq.options``."""
     if variant not in VARIANTS:
