@@ -3,18 +3,22 @@
 Usage:
     .venv/bin/python bench/solver_bench.py                          # uses results/digits_resnet20/
     .venv/bin/python bench/solver_bench.py --results /tmp/run/results/digits_resnet20 --time-limit 60
+    .venv/bin/python bench/solver_bench.py --no-synthetic --methods clado_raw --backends highs gurobi \
+        --sets set_1x0 set_1x1 set_4x0 set_4x1 --node-limit highs=50 gurobi=100000 scip=2000 --mip-gap 1e-4
     .venv/bin/python bench/solver_bench.py --scaling --backends auto --time-limit 60
 
 Instances:
-    1. the default model's CLADO cross-entropy matrix (sensitivity/clado/set_4x0.npz, else set_1x0),
-       raw (clado_raw) and PSD-projected (clado), at several average-weight-bit budgets;
+    1. the default model's CLADO cross-entropy matrix (sensitivity/clado/set_4x0.npz, else set_1x0,
+       or --sets), raw (clado_raw) and PSD-projected (clado), at several budgets (--budgets);
     2. synthetic ResNet-50-sized instances, 54 layers x 3 options (W{2,4,8}A8) and x 6 options
        (A{4,8}xW{2,4,8}), raw and PSD: torchvision ResNet-50's 54 Conv/Linear layers with their real
        weight counts and MACs; every G block (layer p, layer q) is a block of the real matrix
        (random real layer pair, diagonal blocks from real diagonal blocks), seeded.
     3. with --scaling: the same construction on ResNet-50's first 12, 18, ..., 54 layers, to show how
        the proof time of one back-end (the first of --backends) grows with the number of layers.
-Exact back-ends must agree where they prove optimality; a `disagree` line flags it otherwise.
+Each line ends with the decision (option index per layer). Exact back-ends must agree where they
+prove optimality; a `disagree` line flags different proven objectives, a `differ` line different
+decisions.
 """
 
 from __future__ import annotations
@@ -29,18 +33,33 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mpqflow.methods import method_objective  # noqa: E402
-from mpqflow.optimize import BACKENDS, Problem, psd_project, solve  # noqa: E402
-from mpqflow.search import _table, build_problem  # noqa: E402
-from mpqflow.sensitivity import load_batch_file  # noqa: E402
+from mpqflow.artifacts import load_batch_file, load_layer_table  # noqa: E402
+from mpqflow.layers import LayerTable  # noqa: E402
+from mpqflow.methods import method_objective, psd_project  # noqa: E402
+from mpqflow.optimize import BACKENDS, BackendUnavailable, Problem, solve  # noqa: E402
+from mpqflow.stages.solve import build_problem  # noqa: E402
 
 
-def real_problem(results: Path, method: str):
-    """The default model's Problem for `method` (clado: PSD, clado_raw: raw) and its layer table."""
+def _layer_table(results: Path) -> LayerTable:
+    """The results directory's layer table: layers.json, or the table inside calibration.pt of a
+    results directory written before layers.json existed."""
+    if (results / "layers.json").exists():
+        return load_layer_table(results / "layers.json")
+    import torch
+
+    return LayerTable.from_dict(torch.load(results / "calibration.pt", map_location="cpu", weights_only=False)["table"])
+
+
+def real_problem(results: Path, method: str, set_name: str | None = None):
+    """The default model's Problem for `method` (clado: PSD, clado_raw: raw) on a pooled CLADO set
+    (default: the largest set_*x0), its layer table and the set's file name."""
     sets = sorted((results / "sensitivity" / "clado").glob("set_*x0.npz"), reverse=True)
-    if not sets:
-        raise SystemExit(f"no CLADO set under {results}/sensitivity/clado: run `snakemake --cores 2` first")
-    table = _table(str(results / "calibration.pt"))
+    if set_name is not None:
+        sets = [results / "sensitivity" / "clado" / f"{set_name}.npz"]
+    if not sets or not sets[0].exists():
+        raise SystemExit(f"no CLADO set {set_name or 'set_*x0'} under {results}/sensitivity/clado: "
+                         "run `snakemake --cores 2` first")
+    table = _layer_table(results)
     G, linear = method_objective(method, load_batch_file(sets[0]), table)
     return build_problem(table, G, linear), table, sets[0].name
 
@@ -93,21 +112,31 @@ def synthetic_problem(real_G: np.ndarray, real_opts, K: int, raw: bool, seed: in
                    bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts * L)]))
 
 
-def run(name: str, problem: Problem, budgets, backends, time_limit: float) -> None:
+def _choice(problem: Problem, sol) -> str:
+    """The decision as one option index (within its layer) per layer, e.g. '0431...'."""
+    return "".join(str(int(i - problem.layers[l][0])) for l, i in enumerate(sol.choice))
+
+
+def run(name: str, problem: Problem, budgets, backends, time_limit: float, mip_gap: float = 1e-6,
+        node_limit=None) -> None:
     for budget in budgets:
         found = {}
         for backend in backends:
             try:
-                sol = solve(problem, budget, backend=backend, time_limit=time_limit, mip_gap=1e-6)
-            except RuntimeError as err:  # gurobi's size-limited licence
+                sol = solve(problem, budget, backend=backend, time_limit=time_limit, mip_gap=mip_gap,
+                            node_limit=node_limit)
+            except BackendUnavailable as err:  # gurobi's size-limited licence
                 print(f"{name:28s} {budget:14s} {backend:7s} refused: {str(err)[:90]}")
                 continue
             found[backend] = sol
             print(f"{name:28s} {budget:14s} {backend:7s} {sol.seconds:8.2f} s  {sol.status:10s} "
-                  f"objective {sol.objective: .6g}  gap {sol.gap:.2e}", flush=True)
+                  f"objective {sol.objective: .6g}  gap {sol.gap:.2e}  {_choice(problem, sol)}", flush=True)
         proven = [s.objective for s in found.values() if s.status == "optimal"]
         if proven and max(proven) - min(proven) > 1e-6 * max(1.0, abs(min(proven))):
             print(f"{name:28s} {budget:14s} disagree: {proven}")
+        if len({_choice(problem, s) for s in found.values()}) > 1:
+            print(f"{name:28s} {budget:14s} differ: " + ", ".join(
+                f"{b} {s.objective:.9g}" for b, s in found.items()))
 
 
 def scaling(raw_G: np.ndarray, real_opts, backend: str, time_limit: float, budget: str) -> None:
@@ -120,7 +149,7 @@ def scaling(raw_G: np.ndarray, real_opts, backend: str, time_limit: float, budge
                 name = f"scaling {L}x{K} {'raw' if raw else 'psd'}"
                 try:
                     sol = solve(problem, budget, backend=backend, time_limit=time_limit, mip_gap=1e-6)
-                except RuntimeError as err:  # gurobi's size-limited licence
+                except BackendUnavailable as err:  # gurobi's size-limited licence
                     print(f"{name:28s} {budget:14s} {backend:7s} refused: {str(err)[:90]}", flush=True)
                     break
                 print(f"{name:28s} {budget:14s} {sol.backend:7s} {sol.seconds:8.2f} s  {sol.status:10s} "
@@ -138,17 +167,27 @@ def main() -> None:
     ap.add_argument("--scaling", action="store_true",
                     help="only the proof time of the first back-end against the number of layers (12..54)")
     ap.add_argument("--budget", default="avg_bits-4", help="the budget of --scaling")
+    ap.add_argument("--methods", nargs="+", default=["clado_raw", "clado"], help="real instances' methods")
+    ap.add_argument("--sets", nargs="+", default=[None], help="real instances' CLADO sets (default: largest x0)")
+    ap.add_argument("--budgets", nargs="+", help="real instances' budgets",
+                    default=["avg_bits-2.5", "avg_bits-3", "avg_bits-4", "avg_bits-5", "bitops_rel-0.25"])
+    ap.add_argument("--mip-gap", type=float, default=1e-6)
+    ap.add_argument("--node-limit", nargs="+", default=None, metavar="[BACKEND=]NODES",
+                    help="one node limit, or one per back-end as highs=50 gurobi=100000 scip=2000 (default: none)")
     args = ap.parse_args()
+    nodes = None if args.node_limit is None else \
+        int(args.node_limit[0]) if len(args.node_limit) == 1 and "=" not in args.node_limit[0] else \
+        {k: int(v) for k, v in (a.split("=") for a in args.node_limit)}
     if args.scaling:
         table = real_problem(args.results, "clado_raw")[1]
         scaling(real_raw_G(args.results, table), list(table.options), args.backends[0], args.time_limit,
                 args.budget)
         return
-    for method in ("clado_raw", "clado"):
-        problem, table, set_name = real_problem(args.results, method)
-        run(f"{method} {set_name} {problem.L}x{len(table.options)}", problem,
-            ["avg_bits-2.5", "avg_bits-3", "avg_bits-4", "avg_bits-5", "bitops_rel-0.25"], args.backends,
-            args.time_limit)
+    for method in args.methods:
+        for set_name in args.sets:
+            problem, table, set_file = real_problem(args.results, method, set_name)
+            run(f"{method} {set_file} {problem.L}x{len(table.options)}", problem, args.budgets, args.backends,
+                args.time_limit, args.mip_gap, nodes)
     if args.no_synthetic:
         return
     raw_G = real_raw_G(args.results, table)
@@ -159,7 +198,8 @@ def main() -> None:
             name = f"resnet50-like 54x{K} {'raw' if raw else 'psd'}"
             print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
                   f"{int((np.linalg.eigvalsh(problem.G) < -1e-12).sum())} negative eigenvalues", flush=True)
-            run(name, problem, ["avg_bits-3", "avg_bits-4", "avg_bits-5"], args.backends, args.time_limit)
+            run(name, problem, ["avg_bits-3", "avg_bits-4", "avg_bits-5"], args.backends, args.time_limit,
+                args.mip_gap, nodes)
 
 
 if __name__ == "__main__":

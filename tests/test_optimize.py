@@ -6,7 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from mpqflow.optimize import BACKENDS, Budget, InfeasibleBudget, Problem, caps_of, parse_budgets, solve
+from mpqflow.optimize import (BACKENDS, BackendUnavailable, Budget, InfeasibleBudget, Problem, caps_of, local_search,
+                              parse_budgets, solve)
+from mpqflow.optimize.incumbent import incumbent, repair
 from mpqflow.optimize.solve import auto_backends
 
 solve_module = importlib.import_module("mpqflow.optimize.solve")  # the module; the package's `solve` is the function
@@ -106,7 +108,7 @@ def test_auto_picks_the_backend_by_structure_and_falls_back(monkeypatch):
         assert solve(indefinite, "avg_bits-4", backend="auto").backend == "gurobi"
 
     def refuse(problem, *args):
-        raise RuntimeError(f"gurobi cannot solve this problem ({problem.n} binaries): Model too large")
+        raise BackendUnavailable(f"gurobi cannot solve this problem ({problem.n} binaries): Model too large")
 
     monkeypatch.setitem(solve_module._BACKENDS, "gurobi", refuse)
     for problem, fallback in ((psd, "scip"), (indefinite, "highs")):
@@ -136,6 +138,56 @@ def test_infeasible_budget_names_the_smallest_size():
         solve(problem, "bitops_rel-0.01")
 
 
+def _conflicting_costs_problem(L=5, seed=0):
+    """Options W2A8 (smallest size, most BitOPs) and W4A2 (fewest BitOPs, larger size): a tight
+    size cap and a tight BitOPs cap exclude each other."""
+    rng = np.random.default_rng(seed)
+    opts = [(2, 8), (4, 2)] * L
+    layer_of = np.repeat(np.arange(L), 2)
+    numel, macs = rng.integers(100, 2000, L).astype(float), rng.integers(10_000, 200_000, L).astype(float)
+    A = rng.normal(size=(2 * L, 2 * L))
+    return Problem(G=(A + A.T) / 2, layer_of=layer_of, layer_names=[f"layer{l}" for l in range(L)], options=opts,
+                   size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts)]),
+                   bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts)]),
+                   fixed_size_bits=8 * 500.0, fixed_bitops=64 * 50_000.0)
+
+
+def test_jointly_infeasible_budgets_name_both_and_the_smallest_bitops_within_the_size():
+    problem = _conflicting_costs_problem()
+    size, ops = Budget("avg_bits", 1.01 * problem.min_size_bits() / problem.total_numel), \
+        Budget("bitops_rel", 1.01 * problem.min_bitops() / problem.reference_bitops)
+    size_cap, bitops_cap = caps_of([size, ops], problem)  # each alone is feasible
+    decisions = [problem.x_of(ch) for ch in itertools.product(*problem.layers)]
+    assert not any(problem.is_feasible(x, size_cap, bitops_cap) for x in decisions)
+    least_ops = min(problem.total_bitops(x) for x in decisions if problem.is_feasible(x, size_cap))
+    least_size = min(problem.total_size_bits(x) for x in decisions if problem.is_feasible(x, None, bitops_cap))
+    for backend in AVAILABLE:
+        with pytest.raises(InfeasibleBudget) as err:
+            solve(problem, [size, ops], backend=backend)
+        msg = str(err.value)
+        assert size.name in msg and ops.name in msg and "jointly infeasible" in msg, msg
+        assert f"BitOPs are {least_ops / problem.reference_bitops:.6g} of the all-W8A8 BitOPs" in msg, msg
+        assert f"size is {least_size / problem.total_numel:.6g} average bits" in msg, msg
+
+
+def test_jointly_feasible_budgets_that_no_cheapest_choice_meets_are_solved():
+    """Neither the smallest-size nor the smallest-BitOPs choice meets both caps, a mix does: the
+    feasibility check must not refuse it, and the back-end finds the optimum without an incumbent."""
+    problem = _conflicting_costs_problem()
+    w4a2 = problem.x_of([ix[1] for ix in problem.layers])
+    size = Budget("size_mb", (problem.min_size_bits() + problem.total_size_bits(w4a2)) / 2 / 8e6)
+    ops = Budget("gbitops", (problem.min_bitops() + problem.total_bitops(problem.x_of([ix[0] for ix in problem.layers])))
+                 / 2 / 1e9)
+    caps = caps_of([size, ops], problem)
+    assert problem.min_both(*caps) is None
+    best = min(problem.objective(problem.x_of(ch)) for ch in itertools.product(*problem.layers)
+               if problem.is_feasible(problem.x_of(ch), *caps))
+    for backend in AVAILABLE:
+        sol = solve(problem, [size, ops], backend=backend, mip_gap=1e-9)
+        assert problem.is_feasible(sol.x, *caps) and sol.status == "optimal", backend
+        assert sol.objective == pytest.approx(best, rel=1e-7, abs=1e-9), backend
+
+
 def test_time_limit_returns_a_feasible_decision_with_its_gap():
     problem = make_problem(3, "indefinite", L=40, K=3)
     sol = solve(problem, "avg_bits-4", backend="highs", time_limit=0.05)
@@ -162,7 +214,7 @@ def test_node_limit_per_backend(monkeypatch):
     """A {back-end: nodes} mapping applies the back-end's own limit (auto resolves to HiGHS here,
     Gurobi refusing)."""
     def refuse(problem, *args):
-        raise RuntimeError("gurobi cannot solve this problem: Model too large")
+        raise BackendUnavailable("gurobi cannot solve this problem: Model too large")
 
     monkeypatch.setitem(solve_module._BACKENDS, "gurobi", refuse)
     problem = make_problem(3, "indefinite", L=20, K=3)
@@ -176,10 +228,10 @@ def test_incumbent_is_feasible_deterministic_and_no_worse_than_plain_descent(kin
     problem = make_problem(5, kind, L=12, K=3)
     for budget in _mid_budgets(problem)[:-1]:
         caps = caps_of(budget, problem)
-        x = solve_module._incumbent(problem, *caps)
+        x = incumbent(problem, *caps)
         assert problem.is_feasible(x, *caps), budget
-        assert np.array_equal(x, solve_module._incumbent(problem, *caps))
-        plain = solve_module.local_search(problem, problem.min_both(*caps), *caps)
+        assert np.array_equal(x, incumbent(problem, *caps))
+        plain = local_search(problem, problem.min_both(*caps), *caps)
         assert problem.objective(x) <= problem.objective(plain) + 1e-12
 
 
@@ -188,9 +240,9 @@ def test_repair_brings_the_all_8_bit_choice_within_both_caps():
     size_cap, bitops_cap = caps_of(["avg_bits-4", "bitops_rel-0.3"], problem)
     top = np.array([ix[-1] for ix in problem.layers])  # (8, 8) everywhere: over both caps
     assert not problem.is_feasible(problem.x_of(top), size_cap, bitops_cap)
-    fixed = solve_module._repair(problem, top, size_cap, bitops_cap)
+    fixed = repair(problem, top, size_cap, bitops_cap)
     assert problem.is_feasible(problem.x_of(fixed), size_cap, bitops_cap)
-    assert np.array_equal(solve_module._repair(problem, fixed, size_cap, bitops_cap), fixed)  # nothing to do
+    assert np.array_equal(repair(problem, fixed, size_cap, bitops_cap), fixed)  # nothing to do
 
 
 def test_same_problem_same_decision():

@@ -3,15 +3,19 @@
 Usage:
     from mpqflow.optimize import Problem, Budget, solve
     sol = solve(Problem(...), "avg_bits-3", backend="highs", time_limit=60, mip_gap=1e-4)
+
+Modules: problem (the Problem), budgets (caps), forms and qcr (the objective's forms), incumbent
+(local search), backends (HiGHS, Gurobi, SCIP), feasibility (jointly infeasible budgets), solve
+(the dispatcher).
 """
 
+from .backends import BackendUnavailable
 from .budgets import BITS_PER_MB, KINDS, Budget, InfeasibleBudget, caps_of, parse_budgets
-from .objectives import OBJECTIVES, diagonal, estimated_loss_increase, form_objective, psd_project, raw
+from .incumbent import local_search
 from .problem import Problem
-from .solve import BACKENDS, Solution, local_search, solve
+from .solve import BACKENDS, Solution, solve
 
 __all__ = [
-    "BACKENDS", "BITS_PER_MB", "KINDS", "OBJECTIVES", "Budget", "InfeasibleBudget", "Problem", "Solution",
-    "caps_of", "diagonal", "estimated_loss_increase", "form_objective", "local_search", "parse_budgets",
-    "psd_project", "raw", "solve",
+    "BACKENDS", "BITS_PER_MB", "KINDS", "BackendUnavailable", "Budget", "InfeasibleBudget", "Problem",
+    "Solution", "caps_of", "local_search", "parse_budgets", "solve",
 ]

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KINDS", "BITS_PER_MB", "Budget", "InfeasibleBudget", "parse_budgets", "caps_of"]
+__all__ = ["KINDS", "BITS_PER_MB", "UNITS", "Budget", "InfeasibleBudget", "parse_budgets", "caps_of"]
 
 BITS_PER_MB = 8e6
 KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel")
 _SIZE_KINDS = ("avg_bits", "size_mb", "size_rel")
+UNITS = {"avg_bits": "average bits", "size_mb": "MB", "size_rel": "of the all-8-bit size",
+         "gbitops": "GBitOPs", "bitops_rel": "of the all-W8A8 BitOPs"}  # how Budget.in_unit's values read
 
 
 class InfeasibleBudget(ValueError):
@@ -127,8 +129,7 @@ class Budget:
         return (cap, None) if self.is_size else (None, cap)
 
     def _infeasible_message(self, problem, least: float) -> str:
-        unit = {"avg_bits": "average bits", "size_mb": "MB", "size_rel": "of the all-8-bit size",
-                "gbitops": "GBitOPs", "bitops_rel": "of the all-W8A8 BitOPs"}[self.kind]
+        unit = UNITS[self.kind]
         head = f"budget {self.name} is infeasible: the smallest achievable "
         if self.is_size:
             return (head + f"size is {self.in_unit(problem, least):.6g} {unit} "
