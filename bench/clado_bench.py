@@ -54,8 +54,9 @@ def digits_context(batch: int):
     model, calib = ROOT / "results/digits_resnet20/model.pt", ROOT / "results/digits_resnet20/calibration.pt"
     (xc, _), (x, y) = digits_batches(batch)
     if model.is_file() and calib.is_file():
-        from mpqflow.config import load_config
         from mpqflow.pipeline import load_context
+
+        from mpqflow.config import load_config
 
         cfg = load_config(ROOT / "config.yaml")
         cfg["threads"] = 2
@@ -103,8 +104,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("mpqflow").setLevel(logging.WARNING)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average at start {os.getloadavg()[0]:.2f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average at start {os.getloadavg()[0]:.2f}"
+    )
 
     ctx, x, y = digits_context(64)
     speedup = compare("digits ResNet-20, W{2,4,8}xA8", with_options(ctx, W_A8), x, y)
@@ -114,8 +117,9 @@ def main(argv=None):
         torch.manual_seed(0)
         xr = torch.randn(64 + args.r18_batch, 3, 32, 32)
         rctx = make_context(build_model("torchvision:resnet18", 3, 10), xr[:64], w_bits=(2, 4, 8), a_bits=(8,))
-        r18 = compare("torchvision ResNet-18 at 32x32, W{2,4,8}xA8", rctx, xr[64:],
-                      torch.randint(0, 10, (args.r18_batch,)))
+        r18 = compare(
+            "torchvision ResNet-18 at 32x32, W{2,4,8}xA8", rctx, xr[64:], torch.randint(0, 10, (args.r18_batch,))
+        )
         print(f"  speedup (reference time / fast time): {r18:.2f}")
 
     if not args.no_full:

@@ -40,8 +40,14 @@ def shor_bound(problem, budget: str) -> float:
     x, X = Y[0, 1:], Y[1:, 1:]
     off = np.argwhere(np.triu(same, 1))
     cap = size_cap - problem.fixed_size_bits
-    cons = [Y >> 0, Y[0, 0] == 1, cp.diag(X) == x, X[off[:, 0], off[:, 1]] == 0,
-            problem.size_bits @ x <= cap, cap * x - X @ problem.size_bits >= 0]
+    cons = [
+        Y >> 0,
+        Y[0, 0] == 1,
+        cp.diag(X) == x,
+        X[off[:, 0], off[:, 1]] == 0,
+        problem.size_bits @ x <= cap,
+        cap * x - X @ problem.size_bits >= 0,
+    ]
     cons += [cp.sum(x[ix]) == 1 for ix in problem.layers]
     prob = cp.Problem(cp.Minimize(cp.sum(cp.multiply(G, X))), cons)
     prob.solve(solver="SCS", eps_abs=1e-6, eps_rel=1e-6, max_iters=20000)
@@ -51,8 +57,12 @@ def shor_bound(problem, budget: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=Path("results/digits_resnet20"))
-    ap.add_argument("--instance", nargs="+", default=["54x3-psd", "54x3-raw"],
-                    help="synthetic instances, LxK-psd or LxK-raw (K: 3 or 6)")
+    ap.add_argument(
+        "--instance",
+        nargs="+",
+        default=["54x3-psd", "54x3-raw"],
+        help="synthetic instances, LxK-psd or LxK-raw (K: 3 or 6)",
+    )
     ap.add_argument("--budget", nargs="+", default=["avg_bits-4", "avg_bits-5"])
     ap.add_argument("--time-limit", type=float, default=60.0, help="of the solve beside the bound")
     args = ap.parse_args()
@@ -66,9 +76,12 @@ def main() -> None:
             sol = solve(problem, budget, backend="auto", time_limit=args.time_limit, mip_gap=1e-6)
             t0 = time.perf_counter()
             bound = shor_bound(problem, budget)
-            print(f"{name:10s} {budget:12s} decision {sol.objective: .6g} ({sol.status}, {sol.backend}, "
-                  f"{sol.seconds:.1f} s)  SDP bound {bound: .6g} ({time.perf_counter() - t0:.1f} s)  "
-                  f"gap {(sol.objective - bound) / abs(sol.objective):.2f}", flush=True)
+            print(
+                f"{name:10s} {budget:12s} decision {sol.objective: .6g} ({sol.status}, {sol.backend}, "
+                f"{sol.seconds:.1f} s)  SDP bound {bound: .6g} ({time.perf_counter() - t0:.1f} s)  "
+                f"gap {(sol.objective - bound) / abs(sol.objective):.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def real_problem(results: Path, method: str, set_name: str | None = None):
     if set_name is not None:
         sets = [results / "sensitivity" / "clado" / f"{set_name}.npz"]
     if not sets or not sets[0].exists():
-        raise SystemExit(f"no CLADO set {set_name or 'set_*x0'} under {results}/sensitivity/clado: "
-                         "run `snakemake --cores 2` first")
+        raise SystemExit(
+            f"no CLADO set {set_name or 'set_*x0'} under {results}/sensitivity/clado: run `snakemake --cores 2` first"
+        )
     table = _layer_table(results)
     G, linear = method_objective(method, load_batch_file(sets[0]), table)
     return build_problem(table, G, linear), table, sets[0].name
@@ -85,8 +86,9 @@ def resnet50_costs():
     return np.array([mods[n].weight.numel() for n in names], float), np.array([macs[n] for n in names], float)
 
 
-def synthetic_problem(real_G: np.ndarray, real_opts, K: int, raw: bool, seed: int = 0,
-                      layers: int | None = None) -> Problem:
+def synthetic_problem(
+    real_G: np.ndarray, real_opts, K: int, raw: bool, seed: int = 0, layers: int | None = None
+) -> Problem:
     """ResNet-50's first `layers` layers (default all 54) x K options, G blocks copied from the real
     matrix, ResNet-50 costs."""
     rng = np.random.default_rng(seed)
@@ -100,16 +102,21 @@ def synthetic_problem(real_G: np.ndarray, real_opts, K: int, raw: bool, seed: in
     block = lambda p, q: real_G[np.ix_([p * k_real + i for i in keep], [q * k_real + i for i in keep])]  # noqa: E731
     G = np.zeros((L * K, L * K))
     for p in range(L):
-        G[p * K:(p + 1) * K, p * K:(p + 1) * K] = block(*(2 * [int(rng.integers(L_real))]))
+        G[p * K : (p + 1) * K, p * K : (p + 1) * K] = block(*(2 * [int(rng.integers(L_real))]))
         for q in range(p + 1, L):
             a, b = rng.choice(L_real, 2, replace=False)
-            G[p * K:(p + 1) * K, q * K:(q + 1) * K] = block(a, b)
-            G[q * K:(q + 1) * K, p * K:(p + 1) * K] = block(a, b).T
+            G[p * K : (p + 1) * K, q * K : (q + 1) * K] = block(a, b)
+            G[q * K : (q + 1) * K, p * K : (p + 1) * K] = block(a, b).T
     G = G if raw else psd_project(G)
     layer_of = np.repeat(np.arange(L), K)
-    return Problem(G=G, layer_of=layer_of, layer_names=[f"layer{l}" for l in range(L)], options=opts * L,
-                   size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts * L)]),
-                   bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts * L)]))
+    return Problem(
+        G=G,
+        layer_of=layer_of,
+        layer_names=[f"layer{l}" for l in range(L)],
+        options=opts * L,
+        size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts * L)]),
+        bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts * L)]),
+    )
 
 
 def _choice(problem: Problem, sol) -> str:
@@ -117,26 +124,30 @@ def _choice(problem: Problem, sol) -> str:
     return "".join(str(int(i - problem.layers[l][0])) for l, i in enumerate(sol.choice))
 
 
-def run(name: str, problem: Problem, budgets, backends, time_limit: float, mip_gap: float = 1e-6,
-        node_limit=None) -> None:
+def run(
+    name: str, problem: Problem, budgets, backends, time_limit: float, mip_gap: float = 1e-6, node_limit=None
+) -> None:
     for budget in budgets:
         found = {}
         for backend in backends:
             try:
-                sol = solve(problem, budget, backend=backend, time_limit=time_limit, mip_gap=mip_gap,
-                            node_limit=node_limit)
+                sol = solve(
+                    problem, budget, backend=backend, time_limit=time_limit, mip_gap=mip_gap, node_limit=node_limit
+                )
             except BackendUnavailable as err:  # gurobi's size-limited licence
                 print(f"{name:28s} {budget:14s} {backend:7s} refused: {str(err)[:90]}")
                 continue
             found[backend] = sol
-            print(f"{name:28s} {budget:14s} {backend:7s} {sol.seconds:8.2f} s  {sol.status:10s} "
-                  f"objective {sol.objective: .6g}  gap {sol.gap:.2e}  {_choice(problem, sol)}", flush=True)
+            print(
+                f"{name:28s} {budget:14s} {backend:7s} {sol.seconds:8.2f} s  {sol.status:10s} "
+                f"objective {sol.objective: .6g}  gap {sol.gap:.2e}  {_choice(problem, sol)}",
+                flush=True,
+            )
         proven = [s.objective for s in found.values() if s.status == "optimal"]
         if proven and max(proven) - min(proven) > 1e-6 * max(1.0, abs(min(proven))):
             print(f"{name:28s} {budget:14s} disagree: {proven}")
         if len({_choice(problem, s) for s in found.values()}) > 1:
-            print(f"{name:28s} {budget:14s} differ: " + ", ".join(
-                f"{b} {s.objective:.9g}" for b, s in found.items()))
+            print(f"{name:28s} {budget:14s} differ: " + ", ".join(f"{b} {s.objective:.9g}" for b, s in found.items()))
 
 
 def scaling(raw_G: np.ndarray, real_opts, backend: str, time_limit: float, budget: str) -> None:
@@ -152,8 +163,11 @@ def scaling(raw_G: np.ndarray, real_opts, backend: str, time_limit: float, budge
                 except BackendUnavailable as err:  # gurobi's size-limited licence
                     print(f"{name:28s} {budget:14s} {backend:7s} refused: {str(err)[:90]}", flush=True)
                     break
-                print(f"{name:28s} {budget:14s} {sol.backend:7s} {sol.seconds:8.2f} s  {sol.status:10s} "
-                      f"objective {sol.objective: .6g}  gap {sol.gap:.2e}", flush=True)
+                print(
+                    f"{name:28s} {budget:14s} {sol.backend:7s} {sol.seconds:8.2f} s  {sol.status:10s} "
+                    f"objective {sol.objective: .6g}  gap {sol.gap:.2e}",
+                    flush=True,
+                )
                 if sol.status != "optimal":
                     break
 
@@ -164,30 +178,52 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--no-synthetic", action="store_true")
-    ap.add_argument("--scaling", action="store_true",
-                    help="only the proof time of the first back-end against the number of layers (12..54)")
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="only the proof time of the first back-end against the number of layers (12..54)",
+    )
     ap.add_argument("--budget", default="avg_bits-4", help="the budget of --scaling")
     ap.add_argument("--methods", nargs="+", default=["clado_raw", "clado"], help="real instances' methods")
     ap.add_argument("--sets", nargs="+", default=[None], help="real instances' CLADO sets (default: largest x0)")
-    ap.add_argument("--budgets", nargs="+", help="real instances' budgets",
-                    default=["avg_bits-2.5", "avg_bits-3", "avg_bits-4", "avg_bits-5", "bitops_rel-0.25"])
+    ap.add_argument(
+        "--budgets",
+        nargs="+",
+        help="real instances' budgets",
+        default=["avg_bits-2.5", "avg_bits-3", "avg_bits-4", "avg_bits-5", "bitops_rel-0.25"],
+    )
     ap.add_argument("--mip-gap", type=float, default=1e-6)
-    ap.add_argument("--node-limit", nargs="+", default=None, metavar="[BACKEND=]NODES",
-                    help="one node limit, or one per back-end as highs=50 gurobi=100000 scip=2000 (default: none)")
+    ap.add_argument(
+        "--node-limit",
+        nargs="+",
+        default=None,
+        metavar="[BACKEND=]NODES",
+        help="one node limit, or one per back-end as highs=50 gurobi=100000 scip=2000 (default: none)",
+    )
     args = ap.parse_args()
-    nodes = None if args.node_limit is None else \
-        int(args.node_limit[0]) if len(args.node_limit) == 1 and "=" not in args.node_limit[0] else \
-        {k: int(v) for k, v in (a.split("=") for a in args.node_limit)}
+    nodes = (
+        None
+        if args.node_limit is None
+        else int(args.node_limit[0])
+        if len(args.node_limit) == 1 and "=" not in args.node_limit[0]
+        else {k: int(v) for k, v in (a.split("=") for a in args.node_limit)}
+    )
     if args.scaling:
         table = real_problem(args.results, "clado_raw")[1]
-        scaling(real_raw_G(args.results, table), list(table.options), args.backends[0], args.time_limit,
-                args.budget)
+        scaling(real_raw_G(args.results, table), list(table.options), args.backends[0], args.time_limit, args.budget)
         return
     for method in args.methods:
         for set_name in args.sets:
             problem, table, set_file = real_problem(args.results, method, set_name)
-            run(f"{method} {set_file} {problem.L}x{len(table.options)}", problem, args.budgets, args.backends,
-                args.time_limit, args.mip_gap, nodes)
+            run(
+                f"{method} {set_file} {problem.L}x{len(table.options)}",
+                problem,
+                args.budgets,
+                args.backends,
+                args.time_limit,
+                args.mip_gap,
+                nodes,
+            )
     if args.no_synthetic:
         return
     raw_G = real_raw_G(args.results, table)
@@ -196,10 +232,20 @@ def main() -> None:
             t0 = time.perf_counter()
             problem = synthetic_problem(raw_G, list(table.options), K, raw)
             name = f"resnet50-like 54x{K} {'raw' if raw else 'psd'}"
-            print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
-                  f"{int((np.linalg.eigvalsh(problem.G) < -1e-12).sum())} negative eigenvalues", flush=True)
-            run(name, problem, ["avg_bits-3", "avg_bits-4", "avg_bits-5"], args.backends, args.time_limit,
-                args.mip_gap, nodes)
+            print(
+                f"{name}: built in {time.perf_counter() - t0:.1f} s, "
+                f"{int((np.linalg.eigvalsh(problem.G) < -1e-12).sum())} negative eigenvalues",
+                flush=True,
+            )
+            run(
+                name,
+                problem,
+                ["avg_bits-3", "avg_bits-4", "avg_bits-5"],
+                args.backends,
+                args.time_limit,
+                args.mip_gap,
+                nodes,
+            )
 
 
 if __name__ == "__main__":

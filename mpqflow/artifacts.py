@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -60,11 +60,12 @@ META_FIELDS = ("format", "estimator", "layers", "options", "quant", "checkpoint_
 _CONST_RTOL = 1e-6  # per-file constants (e.g. weight errors) may differ by float noise across devices
 
 
-
 def split_meta(data: dict) -> tuple[dict, dict]:
     """(payload, meta) of a loaded or pooled dict."""
-    return ({k: v for k, v in data.items() if k not in META_FIELDS},
-            {k: v for k, v in data.items() if k in META_FIELDS})
+    return (
+        {k: v for k, v in data.items() if k not in META_FIELDS},
+        {k: v for k, v in data.items() if k in META_FIELDS},
+    )
 
 
 def is_additive(key: str) -> bool:
@@ -141,17 +142,21 @@ def pool_batch_files(paths: Sequence[str | Path]) -> dict:
         raise ValueError("pool_batch_files needs at least one file")
     first = load_batch_file(paths[0])
     pooled, meta = split_meta(first)
-    pooled = {k: (np.asarray(v, dtype=np.float64) if is_additive(k) and k != "count" else np.asarray(v))
-              for k, v in pooled.items()}
+    pooled = {
+        k: (np.asarray(v, dtype=np.float64) if is_additive(k) and k != "count" else np.asarray(v))
+        for k, v in pooled.items()
+    }
     for p in paths[1:]:
         payload, m = split_meta(load_batch_file(p))
         for f in META_FIELDS:
             if _meta_differs(meta[f], m[f]):
-                raise ValueError(f"cannot pool {paths[0]} with {p}: field {f!r} differs "
-                                 f"({_describe(f, meta[f], m[f])})")
+                raise ValueError(
+                    f"cannot pool {paths[0]} with {p}: field {f!r} differs ({_describe(f, meta[f], m[f])})"
+                )
         if set(payload) != set(pooled):
-            raise ValueError(f"cannot pool {paths[0]} with {p}: field 'payload keys' differs "
-                             f"({sorted(pooled)} vs {sorted(payload)})")
+            raise ValueError(
+                f"cannot pool {paths[0]} with {p}: field 'payload keys' differs ({sorted(pooled)} vs {sorted(payload)})"
+            )
         for k, v in payload.items():
             if is_additive(k):
                 pooled[k] = pooled[k] + v
@@ -193,8 +198,12 @@ def save_calibration(path, quantizer_state: dict, table: LayerTable, checkpoint_
     """Calibrated quantizer parameters, with the layer table, checkpoint hash and quant section they belong to."""
     save_torch(
         path,
-        {"quantizer": quantizer_state, "table": table.to_dict(), "checkpoint_sha256": checkpoint_sha256,
-         "quant_config": quant},
+        {
+            "quantizer": quantizer_state,
+            "table": table.to_dict(),
+            "checkpoint_sha256": checkpoint_sha256,
+            "quant_config": quant,
+        },
     )
 
 
@@ -202,12 +211,17 @@ def load_calibration(path, checkpoint_sha256: str, quant: dict) -> tuple[dict, L
     """(quantizer state, layer table); refuses a calibration of another checkpoint or quant section."""
     calib = torch_load(path, "calibration", "expected results/<model>/calibration.pt written by calibrate")
     if calib["checkpoint_sha256"] != checkpoint_sha256:
-        raise ValueError(f"{path} was calibrated for another checkpoint (sha256 {calib['checkpoint_sha256'][:12]}..., "
-                         f"expected {checkpoint_sha256[:12]}...)")
+        raise ValueError(
+            f"{path} was calibrated for another checkpoint (sha256 {calib['checkpoint_sha256'][:12]}..., "
+            f"expected {checkpoint_sha256[:12]}...)"
+        )
     if calib["quant_config"] != quant:
-        keys = sorted(k for k in set(quant) | set(calib["quant_config"]) if quant.get(k) != calib["quant_config"].get(k))
-        raise ValueError(f"{path} was made with other quant settings than the config's 'quant' section "
-                         f"(differing keys: {keys})")
+        keys = sorted(
+            k for k in set(quant) | set(calib["quant_config"]) if quant.get(k) != calib["quant_config"].get(k)
+        )
+        raise ValueError(
+            f"{path} was made with other quant settings than the config's 'quant' section (differing keys: {keys})"
+        )
     return calib["quantizer"], LayerTable.from_dict(calib["table"])
 
 

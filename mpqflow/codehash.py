@@ -17,8 +17,14 @@ import hashlib
 from pathlib import Path
 
 __all__ = [
-    "LAYERS", "code_hash", "import_graph", "layer_of", "layering_violations", "module_closure",
-    "module_file", "module_imports",
+    "LAYERS",
+    "code_hash",
+    "import_graph",
+    "layer_of",
+    "layering_violations",
+    "module_closure",
+    "module_file",
+    "module_imports",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: parent of the package dir
@@ -26,10 +32,32 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root: parent of 
 # Lowest layer first. A module may import only from its own layer or lower, and no stage imports
 # another stage. "x.*" means x and every module under it; a module matching no entry is an error.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("mpqflow", "mpqflow.io", "mpqflow.names", "mpqflow.validation", "mpqflow.config",
-                    "mpqflow.codehash", "mpqflow.checkpoints")),
-    ("core", ("mpqflow.layers", "mpqflow.artifacts", "mpqflow.data", "mpqflow.models", "mpqflow.quant.*",
-              "mpqflow.optimize.*", "mpqflow.train.*", "mpqflow.metrics", "mpqflow.evaluate")),
+    (
+        "foundation",
+        (
+            "mpqflow",
+            "mpqflow.io",
+            "mpqflow.names",
+            "mpqflow.validation",
+            "mpqflow.config",
+            "mpqflow.codehash",
+            "mpqflow.checkpoints",
+        ),
+    ),
+    (
+        "core",
+        (
+            "mpqflow.layers",
+            "mpqflow.artifacts",
+            "mpqflow.data",
+            "mpqflow.models",
+            "mpqflow.quant.*",
+            "mpqflow.optimize.*",
+            "mpqflow.train.*",
+            "mpqflow.metrics",
+            "mpqflow.evaluate",
+        ),
+    ),
     ("model-aware", ("mpqflow.methods", "mpqflow.context")),
     ("estimators and reports", ("mpqflow.sensitivity.*", "mpqflow.study", "mpqflow.plots")),
     ("stages", ("mpqflow.stages.*",)),
@@ -59,7 +87,8 @@ def _ancestors(module: str) -> list[str]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 @functools.cache
@@ -100,8 +129,11 @@ def module_imports(module: str, root: Path) -> set[str]:
             base = name
         if base.split(".")[0] != top:
             continue
-        targets = [base] if not names or names == ("*",) else [
-            f"{base}.{n}" if module_file(f"{base}.{n}", root) else base for n in names]
+        targets = (
+            [base]
+            if not names or names == ("*",)
+            else [f"{base}.{n}" if module_file(f"{base}.{n}", root) else base for n in names]
+        )
         for target in targets:
             found.update(_ancestors(target), [target])
     found.discard(module)
@@ -191,8 +223,9 @@ def layering_violations(graph: dict[str, set[str]]) -> list[str]:
             elif mine is None or theirs is None:
                 continue  # reported above
             elif theirs > mine:
-                out.append(f"{module} -> {dep}: {LAYERS[mine][0]} (layer {mine}) imports "
-                           f"{LAYERS[theirs][0]} (layer {theirs})")
+                out.append(
+                    f"{module} -> {dep}: {LAYERS[mine][0]} (layer {mine}) imports {LAYERS[theirs][0]} (layer {theirs})"
+                )
             elif _is_stage(dep) and (_is_stage(module) or module == STAGES):
                 out.append(f"{module} -> {dep}: a stage imports another stage")
     return out

@@ -151,8 +151,9 @@ class Context:
         return replace(self, table=table)
 
 
-def load_context(model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtime, checkpoint: str,
-                 calibration: str) -> Context:
+def load_context(
+    model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtime, checkpoint: str, calibration: str
+) -> Context:
     """Load model + calibrated quantizer; refuse a calibration made from another checkpoint or quant section."""
     device = resolve_device(runtime)
     net = load_model(model, checkpoint, device, seed)

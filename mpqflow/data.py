@@ -87,9 +87,7 @@ def _digits(spec: DataSpec, split: str) -> Dataset:
     from torch.utils.data import TensorDataset
 
     x, y = load_digits(return_X_y=True)  # (1797, 64) in 0..16
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=spec.test_fraction, random_state=spec.seed, stratify=y
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=spec.test_fraction, random_state=spec.seed, stratify=y)
     mean, std = x_tr.mean(), x_tr.std()  # statistics of the training split only
     x_sel, y_sel = (x_tr, y_tr) if split == "train" else (x_te, y_te)
     images = torch.tensor((x_sel - mean) / std, dtype=torch.float32).reshape(-1, 1, 8, 8)
@@ -115,7 +113,9 @@ def _imagenet(spec: DataSpec, split: str) -> Dataset:
 
     folder = Path(spec.root) / ("train" if split == "train" else "val")
     if not folder.is_dir():
-        raise FileNotFoundError(f"ImageNet-style folder {str(folder)!r} does not exist (expected <root>/train and <root>/val)")
+        raise FileNotFoundError(
+            f"ImageNet-style folder {str(folder)!r} does not exist (expected <root>/train and <root>/val)"
+        )
     tf = T.Compose(
         [
             T.Resize(spec.image_size * 8 // 7),
@@ -157,8 +157,7 @@ class SamplePlan:
         need = self.calibration_samples + self.pool_batches * self.batch_size
         if need > self.n_train:
             raise ValueError(
-                f"calibration_samples + pool_batches*batch_size = {need} exceeds the "
-                f"{self.n_train} training samples"
+                f"calibration_samples + pool_batches*batch_size = {need} exceeds the {self.n_train} training samples"
             )
 
     def _perm(self) -> np.ndarray:

@@ -44,8 +44,11 @@ def evaluate_assignment(ctx, assignment: dict, batch_size: int) -> dict:
     first_inputs: dict = {}
     modules = dict(ctx.net.named_modules())
     with ctx.quantizer.applied(assignment):
-        hooks = [modules[l].register_forward_pre_hook(functools.partial(_record_first_input, first_inputs, l))
-                 for l, (_, a) in assignment.items() if a is not None]
+        hooks = [
+            modules[l].register_forward_pre_hook(functools.partial(_record_first_input, first_inputs, l))
+            for l, (_, a) in assignment.items()
+            if a is not None
+        ]
         try:
             metrics = evaluate(ctx.net, ctx.test_set, batch_size, ctx.device, workers=ctx.workers)
         finally:

@@ -20,7 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "save_json", "load_json", "save_torch", "save_npz", "load_npz", "setup_logging", "file_sha256", "save_csv"]
+__all__ = [
+    "atomic_path",
+    "save_json",
+    "load_json",
+    "save_torch",
+    "save_npz",
+    "load_npz",
+    "setup_logging",
+    "file_sha256",
+    "save_csv",
+]
 
 
 @contextlib.contextmanager

@@ -137,13 +137,16 @@ def _check_pooled(method: Method, pooled: dict, table) -> None:
     if est != method.estimator:
         raise ValueError(f"method {method.name!r} needs {method.estimator} sensitivities, got a {est} file")
     if "layers" in pooled and list(pooled["layers"]) != list(table.candidates):
-        raise ValueError(f"method {method.name!r}: the sensitivity file's layers differ from "
-                         "the layer table's candidates")
+        raise ValueError(
+            f"method {method.name!r}: the sensitivity file's layers differ from the layer table's candidates"
+        )
     if "options" in pooled:
         opts = [tuple(int(b) for b in o) for o in np.asarray(pooled["options"]).reshape(-1, 2)]
         if opts != [tuple(o) for o in table.options]:
-            raise ValueError(f"method {method.name!r}: the sensitivity file's options {opts} differ from "
-                             f"the layer table's {list(table.options)}")
+            raise ValueError(
+                f"method {method.name!r}: the sensitivity file's options {opts} differ from "
+                f"the layer table's {list(table.options)}"
+            )
 
 
 def method_objective(method: str, pooled: dict, table) -> tuple[np.ndarray | None, np.ndarray | None]:

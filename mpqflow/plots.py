@@ -57,10 +57,22 @@ def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: fl
     fig, axes = plt.subplots(1, len(sizes), figsize=(width * len(sizes), 4), sharey=True, squeeze=False)
     for ax, n in zip(axes[0], sizes):
         for method, g in searched[searched.set_size == n].groupby("method"):
-            stats = g.groupby("budget").agg(x=("size_mb", "mean"), x_std=("size_mb", "std"),
-                                            y=("top1", "mean"), y_std=("top1", "std")).sort_values("x")
-            ax.errorbar(stats.x, 100 * stats.y, xerr=stats.x_std.fillna(0), yerr=100 * stats.y_std.fillna(0),
-                        marker="o", ms=4, capsize=3, color=colors[method], label=method)
+            stats = (
+                g.groupby("budget")
+                .agg(x=("size_mb", "mean"), x_std=("size_mb", "std"), y=("top1", "mean"), y_std=("top1", "std"))
+                .sort_values("x")
+            )
+            ax.errorbar(
+                stats.x,
+                100 * stats.y,
+                xerr=stats.x_std.fillna(0),
+                yerr=100 * stats.y_std.fillna(0),
+                marker="o",
+                ms=4,
+                capsize=3,
+                color=colors[method],
+                label=method,
+            )
         ax.plot(uniform.size_mb, 100 * uniform.top1, "k--s", ms=4, lw=1, label="uniform")
         _fp_line(ax, df)
         n_sets = searched[searched.set_size == n].set_id.nunique()
@@ -83,19 +95,31 @@ def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width
     if not searched.empty:
         grid = np.linspace(searched.size_mb.min(), searched.size_mb.max(), 200)
         for method, g in searched.groupby("method"):
-            curves = np.array([running_best(h.size_mb.to_numpy(), h.top1.to_numpy(), grid)
-                               for _, h in g.groupby(["set_size", "set_id"])])
+            curves = np.array(
+                [
+                    running_best(h.size_mb.to_numpy(), h.top1.to_numpy(), grid)
+                    for _, h in g.groupby(["set_size", "set_id"])
+                ]
+            )
             mean, std = np.nanmean(curves, 0), np.nanstd(curves, 0)
             ax.plot(grid, 100 * mean, color=colors[method], label=method, drawstyle="steps-post")
             ax.fill_between(grid, 100 * (mean - std), 100 * (mean + std), color=colors[method], alpha=0.15, step="post")
         stats = auc.groupby("method").auc.agg(["mean", "std"]).sort_values("mean")
-        bx.barh(stats.index, 100 * stats["mean"], xerr=100 * stats["std"].fillna(0), capsize=3,
-                color=[colors[m] for m in stats.index])
+        bx.barh(
+            stats.index,
+            100 * stats["mean"],
+            xerr=100 * stats["std"].fillna(0),
+            capsize=3,
+            color=[colors[m] for m in stats.index],
+        )
         lo = 100 * (stats["mean"] - stats["std"].fillna(0)).min()
         bx.set_xlim(max(0.0, lo - 2), 100 * (stats["mean"] + stats["std"].fillna(0)).max() + 1)
     _fp_line(ax, df)
-    ax.set(xlabel="model size (MB of quantized weights)", ylabel="best top-1 at or below this size (%)",
-           title="Running-best Pareto curves (mean ± std over sets)")
+    ax.set(
+        xlabel="model size (MB of quantized weights)",
+        ylabel="best top-1 at or below this size (%)",
+        title="Running-best Pareto curves (mean ± std over sets)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     bx.set(xlabel="normalised area under the Pareto curve (% top-1)", title="Pareto AUC per method (mean ± std)")
@@ -110,7 +134,9 @@ def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, widt
     colors = _colors(searched.method.unique())
     fig, ax = plt.subplots(figsize=(width * 1.3, width))
     for method, g in searched.groupby("method"):
-        ax.scatter(g.measured_loss_increase, g.estimated_loss_increase, s=18, alpha=0.8, color=colors[method], label=method)
+        ax.scatter(
+            g.measured_loss_increase, g.estimated_loss_increase, s=18, alpha=0.8, color=colors[method], label=method
+        )
     if not searched.empty:
         lo = min(searched.measured_loss_increase.min(), searched.estimated_loss_increase.min(), 0.0)
         hi = max(searched.measured_loss_increase.max(), searched.estimated_loss_increase.max())
@@ -118,9 +144,11 @@ def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, widt
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set(xlabel="measured loss increase on the sensitivity set (nats, symlog)",
-           ylabel="method's estimated loss increase (nats, symlog)",
-           title="Estimated vs measured loss increase of chosen decisions")
+    ax.set(
+        xlabel="measured loss increase on the sensitivity set (nats, symlog)",
+        ylabel="method's estimated loss increase (nats, symlog)",
+        title="Estimated vs measured loss increase of chosen decisions",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path, dpi)
@@ -139,8 +167,11 @@ def plot_interaction_heatmap(G: np.ndarray, layers: list[str], options: list, pa
     ax.set_xticks(centres, layers, rotation=90, fontsize=6)
     ax.set_yticks(centres, layers, fontsize=6)
     opts = ", ".join(f"w{w}a{a}" for w, a in options)
-    ax.set(xlabel=f"candidate layer (options within a block: {opts})", ylabel="candidate layer",
-           title="CLADO interaction matrix G (cross-entropy; colour clipped at the 99th |G| percentile)")
+    ax.set(
+        xlabel=f"candidate layer (options within a block: {opts})",
+        ylabel="candidate layer",
+        title="CLADO interaction matrix G (cross-entropy; colour clipped at the 99th |G| percentile)",
+    )
     fig.colorbar(im, ax=ax, shrink=0.8, label="G[i, j] (nats)")
     _save(fig, path, dpi)
 
@@ -152,7 +183,12 @@ def plot_layer_bits(decisions: dict, layers: list[str], path: str, dpi: int = 15
         decisions: {method: {budget: [(w_bits, a_bits) per candidate layer]}}.
     """
     methods = sorted(decisions)
-    fig, axes = plt.subplots(len(methods) or 1, 1, figsize=(max(8, 0.45 * len(layers)), 1.1 + 0.5 * sum(len(decisions[m]) for m in methods) + 0.4 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(methods) or 1,
+        1,
+        figsize=(max(8, 0.45 * len(layers)), 1.1 + 0.5 * sum(len(decisions[m]) for m in methods) + 0.4 * len(methods)),
+        squeeze=False,
+    )
     for ax, method in zip(axes[:, 0], methods):
         budgets = sorted(decisions[method])
         w = np.array([[wb for wb, _ in decisions[method][b]] for b in budgets], float)  # (budgets, layers)
@@ -198,8 +234,16 @@ def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> 
     ax.set_ylim(max(0.0, np.floor(lo - 2 - 0.1 * (fp - lo))), min(100.0, max(fp, float(np.nanmax(acc.to_numpy()))) + 1))
     for i, v in enumerate(variants):  # the value on every bar: the axis does not start at 0
         for xi, val in zip(x + (i - (len(variants) - 1) / 2) * w, acc[v].to_numpy()):
-            ax.annotate(f"{val:.1f}", (xi, val), xytext=(0, 2), textcoords="offset points", ha="center",
-                        va="bottom", fontsize=6, rotation=90)
+            ax.annotate(
+                f"{val:.1f}",
+                (xi, val),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                rotation=90,
+            )
     ax.set_xticks(x, [o.upper() for o in options])
     ax.set_xlabel("uniform option (weight bits, activation bits)")
     ax.set_ylabel("top-1 accuracy (%)")

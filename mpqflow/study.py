@@ -17,9 +17,24 @@ __all__ = ["uniform_table", "study_table", "STUDY_COLUMNS", "running_best", "par
 
 UNIFORM_COLUMNS = ["option", "top1", "top5", "loss", "fp_top1", "size_mb", "avg_bits", "gbitops"]
 STUDY_COLUMNS = [
-    "method", "set_size", "set_id", "budget", "option", "top1", "top5", "loss", "fp_top1", "size_mb",
-    "avg_bits", "gbitops", "estimated_loss_increase", "measured_loss_increase", "solver_status",
-    "solver_gap", "solver_seconds", "choice",
+    "method",
+    "set_size",
+    "set_id",
+    "budget",
+    "option",
+    "top1",
+    "top5",
+    "loss",
+    "fp_top1",
+    "size_mb",
+    "avg_bits",
+    "gbitops",
+    "estimated_loss_increase",
+    "measured_loss_increase",
+    "solver_status",
+    "solver_gap",
+    "solver_seconds",
+    "choice",
 ]
 
 

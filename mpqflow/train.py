@@ -42,7 +42,9 @@ def train_model(model, train_set, cfg, seed: int, device="cpu"):
     SGD with Nesterov momentum and a one-cycle learning rate, random-shift augmentation."""
     gen = seed_everything(seed)
     model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
     steps = cfg.epochs * -(-len(train_set) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
     bar = tqdm(range(cfg.epochs), desc="train", mininterval=2)

@@ -187,7 +187,10 @@ def _check_budgets(cfg: dict, default: bool = False) -> list[str]:
     floor, why = min(q["w_bits"]), f"the smallest of quant.w_bits {q['w_bits']}"
     if q["fix_first_last"]:
         if q["fixed_bits"] < floor:
-            floor, why = q["fixed_bits"], f"quant.fixed_bits of the first/last layers, below every quant.w_bits {q['w_bits']}"
+            floor, why = (
+                q["fixed_bits"],
+                f"quant.fixed_bits of the first/last layers, below every quant.w_bits {q['w_bits']}",
+            )
         else:
             why += f"; the first/last layers fixed at quant.fixed_bits {q['fixed_bits']} only raise the average"
     out: list[str] = []
@@ -201,7 +204,8 @@ def _check_budgets(cfg: dict, default: bool = False) -> list[str]:
         if kind == "avg_bits" and v < floor:
             raise ConfigError(
                 f"config key 'budgets[{i}]': {name!r} cannot be met: the average weight bits are at least "
-                f"{floor}, {why}" + (f" (budgets is not set, so its default {cfg['budgets']} applies)" if default else "")
+                f"{floor}, {why}"
+                + (f" (budgets is not set, so its default {cfg['budgets']} applies)" if default else "")
             )
         canon = canonical_budget(name)
         if canon not in out:

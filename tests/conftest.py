@@ -24,12 +24,21 @@ def snakemake_env():
     return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def run_snakemake(workdir, *args, configfile=TINY, snakefile=REPO / "Snakefile", timeout=TINY_RUN_TIMEOUT,
-                  check=True):
+def run_snakemake(workdir, *args, configfile=TINY, snakefile=REPO / "Snakefile", timeout=TINY_RUN_TIMEOUT, check=True):
     """`snakemake --cores 2` on `configfile` in `workdir`; raises with the output tail when it fails."""
     cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
-        "--configfile", str(configfile), "--cores", "2", *args,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(snakefile),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
+        *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=snakemake_env())
     if check and proc.returncode != 0:

@@ -27,7 +27,14 @@ def test_defaults_filled_and_default_config_valid():
     assert cfg["models"]["m"]["train"]["epochs"] == 60
     assert "quant" not in MINIMAL  # the caller's dict is not modified
     default = load_config(REPO / "config.yaml")
-    assert option_table(default["quant"]["w_bits"], default["quant"]["a_bits"]) == [(8, 8), (8, 4), (4, 8), (4, 4), (2, 8), (2, 4)]
+    assert option_table(default["quant"]["w_bits"], default["quant"]["a_bits"]) == [
+        (8, 8),
+        (8, 4),
+        (4, 8),
+        (4, 4),
+        (2, 8),
+        (2, 4),
+    ]
     assert load_config(REPO / "tests/configs/tiny.yaml")["models"]["tiny"]["arch"] == "digits_cnn"
 
 
@@ -40,11 +47,17 @@ def test_defaults_filled_and_default_config_valid():
         (_with(seed="zero"), "config key 'seed': 'zero' is not of type 'integer'"),
         (_with(quant={"weight": {"observer": "max"}}), "config key 'quant.weight.observer': 'max' is not one of"),
         (_with(quant={"weight": {"gran": "x"}}), "unknown config key(s) ['gran'] under 'quant.weight'"),
-        (_with(solver={"node_limit": {"cplex": 5}}),
-         "config key 'solver.node_limit': {'cplex': 5} is not valid; expected null, an integer >= 1, or a mapping"),
-        ({"models": {"m": {"arch": "vgg", "dataset": {"name": "digits"}}}},
-         ("config key 'models.m.arch': 'vgg' is not a known architecture; expected one of digits_cnn, resnet20, "
-         "resnet32, resnet56, or torchvision:<name>")),
+        (
+            _with(solver={"node_limit": {"cplex": 5}}),
+            "config key 'solver.node_limit': {'cplex': 5} is not valid; expected null, an integer >= 1, or a mapping",
+        ),
+        (
+            {"models": {"m": {"arch": "vgg", "dataset": {"name": "digits"}}}},
+            (
+                "config key 'models.m.arch': 'vgg' is not a known architecture; expected one of digits_cnn, resnet20, "
+                "resnet32, resnet56, or torchvision:<name>"
+            ),
+        ),
         ({}, "'models' is a required property"),
     ],
 )
@@ -103,8 +116,11 @@ def test_weights_file_that_is_not_a_checkpoint(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# my model\n")
     cfg = {"models": {"m": {"arch": "resnet20", "weights": str(readme), "dataset": {"name": "digits"}}}}
-    _fails(cfg, f"config key 'models.m.weights': {str(readme)!r} is not a PyTorch checkpoint (expected a file "
-                "written by torch.save: a state_dict or {'state_dict': ...})")
+    _fails(
+        cfg,
+        f"config key 'models.m.weights': {str(readme)!r} is not a PyTorch checkpoint (expected a file "
+        "written by torch.save: a state_dict or {'state_dict': ...})",
+    )
     # What torch.save writes passes: a zip with <name>/data.pkl, or a legacy pickle (first byte 0x80).
     import zipfile
 
@@ -174,18 +190,29 @@ def test_cuda_visible_devices_hides_every_gpu(monkeypatch, hidden):
 @pytest.mark.parametrize(
     "sections, expected",
     [
-        ({"sensitivity": {"pool_batches": 100}},
-         ("quant.calibration_samples (256) + sensitivity.pool_batches (100) × sensitivity.batch_size (64) = 6656 "
-         "exceeds the 1347 training samples of digits (test_fraction 0.25)")),
-        ({"quant": {"calibration_samples": 2000}},
-         ("quant.calibration_samples (2000) + sensitivity.pool_batches (8) × sensitivity.batch_size (64) = 2512 "
-         "exceeds the 1347 training samples")),
+        (
+            {"sensitivity": {"pool_batches": 100}},
+            (
+                "quant.calibration_samples (256) + sensitivity.pool_batches (100) × sensitivity.batch_size (64) = 6656 "
+                "exceeds the 1347 training samples of digits (test_fraction 0.25)"
+            ),
+        ),
+        (
+            {"quant": {"calibration_samples": 2000}},
+            (
+                "quant.calibration_samples (2000) + sensitivity.pool_batches (8) × sensitivity.batch_size (64) = 2512 "
+                "exceeds the 1347 training samples"
+            ),
+        ),
     ],
 )
 def test_calibration_and_pool_exceed_the_training_split(sections, expected):
     """(3) The training split must hold the calibration samples and the pool."""
     msg = _fails(_with(**sections), expected)
-    assert "config keys 'quant.calibration_samples', 'sensitivity.pool_batches', 'sensitivity.batch_size' (model 'm')" in msg
+    assert (
+        "config keys 'quant.calibration_samples', 'sensitivity.pool_batches', 'sensitivity.batch_size' (model 'm')"
+        in msg
+    )
     # Exactly the training split fits; one sample more does not.
     assert validate_config(_with(quant={"calibration_samples": 1347 - 8 * 64}))
     _fails(_with(quant={"calibration_samples": 1347 - 8 * 64 + 1}), "= 1348 exceeds the 1347 training samples")
@@ -199,19 +226,33 @@ def test_training_split_sizes_match_sklearn_and_cifar(tmp_path):
     for tf in (0.1, 0.25, 0.3, 0.5, 0.9):
         x_tr, _, _, _ = train_test_split(x, y, test_size=tf, random_state=0, stratify=y)
         assert train_samples({"name": "digits", "test_fraction": tf})[0] == len(x_tr)
-    cifar = {"models": {"c": {"arch": "resnet20", "dataset": {"name": "cifar100", "root": str(tmp_path)}}},
-             "sensitivity": {"pool_batches": 800}}
+    cifar = {
+        "models": {"c": {"arch": "resnet20", "dataset": {"name": "cifar100", "root": str(tmp_path)}}},
+        "sensitivity": {"pool_batches": 800},
+    }
     _fails(cifar, "= 51456 exceeds the 50000 training samples of cifar100")
-    imagenet = {"models": {"i": {"arch": "torchvision:resnet18", "weights": None,
-                                 "dataset": {"name": "imagenet", "root": str(tmp_path)}}}}
+    imagenet = {
+        "models": {
+            "i": {
+                "arch": "torchvision:resnet18",
+                "weights": None,
+                "dataset": {"name": "imagenet", "root": str(tmp_path)},
+            }
+        }
+    }
     assert train_samples(imagenet["models"]["i"]["dataset"]) is None  # unknown here: the first job checks
 
 
 @pytest.mark.parametrize(
     "options, expected",
     [
-        (["w0a8"], ("config key 'ptq.options[0]': 'w0a8' is not a PTQ option; expected wWaA with weight bits W and "
-                   "activation bits A in 1..16, e.g. w4a8")),
+        (
+            ["w0a8"],
+            (
+                "config key 'ptq.options[0]': 'w0a8' is not a PTQ option; expected wWaA with weight bits W and "
+                "activation bits A in 1..16, e.g. w4a8"
+            ),
+        ),
         (["w4a8", "w17a8"], "config key 'ptq.options[1]': 'w17a8' has 17 weight bits; expected wWaA"),
         (["w4a99"], "config key 'ptq.options[0]': 'w4a99' has 99 activation bits"),
         (["4a8"], "config key 'ptq.options[0]': '4a8' is not a PTQ option"),
@@ -225,14 +266,22 @@ def test_ptq_options(options, expected):
 @pytest.mark.parametrize(
     "sections, expected",
     [
-        ({"budgets": ["avg_bits-4", "size_mb-0"]},
-         "config key 'budgets[1]': 'size_mb-0' has value 0; a budget's value must be greater than 0"),
+        (
+            {"budgets": ["avg_bits-4", "size_mb-0"]},
+            "config key 'budgets[1]': 'size_mb-0' has value 0; a budget's value must be greater than 0",
+        ),
         ({"budgets": ["bitops_rel-0.0"]}, "config key 'budgets[0]': 'bitops_rel-0.0' has value 0.0"),
-        ({"budgets": ["avg_bits-1.5"]},
-         ("config key 'budgets[0]': 'avg_bits-1.5' cannot be met: the average weight bits are at least 2, the "
-         "smallest of quant.w_bits [2, 4, 8]")),
-        ({"quant": {"w_bits": [4, 8]}},  # the default budgets with a narrower w_bits: say they are the default
-         "'avg_bits-3' cannot be met: the average weight bits are at least 4"),
+        (
+            {"budgets": ["avg_bits-1.5"]},
+            (
+                "config key 'budgets[0]': 'avg_bits-1.5' cannot be met: the average weight bits are at least 2, the "
+                "smallest of quant.w_bits [2, 4, 8]"
+            ),
+        ),
+        (
+            {"quant": {"w_bits": [4, 8]}},  # the default budgets with a narrower w_bits: say they are the default
+            "'avg_bits-3' cannot be met: the average weight bits are at least 4",
+        ),
     ],
 )
 def test_budget_zero_or_certainly_infeasible(sections, expected):
@@ -249,8 +298,11 @@ def test_budget_zero_or_certainly_infeasible(sections, expected):
 
 def test_equivalent_budgets_are_one_budget():
     """(6) avg_bits-3 and avg_bits-3.0 are one budget: canonical names, first order kept, duplicates dropped."""
-    cfg = validate_config(_with(budgets=["avg_bits-3.0", "size_mb-0.120", "avg_bits-3", "avg_bits-03.00",
-                                         "bitops_rel-0.25", "avg_bits-3.0"]))
+    cfg = validate_config(
+        _with(
+            budgets=["avg_bits-3.0", "size_mb-0.120", "avg_bits-3", "avg_bits-03.00", "bitops_rel-0.25", "avg_bits-3.0"]
+        )
+    )
     assert cfg["budgets"] == ["avg_bits-3", "size_mb-0.12", "bitops_rel-0.25"]
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     assert load_config(REPO / "config.yaml")["budgets"] == raw["budgets"]  # the default config is canonical
@@ -262,8 +314,18 @@ def test_canonical_budget_agrees_with_budget_name():
 
     from mpqflow.optimize.budgets import Budget
 
-    names = ["avg_bits-3", "avg_bits-3.0", "avg_bits-2.50", "size_mb-0.120", "size_mb-0.00001", "size_rel-1",
-             "gbitops-1234567.125", "bitops_rel-0.1", "gbitops-10000000000000000", "avg_bits-0.30000000000000004"]
+    names = [
+        "avg_bits-3",
+        "avg_bits-3.0",
+        "avg_bits-2.50",
+        "size_mb-0.120",
+        "size_mb-0.00001",
+        "size_rel-1",
+        "gbitops-1234567.125",
+        "bitops_rel-0.1",
+        "gbitops-10000000000000000",
+        "avg_bits-0.30000000000000004",
+    ]
     for name in names:
         assert canonical_budget(name) == Budget.parse(name).name, name
     for v in np.random.default_rng(0).uniform(0, 1e3, 200).tolist() + [1e-7, 1e22, 0.1 + 0.2]:
@@ -272,23 +334,35 @@ def test_canonical_budget_agrees_with_budget_name():
 
 def test_set_size_larger_than_the_pool():
     """(7) A set size above pool_batches fails at validation, not as an InputFunctionException."""
-    _fails(_with(study={"set_sizes": [1, 16]}, sensitivity={"pool_batches": 8}),
-           "config key 'study.set_sizes[1]': set size 16 exceeds sensitivity.pool_batches (8)")
+    _fails(
+        _with(study={"set_sizes": [1, 16]}, sensitivity={"pool_batches": 8}),
+        "config key 'study.set_sizes[1]': set size 16 exceeds sensitivity.pool_batches (8)",
+    )
     assert validate_config(_with(study={"set_sizes": [1, 8]}, sensitivity={"pool_batches": 8}))
 
 
 @pytest.mark.parametrize(
     "cfg, expected",
     [
-        ({"models": {"m": {"arch": "vgg", "dataset": {"name": "digits"}}}},
-         ("config key 'models.m.arch': 'vgg' is not a known architecture; expected one of digits_cnn, resnet20, "
-         "resnet32, resnet56, or torchvision:<name>")),
-        (_with(budgets=["bits-3"]),
-         ("config key 'budgets[0]': 'bits-3' is not a budget; expected kind-value with kind one of avg_bits, "
-         "size_mb, size_rel, gbitops, bitops_rel and a number, e.g. avg_bits-3.5")),
+        (
+            {"models": {"m": {"arch": "vgg", "dataset": {"name": "digits"}}}},
+            (
+                "config key 'models.m.arch': 'vgg' is not a known architecture; expected one of digits_cnn, resnet20, "
+                "resnet32, resnet56, or torchvision:<name>"
+            ),
+        ),
+        (
+            _with(budgets=["bits-3"]),
+            (
+                "config key 'budgets[0]': 'bits-3' is not a budget; expected kind-value with kind one of avg_bits, "
+                "size_mb, size_rel, gbitops, bitops_rel and a number, e.g. avg_bits-3.5"
+            ),
+        ),
         (_with(budgets=["avg_bits-3", "avg_bits-x"]), "config key 'budgets[1]': 'avg_bits-x' is not a budget"),
-        ({"models": {"my-model": {"arch": "resnet20", "dataset": {"name": "digits"}}}},
-         "config key 'models': 'my-model' is not a model name; expected letters, digits and underscores"),
+        (
+            {"models": {"my-model": {"arch": "resnet20", "dataset": {"name": "digits"}}}},
+            "config key 'models': 'my-model' is not a model name; expected letters, digits and underscores",
+        ),
     ],
 )
 def test_unknown_arch_or_budget_kind_in_words(cfg, expected):
@@ -300,8 +374,11 @@ def test_unknown_arch_or_budget_kind_in_words(cfg, expected):
 @pytest.mark.parametrize(
     "text, where",
     [
-        ("models: {m: {arch: resnet20, dataset: {name: digits}}}\nquant:\n  w_bits: [2, 4, 8\n  a_bits: [4, 8]\n",
-         ":4:9: not valid YAML: expected ',' or ']', but got ':' (while parsing a flow sequence at line 3, column 11)"),
+        (
+            "models: {m: {arch: resnet20, dataset: {name: digits}}}\nquant:\n  w_bits: [2, 4, 8\n  a_bits: [4, 8]\n",
+            ":4:9: not valid YAML: expected ',' or ']', but got ':' "
+            "(while parsing a flow sequence at line 3, column 11)",
+        ),
         ("seed: 0\n\tdevice: cpu\n", ":2:1: not valid YAML: found character '\\t' that cannot start any token"),
     ],
 )
@@ -319,7 +396,9 @@ def test_validation_stays_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys; from mpqflow.config import load_config; load_config('config.yaml'); "
-            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys; from mpqflow.config import load_config; load_config('config.yaml'); "
+        "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -36,8 +36,19 @@ pytestmark = pytest.mark.slow
 
 def _start(workdir, *args):
     cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(TINY), "--cores", "2", *args, TARGET,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(TINY),
+        "--cores",
+        "2",
+        *args,
+        TARGET,
     ]
     out = open(workdir / "snakemake.out", "a")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}

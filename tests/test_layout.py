@@ -25,7 +25,9 @@ MAX_LINES = 400
 FAKE = {
     "fakepkg/__init__.py": "",
     "fakepkg/util.py": "X = 1\n",
-    "fakepkg/other.py": "thing = 1\n\ndef f():\n    from fakepkg.lazy import g  # runs only when called\n    return g\n",
+    "fakepkg/other.py": (
+        "thing = 1\n\ndef f():\n    from fakepkg.lazy import g  # runs only when called\n    return g\n"
+    ),
     "fakepkg/lazy.py": "import os\nimport fakepkg.deep.mod\n\ndef g():\n    return os.sep\n",
     "fakepkg/deep/__init__.py": "",
     "fakepkg/deep/mod.py": "Y = 2\n",
@@ -53,25 +55,36 @@ def fake(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("module, expected", [
-    ("fakepkg.sub.leaf", {"fakepkg", "fakepkg.util", "fakepkg.other"}),  # relative, `from .. import mod`
-    ("fakepkg.sub", {"fakepkg", "fakepkg.sub.helpers"}),  # relative import in a package __init__
-    ("fakepkg.other", {"fakepkg", "fakepkg.lazy"}),  # function-level import
-    ("fakepkg.lazy", {"fakepkg", "fakepkg.deep", "fakepkg.deep.mod"}),  # parents of `import a.b.c`
-    ("fakepkg.stage", {"fakepkg", "fakepkg.sub", "fakepkg.sub.leaf"}),  # submodule vs name; no TYPE_CHECKING
-    ("fakepkg.outside", {"fakepkg", "fakepkg.util"}),
-    ("fakepkg.util", set()),
-    ("fakepkg.nsuser", {"fakepkg", "fakepkg.ns.mod"}),
-    ("fakepkg", set()),
-])
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        ("fakepkg.sub.leaf", {"fakepkg", "fakepkg.util", "fakepkg.other"}),  # relative, `from .. import mod`
+        ("fakepkg.sub", {"fakepkg", "fakepkg.sub.helpers"}),  # relative import in a package __init__
+        ("fakepkg.other", {"fakepkg", "fakepkg.lazy"}),  # function-level import
+        ("fakepkg.lazy", {"fakepkg", "fakepkg.deep", "fakepkg.deep.mod"}),  # parents of `import a.b.c`
+        ("fakepkg.stage", {"fakepkg", "fakepkg.sub", "fakepkg.sub.leaf"}),  # submodule vs name; no TYPE_CHECKING
+        ("fakepkg.outside", {"fakepkg", "fakepkg.util"}),
+        ("fakepkg.util", set()),
+        ("fakepkg.nsuser", {"fakepkg", "fakepkg.ns.mod"}),
+        ("fakepkg", set()),
+    ],
+)
 def test_module_imports(fake, module, expected):
     assert module_imports(module, fake) == expected
 
 
 def test_module_closure_is_transitive_sorted_and_includes_parent_packages(fake):
     assert module_closure("fakepkg.stage", fake) == [
-        "fakepkg", "fakepkg.deep", "fakepkg.deep.mod", "fakepkg.lazy", "fakepkg.other", "fakepkg.stage",
-        "fakepkg.sub", "fakepkg.sub.helpers", "fakepkg.sub.leaf", "fakepkg.util",
+        "fakepkg",
+        "fakepkg.deep",
+        "fakepkg.deep.mod",
+        "fakepkg.lazy",
+        "fakepkg.other",
+        "fakepkg.stage",
+        "fakepkg.sub",
+        "fakepkg.sub.helpers",
+        "fakepkg.sub.leaf",
+        "fakepkg.util",
     ]
     assert module_closure("fakepkg.deep.mod", fake) == ["fakepkg", "fakepkg.deep", "fakepkg.deep.mod"]
     assert module_closure("fakepkg.ns.mod", fake) == ["fakepkg", "fakepkg.ns.mod"]
@@ -84,16 +97,19 @@ def test_missing_modules_raise(fake):
         code_hash("fakepkg.nothere", root=fake)
 
 
-@pytest.mark.parametrize("edited, changes", [
-    ("fakepkg/stage.py", True),
-    ("fakepkg/sub/__init__.py", True),  # a package __init__ runs on import
-    ("fakepkg/sub/helpers.py", True),  # imported by that __init__
-    ("fakepkg/lazy.py", True),  # reached through a function-level import
-    ("fakepkg/deep/mod.py", True),
-    ("fakepkg/outside.py", False),
-    ("fakepkg/typed.py", False),  # only imported for type checking
-    ("fakepkg/broken.py", False),
-])
+@pytest.mark.parametrize(
+    "edited, changes",
+    [
+        ("fakepkg/stage.py", True),
+        ("fakepkg/sub/__init__.py", True),  # a package __init__ runs on import
+        ("fakepkg/sub/helpers.py", True),  # imported by that __init__
+        ("fakepkg/lazy.py", True),  # reached through a function-level import
+        ("fakepkg/deep/mod.py", True),
+        ("fakepkg/outside.py", False),
+        ("fakepkg/typed.py", False),  # only imported for type checking
+        ("fakepkg/broken.py", False),
+    ],
+)
 def test_code_hash_changes_with_the_closure_only(fake, edited, changes):
     before = code_hash("fakepkg.stage", root=fake)
     assert re.fullmatch(r"[0-9a-f]{16}", before)
@@ -117,14 +133,17 @@ def test_import_graph_of_the_fake_package(fake):
 
 def test_layering_checker_on_a_made_up_graph():
     graph = {
-        "mpqflow": set(), "mpqflow.io": set(), "mpqflow.stages": {"mpqflow.stages.solve"},
-        "mpqflow.quant": {"mpqflow.io"}, "mpqflow.quant.levels": {"mpqflow.quant", "mpqflow.methods"},
-        "mpqflow.methods": {"mpqflow.quant.levels"}, "mpqflow.helpers": set(),
+        "mpqflow": set(),
+        "mpqflow.io": set(),
+        "mpqflow.stages": {"mpqflow.stages.solve"},
+        "mpqflow.quant": {"mpqflow.io"},
+        "mpqflow.quant.levels": {"mpqflow.quant", "mpqflow.methods"},
+        "mpqflow.methods": {"mpqflow.quant.levels"},
+        "mpqflow.helpers": set(),
         "mpqflow.stages.solve": {"mpqflow.stages", "mpqflow.methods", "mpqflow.gone"},
         "mpqflow.stages.study": {"mpqflow.stages.solve"},
     }
-    assert [layer_of(m) for m in ("mpqflow", "mpqflow.quant", "mpqflow.quant.x", "mpqflow.quantx")] == [
-        0, 1, 1, None]
+    assert [layer_of(m) for m in ("mpqflow", "mpqflow.quant", "mpqflow.quant.x", "mpqflow.quantx")] == [0, 1, 1, None]
     assert layering_violations(graph) == [
         "mpqflow.helpers: in no layer (add it to LAYERS in mpqflow/codehash.py)",
         "mpqflow.quant.levels -> mpqflow.methods: core (layer 1) imports model-aware (layer 2)",
@@ -151,8 +170,9 @@ def test_each_stage_runs_no_other_stage(stage):
 
 
 def test_no_module_is_too_long():
-    lengths = {p.relative_to(REPO).as_posix(): len(p.read_text().splitlines())
-               for p in (REPO / "mpqflow").rglob("*.py")}
+    lengths = {
+        p.relative_to(REPO).as_posix(): len(p.read_text().splitlines()) for p in (REPO / "mpqflow").rglob("*.py")
+    }
     assert not {p: n for p, n in lengths.items() if n > MAX_LINES}, f"modules over {MAX_LINES} lines"
 
 
@@ -164,12 +184,25 @@ def _workflow_imports():
     return found
 
 
-@pytest.mark.parametrize("module", sorted({
-    "mpqflow.stages.solve", "mpqflow.stages.study", "mpqflow.config", "mpqflow.names", "mpqflow.data",
-    "mpqflow.methods", "mpqflow.codehash", *_workflow_imports(),
-}))
+@pytest.mark.parametrize(
+    "module",
+    sorted(
+        {
+            "mpqflow.stages.solve",
+            "mpqflow.stages.study",
+            "mpqflow.config",
+            "mpqflow.names",
+            "mpqflow.data",
+            "mpqflow.methods",
+            "mpqflow.codehash",
+            *_workflow_imports(),
+        }
+    ),
+)
 def test_imports_no_torch(module):
     banned = "torch" if module != "mpqflow.codehash" else "torch, numpy"
     code = f"import {module}, sys; bad = [m for m in ({banned!r}).split(', ') if m in sys.modules]; assert not bad, bad"
-    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"importing {module} failed or loaded {banned}:\n{proc.stderr[-2000:]}"

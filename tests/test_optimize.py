@@ -6,8 +6,17 @@ import itertools
 import numpy as np
 import pytest
 
-from mpqflow.optimize import (BACKENDS, BackendUnavailable, Budget, InfeasibleBudget, Problem, caps_of, local_search,
-                              parse_budgets, solve)
+from mpqflow.optimize import (
+    BACKENDS,
+    BackendUnavailable,
+    Budget,
+    InfeasibleBudget,
+    Problem,
+    caps_of,
+    local_search,
+    parse_budgets,
+    solve,
+)
 from mpqflow.optimize.incumbent import incumbent, repair
 from mpqflow.optimize.solve import auto_backends
 
@@ -48,10 +57,15 @@ def make_problem(seed, kind, L=5, K=3):
     macs = rng.integers(10_000, 200_000, L).astype(float)
     opts = OPTIONS[:K] * L
     return Problem(
-        G=G, linear=linear, layer_of=layer_of, layer_names=[f"layer{l}" for l in range(L)], options=opts,
+        G=G,
+        linear=linear,
+        layer_of=layer_of,
+        layer_names=[f"layer{l}" for l in range(L)],
+        options=opts,
         size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts)]),
         bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts)]),
-        fixed_size_bits=8 * 500.0, fixed_bitops=64 * 50_000.0,
+        fixed_size_bits=8 * 500.0,
+        fixed_bitops=64 * 50_000.0,
     )
 
 
@@ -122,8 +136,14 @@ def test_falling_sensitivities_without_budget_choose_highest_precision():
     problem = make_problem(0, "diagonal")
     # Sensitivity 1/w_bits^2 of each option: more bits, less loss.
     G = np.diag([1.0 / w**2 for w, _ in problem.options])
-    problem = Problem(G=G, layer_of=problem.layer_of, layer_names=problem.layer_names, options=problem.options,
-                      size_bits=problem.size_bits, bitops=problem.bitops)
+    problem = Problem(
+        G=G,
+        layer_of=problem.layer_of,
+        layer_names=problem.layer_names,
+        options=problem.options,
+        size_bits=problem.size_bits,
+        bitops=problem.bitops,
+    )
     for backend in AVAILABLE:
         sol = solve(problem, None, backend=backend)
         assert all(opt == (8, 8) for opt in sol.decision.values()), backend
@@ -146,16 +166,24 @@ def _conflicting_costs_problem(L=5, seed=0):
     layer_of = np.repeat(np.arange(L), 2)
     numel, macs = rng.integers(100, 2000, L).astype(float), rng.integers(10_000, 200_000, L).astype(float)
     A = rng.normal(size=(2 * L, 2 * L))
-    return Problem(G=(A + A.T) / 2, layer_of=layer_of, layer_names=[f"layer{l}" for l in range(L)], options=opts,
-                   size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts)]),
-                   bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts)]),
-                   fixed_size_bits=8 * 500.0, fixed_bitops=64 * 50_000.0)
+    return Problem(
+        G=(A + A.T) / 2,
+        layer_of=layer_of,
+        layer_names=[f"layer{l}" for l in range(L)],
+        options=opts,
+        size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts)]),
+        bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts)]),
+        fixed_size_bits=8 * 500.0,
+        fixed_bitops=64 * 50_000.0,
+    )
 
 
 def test_jointly_infeasible_budgets_name_both_and_the_smallest_bitops_within_the_size():
     problem = _conflicting_costs_problem()
-    size, ops = Budget("avg_bits", 1.01 * problem.min_size_bits() / problem.total_numel), \
-        Budget("bitops_rel", 1.01 * problem.min_bitops() / problem.reference_bitops)
+    size, ops = (
+        Budget("avg_bits", 1.01 * problem.min_size_bits() / problem.total_numel),
+        Budget("bitops_rel", 1.01 * problem.min_bitops() / problem.reference_bitops),
+    )
     size_cap, bitops_cap = caps_of([size, ops], problem)  # each alone is feasible
     decisions = [problem.x_of(ch) for ch in itertools.product(*problem.layers)]
     assert not any(problem.is_feasible(x, size_cap, bitops_cap) for x in decisions)
@@ -176,12 +204,17 @@ def test_jointly_feasible_budgets_that_no_cheapest_choice_meets_are_solved():
     problem = _conflicting_costs_problem()
     w4a2 = problem.x_of([ix[1] for ix in problem.layers])
     size = Budget("size_mb", (problem.min_size_bits() + problem.total_size_bits(w4a2)) / 2 / 8e6)
-    ops = Budget("gbitops", (problem.min_bitops() + problem.total_bitops(problem.x_of([ix[0] for ix in problem.layers])))
-                 / 2 / 1e9)
+    ops = Budget(
+        "gbitops",
+        (problem.min_bitops() + problem.total_bitops(problem.x_of([ix[0] for ix in problem.layers]))) / 2 / 1e9,
+    )
     caps = caps_of([size, ops], problem)
     assert problem.min_both(*caps) is None
-    best = min(problem.objective(problem.x_of(ch)) for ch in itertools.product(*problem.layers)
-               if problem.is_feasible(problem.x_of(ch), *caps))
+    best = min(
+        problem.objective(problem.x_of(ch))
+        for ch in itertools.product(*problem.layers)
+        if problem.is_feasible(problem.x_of(ch), *caps)
+    )
     for backend in AVAILABLE:
         sol = solve(problem, [size, ops], backend=backend, mip_gap=1e-9)
         assert problem.is_feasible(sol.x, *caps) and sol.status == "optimal", backend
@@ -213,6 +246,7 @@ def test_node_limit_is_a_reproducible_stop(backend):
 def test_node_limit_per_backend(monkeypatch):
     """A {back-end: nodes} mapping applies the back-end's own limit (auto resolves to HiGHS here,
     Gurobi refusing)."""
+
     def refuse(problem, *args):
         raise BackendUnavailable("gurobi cannot solve this problem: Model too large")
 

@@ -6,10 +6,10 @@ import sys
 import highspy
 import numpy as np
 import pytest
+from test_optimize import AVAILABLE, brute_force, make_problem
 
 from mpqflow.optimize import BackendUnavailable, caps_of, solve
 from mpqflow.optimize import backends as backends_module
-from test_optimize import AVAILABLE, brute_force, make_problem
 
 solve_module = importlib.import_module("mpqflow.optimize.solve")
 
@@ -17,6 +17,7 @@ solve_module = importlib.import_module("mpqflow.optimize.solve")
 def _raiser(err):
     def backend(problem, *args):
         raise err
+
     return backend
 
 
@@ -62,9 +63,9 @@ def test_scip_stopping_at_its_gap_limit_is_reported_as_gap_limit():
 def test_highs_statuses_keep_their_own_name():
     stop = backends_module._highs_stop
     S = highspy.HighsModelStatus
-    assert [stop(s) for s in (S.kOptimal, S.kTimeLimit, S.kSolutionLimit, S.kInfeasible, S.kIterationLimit,
-                              S.kMemoryLimit)] == \
-        ["optimal", "time_limit", "node_limit", "infeasible", "iteration_limit", "memory_limit"]
+    assert [
+        stop(s) for s in (S.kOptimal, S.kTimeLimit, S.kSolutionLimit, S.kInfeasible, S.kIterationLimit, S.kMemoryLimit)
+    ] == ["optimal", "time_limit", "node_limit", "infeasible", "iteration_limit", "memory_limit"]
 
 
 def test_scip_statuses_keep_their_own_name():
@@ -79,14 +80,17 @@ def test_gurobi_statuses_keep_their_own_name():
     import gurobipy as gp
 
     stop = lambda s: backends_module._gurobi_stop(gp, s)  # noqa: E731
-    assert [stop(s) for s in (gp.GRB.OPTIMAL, gp.GRB.TIME_LIMIT, gp.GRB.NODE_LIMIT, gp.GRB.SUBOPTIMAL)] == \
-        ["optimal", "time_limit", "node_limit", "suboptimal"]
+    assert [stop(s) for s in (gp.GRB.OPTIMAL, gp.GRB.TIME_LIMIT, gp.GRB.NODE_LIMIT, gp.GRB.SUBOPTIMAL)] == [
+        "optimal",
+        "time_limit",
+        "node_limit",
+        "suboptimal",
+    ]
 
 
 @pytest.mark.parametrize("backend", [b for b in AVAILABLE if b != "auto"])
 def test_each_backend_alone_reports_the_stop_it_reached(backend):
     """Called directly, with a node limit of 1 on a problem no root proves: node_limit, not time_limit."""
     problem = make_problem(3, "indefinite", L=20, K=3)
-    _, stop, bound = backends_module.FUNCTIONS[backend](problem, *caps_of("avg_bits-4", problem),
-                                                        300.0, 1e-9, None, 1)
+    _, stop, bound = backends_module.FUNCTIONS[backend](problem, *caps_of("avg_bits-4", problem), 300.0, 1e-9, None, 1)
     assert stop == "node_limit" and np.isfinite(bound)

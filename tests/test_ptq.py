@@ -15,14 +15,25 @@ OPTIONS = ["w4a4", "w4a8", "w8a4"]
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     torch.set_num_threads(1)
-    cfg = Config.from_dict(validate_config({
-        "seed": 0, "device": "cpu", "threads": 1,
-        "models": {"tiny": {"arch": "digits_cnn", "dataset": {"name": "digits"},
-                            "train": {"epochs": 4, "batch_size": 64, "lr": 0.1}}},
-        "quant": {"calibration_samples": 128, "calibration_batch_size": 64},
-        "ptq": {"variants": ["naive", "aciq_bias", "all"], "options": OPTIONS},
-        "budgets": ["avg_bits-4"],
-    }))
+    cfg = Config.from_dict(
+        validate_config(
+            {
+                "seed": 0,
+                "device": "cpu",
+                "threads": 1,
+                "models": {
+                    "tiny": {
+                        "arch": "digits_cnn",
+                        "dataset": {"name": "digits"},
+                        "train": {"epochs": 4, "batch_size": 64, "lr": 0.1},
+                    }
+                },
+                "quant": {"calibration_samples": 128, "calibration_batch_size": 64},
+                "ptq": {"variants": ["naive", "aciq_bias", "all"], "options": OPTIONS},
+                "budgets": ["avg_bits-4"],
+            }
+        )
+    )
     ckpt = str(tmp_path_factory.mktemp("ptq") / "model.pt")
     fp = train_or_load(cfg.models["tiny"], cfg.seed, cfg.evaluation, cfg.runtime, ckpt)
     assert fp["top1"] > 0.9
@@ -33,9 +44,20 @@ def digits(tmp_path_factory):
 def results(digits, tmp_path_factory):
     cfg, ckpt = digits
     out = tmp_path_factory.mktemp("ptq_out")
-    return {v: ptq_variant(v, cfg.models["tiny"], cfg.quant, cfg.ptq, cfg.seed, cfg.evaluation, cfg.runtime, ckpt,
-                           str(out / f"{v}.json"))
-            for v in cfg.ptq.variants}
+    return {
+        v: ptq_variant(
+            v,
+            cfg.models["tiny"],
+            cfg.quant,
+            cfg.ptq,
+            cfg.seed,
+            cfg.evaluation,
+            cfg.runtime,
+            ckpt,
+            str(out / f"{v}.json"),
+        )
+        for v in cfg.ptq.variants
+    }
 
 
 def _top1(result, option):

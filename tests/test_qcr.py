@@ -5,10 +5,10 @@ import itertools
 import cvxpy as cp
 import numpy as np
 import pytest
+from test_optimize import make_problem
 
 from mpqflow.optimize import caps_of
 from mpqflow.optimize.qcr import qcr_form
-from test_optimize import make_problem
 
 
 def _relaxation(problem, Q, c, size_cap):
@@ -37,7 +37,10 @@ def test_qcr_relaxation_is_stronger_than_the_diagonal_shift():
     lam = -np.linalg.eigvalsh(problem.G)[0]
     shifted = _relaxation(problem, problem.G + lam * np.eye(problem.n), -lam * np.ones(problem.n), size_cap)
     qcr = _relaxation(problem, Q, c, size_cap)
-    optimum = min(problem.objective(problem.x_of(ch)) for ch in itertools.product(*problem.layers)
-                  if problem.is_feasible(problem.x_of(ch), size_cap))
+    optimum = min(
+        problem.objective(problem.x_of(ch))
+        for ch in itertools.product(*problem.layers)
+        if problem.is_feasible(problem.x_of(ch), size_cap)
+    )
     assert shifted < qcr <= optimum + 1e-6
     assert optimum - qcr < 0.5 * (optimum - shifted)  # closes at least half the shift's gap

@@ -67,7 +67,8 @@ def test_banner_model_reproduces_published_constants():
         assert got == pytest.approx(want, abs=0.01)
     # one-sided with M bits has the two-sided Banner step of M + 1 bits
     assert optimal_clip_ratio(3, "gauss", one_sided=True, model="banner") == pytest.approx(
-        optimal_clip_ratio(4, "gauss", model="banner"))
+        optimal_clip_ratio(4, "gauss", model="banner")
+    )
     # 1 bit two-sided: levels +-alpha, optimum alpha = E|X| (b, sigma sqrt(2/pi))
     assert optimal_clip_ratio(1, "laplace") == pytest.approx(1.0, rel=1e-9)
     assert optimal_clip_ratio(1, "gauss") == pytest.approx(math.sqrt(2 / math.pi), rel=1e-9)
@@ -80,13 +81,18 @@ def test_grid_mse_matches_quadrature(prior, one_sided, model):
     if prior == "laplace":
         pdf = (lambda x: math.exp(-x / s) / s) if one_sided else (lambda x: math.exp(-abs(x) / s) / (2 * s))
     else:
-        pdf = (lambda x: 2 * math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi))) if one_sided \
+        pdf = (
+            (lambda x: 2 * math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi)))
+            if one_sided
             else (lambda x: math.exp(-x * x / (2 * s * s)) / (s * math.sqrt(2 * math.pi)))
+        )
     for bits, alpha in ((2, 1.3), (3, 2.9), (4, 0.7)):
         lv = _grid(alpha, bits, one_sided, model)
         edges = np.concatenate([[0.0 if one_sided else -60 * s], (lv[1:] + lv[:-1]) / 2, [60 * s]])
-        want = sum(integrate.quad(lambda x, q=q: (x - q) ** 2 * pdf(x), a, b, epsabs=1e-13)[0]
-                   for q, a, b in zip(lv, edges[:-1], edges[1:]))
+        want = sum(
+            integrate.quad(lambda x, q=q: (x - q) ** 2 * pdf(x), a, b, epsabs=1e-13)[0]
+            for q, a, b in zip(lv, edges[:-1], edges[1:])
+        )
         assert aciq_mse(alpha, bits, prior, s, one_sided=one_sided, model=model) == pytest.approx(want, rel=1e-8)
 
 
@@ -260,8 +266,14 @@ def test_aciq_observer_per_channel_state_dict_and_quantizer():
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
     # end to end: weights and (per-channel, post-ReLU) activations calibrated by ACIQ
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 3))
-    q = ModelQuantizer(model, ["0", "2"], scheme, QuantScheme(observer="aciq_gauss", granularity="per_channel",
-                                                              symmetric=False), [2, 4], [4, 8])
+    q = ModelQuantizer(
+        model,
+        ["0", "2"],
+        scheme,
+        QuantScheme(observer="aciq_gauss", granularity="per_channel", symmetric=False),
+        [2, 4],
+        [4, 8],
+    )
     q.calibrate([torch.randn(8, 3, 8, 8, generator=g) for _ in range(3)])
     assert q.act_qparams("2", 4).quant_min == 0  # post-ReLU input: unsigned, range [0, alpha]
     assert q.act_qparams("0", 4).quant_min < 0
@@ -305,8 +317,9 @@ def test_aciq_model_banner_through_observer_and_quantizer():
         q = ModelQuantizer(model, ["0"], s, s, w_bits=bits, a_bits=bits)
         q.calibrate([x])
         st = q.state_dict()["qparams"]["0"]
-        ranges[name] = {(kind, b): (st[kind][b]["min_val"], st[kind][b]["max_val"])
-                        for kind in ("weight", "act") for b in bits}
+        ranges[name] = {
+            (kind, b): (st[kind][b]["min_val"], st[kind][b]["max_val"]) for kind in ("weight", "act") for b in bits
+        }
         assert st["weight"][2]["min_val"] is not None
     w = lin.weight.detach()
     for (kind, b), (lo, hi) in ranges["banner"].items():

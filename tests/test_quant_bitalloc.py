@@ -62,13 +62,18 @@ def test_optimal_is_integer_optimum_on_small_instance():
     alpha = torch.exp(2 * torch.randn(5, generator=g))
     mse = aciq_mse_fn(alpha.numpy(), "laplace")
     table = np.stack([mse(m) for m in range(1, 9)], 1)  # (C, 8)
-    best = min((sum(table[c, b - 1] for c, b in enumerate(combo)), combo)
-               for combo in itertools.product(range(1, 9), repeat=5) if sum(combo) == 15)
+    best = min(
+        (sum(table[c, b - 1] for c, b in enumerate(combo)), combo)
+        for combo in itertools.product(range(1, 9), repeat=5)
+        if sum(combo) == 15
+    )
     got = allocate_bits(alpha, 3, max_bits=8, mse=mse, method="optimal")
     assert sum(table[c, b - 1] for c, b in enumerate(got.tolist())) == pytest.approx(best[0], rel=1e-12)
     paper = allocate_bits(alpha, 3, max_bits=8, mse=mse, method="aciq")
-    assert sum(table[c, b - 1] for c, b in enumerate(got.tolist())) <= \
-        sum(table[c, b - 1] for c, b in enumerate(paper.tolist())) + 1e-15
+    assert (
+        sum(table[c, b - 1] for c, b in enumerate(got.tolist()))
+        <= sum(table[c, b - 1] for c, b in enumerate(paper.tolist())) + 1e-15
+    )
 
 
 @pytest.mark.parametrize("method", ["aciq", "optimal"])
@@ -171,8 +176,13 @@ def test_model_quantizer_bias_correction_option(mode):
     from mpqflow.quant import ModelQuantizer, QuantScheme, quantize_weight
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(6, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6, 4),
+    )
     act = QuantScheme(observer="ema_minmax", symmetric=False)
     for levels in ("uniform", "alq"):
         scheme = QuantScheme(granularity="per_tensor", bias_correction=mode, levels=levels)
@@ -182,7 +192,9 @@ def test_model_quantizer_bias_correction_option(mode):
             w = dict(model.named_modules())[layer].weight.detach()
             w_q = q.quantized_weight(layer, 2)
             torch.testing.assert_close(w_q.mean(dims), w.mean(dims), atol=1e-6, rtol=0)
-            plain = quantize_weight(w, q.weight_qparams(layer, 2), QuantScheme(granularity="per_tensor", levels=levels), 2)
+            plain = quantize_weight(
+                w, q.weight_qparams(layer, 2), QuantScheme(granularity="per_tensor", levels=levels), 2
+            )
             assert (plain.mean(dims) - w.mean(dims)).abs().max() > 1e-5  # there was a mean error to correct
             torch.testing.assert_close(w_q, correct_bias(w, plain, 0, variance=mode == "bias_variance"))
     with pytest.raises(ValueError, match="weights only"):

@@ -71,8 +71,9 @@ def test_choose_qparams_by_hand():
 
 
 def test_choose_qparams_per_channel_and_zero_range():
-    s, z, _, _ = choose_qparams(torch.tensor([-1.5, 0.0, -0.2]), torch.tensor([0.3, 0.0, 3.0]), 4,
-                                symmetric=True, signed=True)
+    s, z, _, _ = choose_qparams(
+        torch.tensor([-1.5, 0.0, -0.2]), torch.tensor([0.3, 0.0, 3.0]), 4, symmetric=True, signed=True
+    )
     assert s.shape == (3,) and z.shape == (3,)
     assert s.tolist() == pytest.approx([0.2, DEFAULT_EPS, 0.4])
     s, z, _, _ = choose_qparams(torch.tensor([-1.0, 0.0]), torch.tensor([2.0, 0.0]), 2, symmetric=False, signed=False)
@@ -109,8 +110,12 @@ def test_fake_quantize_per_tensor_by_hand():
 
 
 def test_fake_quantize_per_channel_by_hand():
-    x = torch.tensor([[12.34, -0.26, 0.04],     # channel 0: scale 0.1, zp 0
-                      [1.0, 2.6, -2.614]])      # channel 1: scale 0.02, zp 3
+    x = torch.tensor(
+        [
+            [12.34, -0.26, 0.04],  # channel 0: scale 0.1, zp 0
+            [1.0, 2.6, -2.614],
+        ]
+    )  # channel 1: scale 0.02, zp 3
     scale, zp = torch.tensor([0.1, 0.02]), torch.tensor([0, 3], dtype=torch.int32)
     y = fake_quantize(x, scale, zp, -128, 127, ch_axis=0)
     assert y[0].tolist() == pytest.approx([12.3, -0.3, 0.0])
@@ -168,13 +173,13 @@ def test_at_most_2_pow_bits_values_per_channel(bits, symmetric):
     signed = not (symmetric and bits == 1)
     x = torch.randn(8, 4000) * torch.linspace(0.1, 3, 8)[:, None] + 0.2
     for pow2 in (False, True):
-        s, z, qmin, qmax = choose_qparams(x.amin(1), x.amax(1), bits, symmetric=symmetric, signed=signed,
-                                          pow2_scale=pow2)
+        s, z, qmin, qmax = choose_qparams(
+            x.amin(1), x.amax(1), bits, symmetric=symmetric, signed=signed, pow2_scale=pow2
+        )
         y = fake_quantize(x, s, z, qmin, qmax, ch_axis=0)
         for c in range(8):
             assert torch.unique(y[c]).numel() <= 2**bits
-        s, z, qmin, qmax = choose_qparams(x.min(), x.max(), bits, symmetric=symmetric, signed=signed,
-                                          pow2_scale=pow2)
+        s, z, qmin, qmax = choose_qparams(x.min(), x.max(), bits, symmetric=symmetric, signed=signed, pow2_scale=pow2)
         assert torch.unique(fake_quantize(x, s, z, qmin, qmax)).numel() <= 2**bits
 
 

@@ -46,19 +46,24 @@ def _data_variance(v, levels, bucket_size):
 
 def test_expected_variance_matches_quadrature():
     dist = TruncNormMixture(np.array([0.1, 0.4]), np.array([0.05, 0.3]), np.array([0.7, 0.3]))
-    pdf = lambda r: sum(w * stats.truncnorm.pdf(r, -m / s, (1 - m) / s, m, s)  # noqa: E731
-                        for m, s, w in zip(dist.mu, dist.sigma, dist.weight))
+    pdf = lambda r: sum(
+        w * stats.truncnorm.pdf(r, -m / s, (1 - m) / s, m, s)  # noqa: E731
+        for m, s, w in zip(dist.mu, dist.sigma, dist.weight)
+    )
     lv = np.array([0.0, 0.05, 0.12, 0.3, 0.6, 1.0])
-    want = sum(integrate.quad(lambda r: (b - r) * (r - a) * pdf(r), a, b, epsabs=1e-14)[0]
-               for a, b in zip(lv[:-1], lv[1:]))
+    want = sum(
+        integrate.quad(lambda r: (b - r) * (r - a) * pdf(r), a, b, epsabs=1e-14)[0] for a, b in zip(lv[:-1], lv[1:])
+    )
     assert expected_variance(lv, dist) == pytest.approx(want, rel=1e-9)
     assert dist.cdf(np.array([0.0, 1.0])).tolist() == pytest.approx([0.0, 1.0])
     x = dist.ppf(np.array([0.25, 0.9]), np.zeros(2), np.ones(2))
     assert dist.cdf(x).tolist() == pytest.approx([0.25, 0.9], abs=1e-12)
     # interior-level gradient against finite differences
     h = 1e-7
-    fd = [(expected_variance(lv + h * e, dist) - expected_variance(lv - h * e, dist)) / (2 * h)
-          for e in np.eye(lv.size)[1:-1]]
+    fd = [
+        (expected_variance(lv + h * e, dist) - expected_variance(lv - h * e, dist)) / (2 * h)
+        for e in np.eye(lv.size)[1:-1]
+    ]
     assert expected_variance_grad(lv, dist) == pytest.approx(fd, rel=1e-5, abs=1e-12)
 
 
@@ -117,7 +122,7 @@ def test_quantize_stochastic_is_unbiased_with_predicted_variance():
     flat = draws.reshape(4000, -1)
     norms = torch.nn.functional.pad(v.reshape(-1), (0, 42)).view(-1, 64).norm(dim=1)
     for b in range(3):
-        vals = (flat[:, b * 64:(b + 1) * 64].abs() / norms[b]).unique()
+        vals = (flat[:, b * 64 : (b + 1) * 64].abs() / norms[b]).unique()
         assert vals.numel() <= 5
         assert torch.all(torch.isclose(vals[:, None], lv[None].float(), atol=1e-6).any(1))
     # unbiased: the mean over draws is within 5 standard errors of v, and the variance as predicted
@@ -178,7 +183,9 @@ def test_model_quantizer_levels_option(levels):
         w = model[2].weight.detach()
         for bits in (2, 3, 4):
             w_q = q.quantized_weight("2", bits)
-            want = fake_quantize_levels(w, fit_levels(w, levels_for_bits(bits), levels, ch_axis=ch_axis), ch_axis=ch_axis)
+            want = fake_quantize_levels(
+                w, fit_levels(w, levels_for_bits(bits), levels, ch_axis=ch_axis), ch_axis=ch_axis
+            )
             torch.testing.assert_close(w_q, want)
             for c in range(w.shape[0]):
                 assert w_q[c].unique().numel() <= 2**bits - 1

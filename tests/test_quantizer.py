@@ -41,8 +41,14 @@ def _setup(weight=None, act=None, w_bits=(2, 4, 8), a_bits=(4, 8), seed=0):
     torch.manual_seed(seed)
     model = Net()
     model.block.bn.running_mean.normal_(0, 0.1)
-    q = ModelQuantizer(model, LAYERS, weight or QuantScheme(granularity="per_channel"),
-                       act or QuantScheme(observer="ema_minmax", symmetric=False), list(w_bits), list(a_bits))
+    q = ModelQuantizer(
+        model,
+        LAYERS,
+        weight or QuantScheme(granularity="per_channel"),
+        act or QuantScheme(observer="ema_minmax", symmetric=False),
+        list(w_bits),
+        list(a_bits),
+    )
     return model, q
 
 
@@ -79,9 +85,13 @@ def test_constructor_errors():
 
 def test_uncalibrated_use_raises():
     model, q = _setup()
-    for call in (lambda: q.apply({"fc": (4, 4)}), lambda: q.quantized_weight("fc", 4),
-                 lambda: q.quantize_input("fc", torch.randn(2, 8), 4), lambda: q.weight_qparams("fc", 4),
-                 lambda: q.state_dict()):
+    for call in (
+        lambda: q.apply({"fc": (4, 4)}),
+        lambda: q.quantized_weight("fc", 4),
+        lambda: q.quantize_input("fc", torch.randn(2, 8), 4),
+        lambda: q.weight_qparams("fc", 4),
+        lambda: q.state_dict(),
+    ):
         with pytest.raises(RuntimeError, match=r"calibrate\(\) or load_state_dict\(\) first"):
             call()
     q.remove()  # harmless
@@ -253,8 +263,9 @@ def test_load_state_dict_mismatches_raise(calibrated):
     other = ModelQuantizer(model, LAYERS, q.weight_scheme, q.act_scheme, q.w_bits, [8])
     with pytest.raises(ValueError, match="a_bits differ"):
         other.load_state_dict(state)
-    other = ModelQuantizer(model, LAYERS, QuantScheme(observer="mse", granularity="per_channel"), q.act_scheme,
-                           q.w_bits, q.a_bits)
+    other = ModelQuantizer(
+        model, LAYERS, QuantScheme(observer="mse", granularity="per_channel"), q.act_scheme, q.w_bits, q.a_bits
+    )
     with pytest.raises(ValueError, match="weight_scheme differs.*observer: 'minmax' vs 'mse'"):
         other.load_state_dict(state)
     other = ModelQuantizer(model, LAYERS[:3], q.weight_scheme, q.act_scheme, q.w_bits, q.a_bits)

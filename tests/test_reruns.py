@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 DRY_TIMEOUT = 180  # s: one dry-run
 
 sys.path.insert(0, str(REPO))
+from conftest import TINY, run_snakemake  # noqa: E402
+
 from mpqflow.data import sensitivity_set  # noqa: E402
 from mpqflow.methods import method_estimator  # noqa: E402
-
-from conftest import TINY, run_snakemake  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -125,8 +125,13 @@ def test_changed_budget_reruns_only_its_solves(tiny):
     changed["budgets"] = ["avg_bits-4", "avg_bits-5"]  # avg_bits-6 -> avg_bits-5
     decisions = _decisions(config, ["avg_bits-5"])
     assert len(decisions) == 10  # 5 searched methods x 2 sets
-    expected = {"check_budgets": ["results/tiny/budgets.json"], "solve_budget": decisions,
-                "evaluate_decisions": _eval_jobs(changed), "study_table": STUDY, "study_plots": PLOTS}
+    expected = {
+        "check_budgets": ["results/tiny/budgets.json"],
+        "solve_budget": decisions,
+        "evaluate_decisions": _eval_jobs(changed),
+        "study_table": STUDY,
+        "study_plots": PLOTS,
+    }
     assert dry_run(workdir, changed, "budget_changed") == expected
 
 
@@ -136,8 +141,13 @@ def test_added_budget_reruns_only_its_solves(tiny):
     added = _copy(config)
     added["budgets"] = config["budgets"] + ["avg_bits-5"]
     decisions = _decisions(config, ["avg_bits-5"])
-    expected = {"check_budgets": ["results/tiny/budgets.json"], "solve_budget": decisions,
-                "evaluate_decisions": _eval_jobs(added), "study_table": STUDY, "study_plots": PLOTS}
+    expected = {
+        "check_budgets": ["results/tiny/budgets.json"],
+        "solve_budget": decisions,
+        "evaluate_decisions": _eval_jobs(added),
+        "study_table": STUDY,
+        "study_plots": PLOTS,
+    }
     assert dry_run(workdir, added, "budget_added") == expected
 
 
@@ -209,7 +219,11 @@ def repo_copy(tmp_path_factory):
     dest = tmp_path_factory.mktemp("repo") / "mpqflow-copy"
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout.split("\0")
     for rel in filter(None, files):
         src = REPO / rel
@@ -234,8 +248,13 @@ def test_solver_code_change_invalidates_solves(tiny, repo_copy, tmp_path):
         f.write("\n# an edit the solve stage must notice\n")
     found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
     decisions = _decisions(config, config["budgets"])
-    assert found == {"check_budgets": ["results/tiny/budgets.json"], "solve_budget": decisions,
-                     "evaluate_decisions": _eval_jobs(config), "study_table": STUDY, "study_plots": PLOTS}
+    assert found == {
+        "check_budgets": ["results/tiny/budgets.json"],
+        "solve_budget": decisions,
+        "evaluate_decisions": _eval_jobs(config),
+        "study_table": STUDY,
+        "study_plots": PLOTS,
+    }
     assert not UPSTREAM & found.keys()
 
 
@@ -248,8 +267,16 @@ def test_sensitivity_code_change_invalidates_sensitivity(tiny, every_job, repo_c
     init = edited / "mpqflow" / "sensitivity" / "__init__.py"
     init.write_text(init.read_text() + "\n# an edit the sensitivity stage must notice\n")
     found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
-    keep = {"train_model", "calibrate", "check_budgets", "evaluate_uniform", "uniform_table", "ptq_variant",
-            "ptq_table", "ptq_plot"}
+    keep = {
+        "train_model",
+        "calibrate",
+        "check_budgets",
+        "evaluate_uniform",
+        "uniform_table",
+        "ptq_variant",
+        "ptq_table",
+        "ptq_plot",
+    }
     assert found == {rule: outs for rule, outs in every_job.items() if rule not in keep}
 
 

@@ -15,7 +15,6 @@ from mpqflow.sensitivity import OptionIndex, clado_matrix, compute_batch
 from mpqflow.sensitivity.common import make_context
 from mpqflow.sensitivity.fx_engine import FxGraph, NotTraceable, pairwise_fx, pairwise_reference
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
@@ -202,7 +201,7 @@ def test_second_order_exactness(engine):
     for i in range(idx.n):
         l, k = divmod(i, idx.K)
         v = torch.zeros_like(flat)
-        v[offs[l]:offs[l + 1]] = (ctx.quantizer.quantized_weight(idx.layers[l], idx.options[k][0]) - W[l]).reshape(-1)
+        v[offs[l] : offs[l + 1]] = (ctx.quantizer.quantized_weight(idx.layers[l], idx.options[k][0]) - W[l]).reshape(-1)
         d.append(v)
     D = torch.stack(d)  # (n, P)
     want = (D @ H @ D.T).numpy()

@@ -19,7 +19,6 @@ from mpqflow.sensitivity import (
 )
 from mpqflow.sensitivity.common import make_context
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 QUIET = {"progress": False}
@@ -65,7 +64,7 @@ def test_pooled_G_equals_G_of_the_union(tmp_path, digits_ctx):
     paths, s = [], 0
     meta = batch_meta(ctx, "clado", QUIET)
     for b, n in enumerate(sizes):
-        payload = compute_batch("clado", ctx, x[s:s + n], y[s:s + n], QUIET)
+        payload = compute_batch("clado", ctx, x[s : s + n], y[s : s + n], QUIET)
         paths.append(tmp_path / f"batch_{b}.npz")
         save_batch_file(paths[-1], payload, meta)
         s += n
@@ -89,7 +88,7 @@ def test_hawq_constants_are_kept_not_summed(tmp_path, digits_ctx):
     ctx, x, y = digits_ctx
     meta = batch_meta(ctx, "hawq", {"hawq_max_probes": 3})
     for b in range(2):
-        payload = compute_batch("hawq", ctx, x[b * 5:(b + 1) * 5], y[b * 5:(b + 1) * 5], {"hawq_max_probes": 3})
+        payload = compute_batch("hawq", ctx, x[b * 5 : (b + 1) * 5], y[b * 5 : (b + 1) * 5], {"hawq_max_probes": 3})
         save_batch_file(tmp_path / f"h{b}.npz", payload, meta)
     pooled = pool_batch_files([tmp_path / "h0.npz", tmp_path / "h1.npz"])
     np.testing.assert_allclose(pooled["weight_err"], payload["weight_err"])
@@ -111,7 +110,6 @@ def test_hawq_constants_are_kept_not_summed(tmp_path, digits_ctx):
         ("settings", lambda m: m.update(settings=json.dumps({"loss": "other"}))),
     ],
 )
-
 def test_mismatched_files_are_refused_naming_both(tmp_path, digits_ctx, field, change):
     ctx, x, y = digits_ctx
     payload = {"sq_sum": np.ones(len(ctx.table.candidates) * len(ctx.table.options)), "count": np.int64(4)}

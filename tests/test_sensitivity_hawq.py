@@ -11,9 +11,7 @@ from mpqflow.sensitivity import OptionIndex, compute_batch, hawq_omega
 from mpqflow.sensitivity.common import make_context
 from mpqflow.sensitivity.hawq import hutchinson_traces
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
-
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +42,9 @@ def _exact_block(ctx, x, y, layer):
 
 def test_hutchinson_trace_within_5_percent_of_exact():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
-                        nn.Linear(10, 10))
+    net = nn.Sequential(
+        nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 10)
+    )
     x = torch.randn(96, 16)
     ctx = make_context(net, x[:32], w_bits=(2, 4), a_bits=(8,))
     x, y = x[32:], torch.randint(0, 10, (64,))

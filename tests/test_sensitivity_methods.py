@@ -9,9 +9,7 @@ from mpqflow.models import build_model
 from mpqflow.sensitivity import OptionIndex, batch_meta, clado_matrix, compute_batch
 from mpqflow.sensitivity.common import make_context
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
-
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,11 @@ def test_registry():
     assert set(METHODS) == {"uniform", "mpqco", "hawq", "clado", "clado_raw", "clado_naive", "clado_kl", "zeroq"}
     assert method_estimator("uniform") is None
     assert {m: method_estimator(m) for m in ("clado_kl", "zeroq", "mpqco", "hawq")} == {
-        "clado_kl": "clado", "zeroq": "clado", "mpqco": "mpqco", "hawq": "hawq"}
+        "clado_kl": "clado",
+        "zeroq": "clado",
+        "mpqco": "mpqco",
+        "hawq": "hawq",
+    }
     with pytest.raises(ValueError, match="unknown method"):
         method_estimator("nope")
 

@@ -8,9 +8,7 @@ from mpqflow.models import build_model
 from mpqflow.sensitivity import OptionIndex, compute_batch
 from mpqflow.sensitivity.common import make_context
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
-
 
 
 def _loop_sq_sum(ctx, x, y):
@@ -21,7 +19,7 @@ def _loop_sq_sum(ctx, x, y):
     out = np.zeros(idx.n)
     with ctx.quantizer.applied(ctx.table.fixed):
         for n in range(x.shape[0]):
-            z = ctx.net(x[n:n + 1])[0, y[n]]
+            z = ctx.net(x[n : n + 1])[0, y[n]]
             grads = torch.autograd.grad(z, weights)
             z = z.detach()
             for i in range(idx.n):

@@ -70,15 +70,27 @@ def slurm_cluster():
 def _snakemake(workdir, *args, niceness=0):
     """Start the workflow on the tiny config in `workdir`; output goes to workdir/snakemake.out."""
     cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(TINY), *args,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(TINY),
+        *args,
     ]
     out = open(workdir / "snakemake.out", "w")
     # Own process group, output to a file: on a timeout the whole tree is stopped and nothing
     # left holding a pipe can block the test.
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # no spinning torch threads on a shared machine
     proc = subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
         preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
     )
     out.close()
@@ -120,14 +132,23 @@ def runs(slurm_cluster, tiny_run, tmp_path_factory):
     node = subprocess.run(["sinfo", "-h", "-o", "%c %m"], capture_output=True, text=True, timeout=30)
     node_cpus, node_mem_mb = node.stdout.split()[:2]
     slurm_proc = _snakemake(
-        slurm, "--workflow-profile", str(PROFILE),
-        "--slurm-init-seconds-before-status-checks", "2",  # a small run: poll soon
+        slurm,
+        "--workflow-profile",
+        str(PROFILE),
+        "--slurm-init-seconds-before-status-checks",
+        "2",  # a small run: poll soon
         # One CPU per sbatch job: a bundle runs its jobs one after another, so bundles side by side
         # use the node's CPUs. No job may ask for more memory than the node has.
-        "--cores", "1", "--resources", f"mem_mb={node_mem_mb}",
-        "--group-components", *GROUP_COMPONENTS,
-        "--retries", "0",  # a failure here is a bug to report, not a memory shortage to retry
-        "--latency-wait", "10",
+        "--cores",
+        "1",
+        "--resources",
+        f"mem_mb={node_mem_mb}",
+        "--group-components",
+        *GROUP_COMPONENTS,
+        "--retries",
+        "0",  # a failure here is a bug to report, not a memory shortage to retry
+        "--latency-wait",
+        "10",
     )
     try:
         slurm_out = _finish(slurm_proc, slurm, "the SLURM run", RUN_TIMEOUT)
@@ -175,7 +196,9 @@ def test_jobs_ran_under_slurm(runs):
     # The accounting database saw every job finish, in this working directory.
     proc = subprocess.run(
         ["sacct", "-X", "-n", "-P", "-j", ",".join(sorted(submitted)), "-o", "JobID,State,WorkDir"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
     rows = {row.split("|")[0]: row.split("|")[1:] for row in proc.stdout.splitlines()}
@@ -215,8 +238,9 @@ def _assert_same(a, b, where):
         else:
             np.testing.assert_array_equal(a, b, err_msg=where)
     elif isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), \
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), (
             f"{where}: {a!r} != {b!r}"
+        )
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 

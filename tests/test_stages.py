@@ -48,8 +48,16 @@ def run(tmp_path_factory):
     m = cfg.models["m"]
     fp = model.train_or_load(m, cfg.seed, cfg.evaluation, cfg.runtime, str(d / "model.pt"))
     assert 0.3 < fp["top1"] <= 1.0
-    model.calibrate(m, cfg.quant, cfg.seed, cfg.runtime, str(d / "model.pt"), str(d / "calibration.pt"),
-                    str(d / "layers.json"), plan=cfg.sample_plan)
+    model.calibrate(
+        m,
+        cfg.quant,
+        cfg.seed,
+        cfg.runtime,
+        str(d / "model.pt"),
+        str(d / "calibration.pt"),
+        str(d / "layers.json"),
+        plan=cfg.sample_plan,
+    )
     return cfg, d
 
 
@@ -60,7 +68,11 @@ def test_config_sections_round_trip_and_refuse_partial_dicts():
     assert cfg.quant.options == [(8, 8), (2, 8)]
     assert cfg.solver.node_limit_for("highs") is None
     assert cfg.sensitivity.of_estimator("hawq") == {
-        "batch_size": 16, "hawq_max_probes": 100, "hawq_seed": 0, "hawq_tol": raw["sensitivity"]["hawq_tol"]}
+        "batch_size": 16,
+        "hawq_max_probes": 100,
+        "hawq_seed": 0,
+        "hawq_tol": raw["sensitivity"]["hawq_tol"],
+    }
     with pytest.raises(ConfigError, match=r"missing key\(s\) \['a_bits'"):
         QuantConfig.from_dict({k: v for k, v in raw["quant"].items() if k != "a_bits"})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['colour'\]"):
@@ -95,10 +107,21 @@ def test_not_a_checkpoint_names_the_file(tmp_path):
 def test_calibrate_refuses_a_pool_larger_than_the_split(run, tmp_path):
     cfg, d = run
     big = SamplePlanConfig(cfg.quant.calibration_samples, 64, 100, cfg.seed)
-    with pytest.raises(ValueError, match=r"quant.calibration_samples \(64\).*sensitivity.batch_size \(64\).*"
-                                         r"pool of 100 batches needs 6464"):
-        model.calibrate(cfg.models["m"], cfg.quant, cfg.seed, cfg.runtime, str(d / "model.pt"),
-                        str(tmp_path / "c.pt"), str(tmp_path / "l.json"), plan=big)
+    with pytest.raises(
+        ValueError,
+        match=r"quant.calibration_samples \(64\).*sensitivity.batch_size \(64\).*"
+        r"pool of 100 batches needs 6464",
+    ):
+        model.calibrate(
+            cfg.models["m"],
+            cfg.quant,
+            cfg.seed,
+            cfg.runtime,
+            str(d / "model.pt"),
+            str(tmp_path / "c.pt"),
+            str(tmp_path / "l.json"),
+            plan=big,
+        )
     assert not (tmp_path / "c.pt").exists()
 
 
@@ -106,17 +129,26 @@ def test_calibrate_refuses_a_pool_larger_than_the_split(run, tmp_path):
 def pooled(run):
     """mpqco and clado per-batch files for both pool batches, pooled into set_2x0 and set_1x0."""
     cfg, d = run
-    plan = SamplePlanConfig(cfg.quant.calibration_samples, cfg.sensitivity.batch_size,
-                            cfg.sensitivity.pool_batches, cfg.seed)
+    plan = SamplePlanConfig(
+        cfg.quant.calibration_samples, cfg.sensitivity.batch_size, cfg.sensitivity.pool_batches, cfg.seed
+    )
     out = {}
     for est in ("mpqco", "clado"):
         batches = []
         for b in range(2):
             path = d / "sensitivity" / est / f"batch_{b}.npz"
-            sensitivity.sensitivity_batch(cfg.models["m"], cfg.quant, plan,
-                                          {**cfg.sensitivity.of_estimator(est), "progress": False},
-                                          cfg.runtime, str(d / "model.pt"), str(d / "calibration.pt"), est, b,
-                                          str(path))
+            sensitivity.sensitivity_batch(
+                cfg.models["m"],
+                cfg.quant,
+                plan,
+                {**cfg.sensitivity.of_estimator(est), "progress": False},
+                cfg.runtime,
+                str(d / "model.pt"),
+                str(d / "calibration.pt"),
+                est,
+                b,
+                str(path),
+            )
             batches.append(str(path))
         sensitivity.pool_set(batches, str(d / "sensitivity" / est / "set_2x0.npz"))
         sensitivity.pool_set(batches[:1], str(d / "sensitivity" / est / "set_1x0.npz"))
@@ -140,8 +172,9 @@ def test_check_budgets_and_solve_stage(run, pooled, tmp_path):
     with pytest.raises(InfeasibleBudget, match=r"avg_bits-2\.1 is infeasible: the smallest achievable size"):
         solve.check_budgets(str(d / "layers.json"), ["avg_bits-2.1"])
     out = tmp_path / "decisions" / "clado" / "set_2x0" / "avg_bits-4.json"
-    dec = solve.solve_budget(str(d / "layers.json"), str(pooled["clado"] / "set_2x0.npz"), "clado", "avg_bits-4",
-                             cfg.solver, str(out))
+    dec = solve.solve_budget(
+        str(d / "layers.json"), str(pooled["clado"] / "set_2x0.npz"), "clado", "avg_bits-4", cfg.solver, str(out)
+    )
     assert json.loads(out.read_text())["choice"] == dec["choice"]
     assert (dec["set_size"], dec["set_id"]) == (2, 0) and dec["avg_bits"] <= 4 + 1e-9
     assert dec["solver"]["status"] == "optimal" and set(dec["choice"]) <= {"w8a8", "w2a8"}
@@ -152,16 +185,27 @@ def test_solve_and_study_stages_import_no_torch():
     import sys
 
     code = "import sys, mpqflow.stages.solve, mpqflow.stages.study; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_evaluate_and_study_stages(run, pooled, tmp_path):
     cfg, d = run
     m, layers = cfg.models["m"], str(d / "layers.json")
     uni = [str(tmp_path / "eval" / "uniform" / f"{o}.json") for o in ("w8a8", "w2a8")]
-    rows = evaluate.evaluate_uniform(m, cfg.quant, cfg.seed, cfg.evaluation, cfg.runtime, str(d / "model.pt"),
-                                     str(d / "calibration.pt"), ["w8a8", "w2a8"], uni)
+    rows = evaluate.evaluate_uniform(
+        m,
+        cfg.quant,
+        cfg.seed,
+        cfg.evaluation,
+        cfg.runtime,
+        str(d / "model.pt"),
+        str(d / "calibration.pt"),
+        ["w8a8", "w2a8"],
+        uni,
+    )
     assert rows[0]["avg_bits"] == pytest.approx(8.0) and rows[1]["size_mb"] < rows[0]["size_mb"]
     decisions, evals = [], []
     for n in (1, 2):
@@ -170,16 +214,34 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
             solve.solve_budget(layers, str(pooled["mpqco"] / f"set_{n}x0.npz"), "mpqco", b, cfg.solver, str(path))
             decisions.append(str(path))
             evals.append(str(path).replace("/decisions/", "/eval/"))
-    res = evaluate.evaluate_decisions(m, cfg.quant, cfg.sample_plan, cfg.evaluation, cfg.runtime,
-                                      str(d / "model.pt"), str(d / "calibration.pt"), decisions, evals)
+    res = evaluate.evaluate_decisions(
+        m,
+        cfg.quant,
+        cfg.sample_plan,
+        cfg.evaluation,
+        cfg.runtime,
+        str(d / "model.pt"),
+        str(d / "calibration.pt"),
+        decisions,
+        evals,
+    )
     assert [r["budget"] for r in res] == list(cfg.budgets) * 2
     assert all(np.isfinite(r["measured_loss_increase"]) and r["avg_bits"] <= 6 + 1e-9 for r in res)
     # Evaluating one decision alone gives the same numbers as in the batch (no state leaks between them).
-    alone = evaluate.evaluate_decisions(m, cfg.quant, cfg.sample_plan, cfg.evaluation, cfg.runtime,
-                                        str(d / "model.pt"), str(d / "calibration.pt"), decisions[-1:],
-                                        [str(tmp_path / "alone.json")])[0]
+    alone = evaluate.evaluate_decisions(
+        m,
+        cfg.quant,
+        cfg.sample_plan,
+        cfg.evaluation,
+        cfg.runtime,
+        str(d / "model.pt"),
+        str(d / "calibration.pt"),
+        decisions[-1:],
+        [str(tmp_path / "alone.json")],
+    )[0]
     assert {k: alone[k] for k in ("top1", "loss", "measured_loss_increase")} == {
-        k: res[-1][k] for k in ("top1", "loss", "measured_loss_increase")}
+        k: res[-1][k] for k in ("top1", "loss", "measured_loss_increase")
+    }
     table = study.study_table(uni, evals, str(tmp_path / "study.csv"))
     assert len(table) == 2 + len(evals) and set(table.method) == {"uniform", "mpqco"}
     outs = {k: str(tmp_path / "plots" / f"{k}.png") for k in ("accuracy", "pareto", "sanity", "heatmap", "bits")}
@@ -203,9 +265,9 @@ def test_decision_for_another_table_is_refused(run, tmp_path):
 
 
 def test_default_config_builds_every_section():
-    from mpqflow.config import load_config
-
     from pathlib import Path
+
+    from mpqflow.config import load_config
 
     cfg = Config.from_dict(load_config(Path(__file__).resolve().parent.parent / "config.yaml"))
     assert cfg.models["digits_resnet20"].arch == "resnet20" and cfg.sample_plan.pool_batches == 8

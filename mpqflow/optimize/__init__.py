@@ -16,6 +16,16 @@ from .problem import Problem
 from .solve import BACKENDS, Solution, solve
 
 __all__ = [
-    "BACKENDS", "BITS_PER_MB", "KINDS", "BackendUnavailable", "Budget", "InfeasibleBudget", "Problem",
-    "Solution", "caps_of", "local_search", "parse_budgets", "solve",
+    "BACKENDS",
+    "BITS_PER_MB",
+    "KINDS",
+    "BackendUnavailable",
+    "Budget",
+    "InfeasibleBudget",
+    "Problem",
+    "Solution",
+    "caps_of",
+    "local_search",
+    "parse_budgets",
+    "solve",
 ]

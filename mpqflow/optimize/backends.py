@@ -70,8 +70,11 @@ def highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_
     import scipy.sparse as sp
 
     n, lin, G = problem.n, problem.linear_terms(), cross_layer_quadratic(problem)
-    pairs = np.zeros((0, 2), np.int64) if G is None else np.argwhere(
-        np.triu(problem.layer_of[:, None] != problem.layer_of[None, :], 1))  # (P, 2), a < c
+    pairs = (
+        np.zeros((0, 2), np.int64)
+        if G is None
+        else np.argwhere(np.triu(problem.layer_of[:, None] != problem.layer_of[None, :], 1))
+    )  # (P, 2), a < c
     P = len(pairs)
     cost = np.concatenate([lin, 2 * G[pairs[:, 0], pairs[:, 1]] if P else []])
     rows, cols, vals, lo, hi = [], [], [], [], []
@@ -109,8 +112,7 @@ def highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_
         lo.extend([0.0] * (n * L))
         hi.extend([0.0] * (n * L))
         # Rows (a, l(a)) are empty: pin them to 0 = 0 (harmless, keeps the indexing simple).
-    A = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(len(lo), n + P))
+    A = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(lo), n + P))
     lp = highspy.HighsLp()
     lp.num_col_, lp.num_row_ = n + P, len(lo)
     lp.col_cost_ = cost
@@ -121,8 +123,14 @@ def highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
     lp.integrality_ = [highspy.HighsVarType.kInteger] * n + [highspy.HighsVarType.kContinuous] * P
     h = _silent_highs(highspy)
-    for k, v in (("output_flag", False), ("time_limit", float(time_limit)), ("mip_rel_gap", float(mip_gap)),
-                 ("random_seed", 0), ("threads", 1), ("presolve", "on")):
+    for k, v in (
+        ("output_flag", False),
+        ("time_limit", float(time_limit)),
+        ("mip_rel_gap", float(mip_gap)),
+        ("random_seed", 0),
+        ("threads", 1),
+        ("presolve", "on"),
+    ):
         h.setOptionValue(k, v)
     if node_limit is not None:
         h.setOptionValue("mip_max_nodes", int(node_limit))
@@ -144,8 +152,10 @@ def highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_
 
 # ---- Gurobi: the binary QP natively ---------------------------------------------------------------
 def _gurobi_unavailable(n: int, err) -> BackendUnavailable:
-    return BackendUnavailable(f"gurobi cannot solve this problem ({n} binaries): {err}; the pip licence "
-                              "is size-limited, use solver.backend: auto, highs or scip")
+    return BackendUnavailable(
+        f"gurobi cannot solve this problem ({n} binaries): {err}; the pip licence "
+        "is size-limited, use solver.backend: auto, highs or scip"
+    )
 
 
 def _is_licence_error(gp, err) -> bool:
@@ -215,10 +225,19 @@ def gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node
 
 
 # ---- SCIP: a convex MINLP -------------------------------------------------------------------------
-_SCIP_STOPS = {"optimal": "optimal", "timelimit": "time_limit", "nodelimit": "node_limit",
-               "totalnodelimit": "node_limit", "stallnodelimit": "stall_node_limit", "gaplimit": "gap_limit",
-               "memlimit": "memory_limit", "sollimit": "solution_limit", "bestsollimit": "best_solution_limit",
-               "restartlimit": "restart_limit", "userinterrupt": "interrupted"}
+_SCIP_STOPS = {
+    "optimal": "optimal",
+    "timelimit": "time_limit",
+    "nodelimit": "node_limit",
+    "totalnodelimit": "node_limit",
+    "stallnodelimit": "stall_node_limit",
+    "gaplimit": "gap_limit",
+    "memlimit": "memory_limit",
+    "sollimit": "solution_limit",
+    "bestsollimit": "best_solution_limit",
+    "restartlimit": "restart_limit",
+    "userinterrupt": "interrupted",
+}
 
 
 def scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
@@ -241,11 +260,13 @@ def scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_l
     for ix in problem.layers:
         m.addCons(quicksum(x[i] for i in ix) == 1)
     if size_cap is not None:
-        m.addCons(quicksum(float(problem.size_bits[i]) * x[i] for i in range(problem.n))
-                  <= size_cap - problem.fixed_size_bits)
+        m.addCons(
+            quicksum(float(problem.size_bits[i]) * x[i] for i in range(problem.n)) <= size_cap - problem.fixed_size_bits
+        )
     if bitops_cap is not None:
-        m.addCons(quicksum(float(problem.bitops[i]) * x[i] for i in range(problem.n))
-                  <= bitops_cap - problem.fixed_bitops)
+        m.addCons(
+            quicksum(float(problem.bitops[i]) * x[i] for i in range(problem.n)) <= bitops_cap - problem.fixed_bitops
+        )
     obj = quicksum(float(lin[i]) * x[i] for i in range(problem.n))
     if Q is not None:
         lam, V = np.linalg.eigh(Q)  # all >= 0

@@ -26,8 +26,13 @@ __all__ = ["KINDS", "BITS_PER_MB", "UNITS", "Budget", "InfeasibleBudget", "parse
 BITS_PER_MB = 8e6
 KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel")
 _SIZE_KINDS = ("avg_bits", "size_mb", "size_rel")
-UNITS = {"avg_bits": "average bits", "size_mb": "MB", "size_rel": "of the all-8-bit size",
-         "gbitops": "GBitOPs", "bitops_rel": "of the all-W8A8 BitOPs"}  # how Budget.in_unit's values read
+UNITS = {
+    "avg_bits": "average bits",
+    "size_mb": "MB",
+    "size_rel": "of the all-8-bit size",
+    "gbitops": "GBitOPs",
+    "bitops_rel": "of the all-W8A8 BitOPs",
+}  # how Budget.in_unit's values read
 
 
 class InfeasibleBudget(ValueError):
@@ -76,7 +81,7 @@ class Budget:
         return self.kind in _SIZE_KINDS
 
     @classmethod
-    def parse(cls, spec) -> "Budget":
+    def parse(cls, spec) -> Budget:
         """A Budget from "kind-value", {"kind": k, "value": v}, {k: v}, (k, v) or a Budget."""
         if isinstance(spec, Budget):
             return spec
@@ -89,7 +94,7 @@ class Budget:
             if set(spec) == {"kind", "value"}:
                 return cls(spec["kind"], spec["value"])
             if len(spec) == 1:
-                (kind, value), = spec.items()
+                ((kind, value),) = spec.items()
                 return cls(kind, value)
             raise ValueError(f"budget dict {spec!r} must be {{'kind': k, 'value': v}} or {{k: v}}")
         if isinstance(spec, (tuple, list)) and len(spec) == 2:
@@ -132,8 +137,10 @@ class Budget:
         unit = UNITS[self.kind]
         head = f"budget {self.name} is infeasible: the smallest achievable "
         if self.is_size:
-            return (head + f"size is {self.in_unit(problem, least):.6g} {unit} "
-                    f"({least / BITS_PER_MB:.6g} MB, {least:.0f} bits)")
+            return (
+                head + f"size is {self.in_unit(problem, least):.6g} {unit} "
+                f"({least / BITS_PER_MB:.6g} MB, {least:.0f} bits)"
+            )
         return head + f"BitOPs are {self.in_unit(problem, least):.6g} {unit} ({least / 1e9:.6g} GBitOPs)"
 
 

@@ -51,11 +51,15 @@ def check_jointly_feasible(problem: Problem, budgets, size_cap, bitops_cap) -> N
         return
     budgets = parse_budgets(budgets)
     sb, ob = _budget_of(budgets, problem, True, size_cap), _budget_of(budgets, problem, False, bitops_cap)
-    msg = (f"budgets {' + '.join(b.name for b in budgets)} are jointly infeasible: within {sb.name} the "
-           f"smallest achievable BitOPs are {ob.in_unit(problem, ops[1]):.6g} {UNITS[ob.kind]} "
-           f"({ops[1] / 1e9:.6g} GBitOPs), above {ob.name}")
+    msg = (
+        f"budgets {' + '.join(b.name for b in budgets)} are jointly infeasible: within {sb.name} the "
+        f"smallest achievable BitOPs are {ob.in_unit(problem, ops[1]):.6g} {UNITS[ob.kind]} "
+        f"({ops[1] / 1e9:.6g} GBitOPs), above {ob.name}"
+    )
     size = _least_under(problem, problem.size_bits, problem.fixed_size_bits, None, bitops_cap)
     if size is not None:
-        msg += (f"; within {ob.name} the smallest achievable size is {sb.in_unit(problem, size[1]):.6g} "
-                f"{UNITS[sb.kind]} ({size[1] / BITS_PER_MB:.6g} MB)")
+        msg += (
+            f"; within {ob.name} the smallest achievable size is {sb.in_unit(problem, size[1]):.6g} "
+            f"{UNITS[sb.kind]} ({size[1] / BITS_PER_MB:.6g} MB)"
+        )
     raise InfeasibleBudget(msg)

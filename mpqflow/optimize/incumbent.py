@@ -25,10 +25,10 @@ __all__ = ["incumbent", "local_search", "repair", "single_moves"]
 def single_moves(problem: Problem, G: np.ndarray | None, lin: np.ndarray, choice: np.ndarray) -> np.ndarray:
     """(n,) d1[b]: the objective change when b's layer switches from its current option to b (0 for
     the current ones); G with zero within-layer blocks (cross_layer_quadratic), lin = problem.linear_terms()."""
-    n, cur = problem.n, choice[problem.layer_of]             # cur: (n,) the current option of b's layer
+    n, cur = problem.n, choice[problem.layer_of]  # cur: (n,) the current option of b's layer
     # Interaction of every option with the current choice: inter[b] = Σ_l G[b, choice_l].
     inter = np.zeros(n) if G is None else G[:, choice].sum(1)
-    Gcur = np.zeros(n) if G is None else G[np.arange(n), cur]   # G[b, a_l(b)] (0: within-layer)
+    Gcur = np.zeros(n) if G is None else G[np.arange(n), cur]  # G[b, a_l(b)] (0: within-layer)
     return lin - lin[cur] + 2 * (inter - Gcur) - 2 * inter[cur]
 
 
@@ -36,9 +36,14 @@ def repair(problem: Problem, choice: np.ndarray, size_cap, bitops_cap) -> np.nda
     """A choice within the caps reached from `choice` by single-layer changes, each the one that
     costs the least objective per unit of excess it removes (greedy); None if it gets stuck."""
     G, lin, lo = cross_layer_quadratic(problem), problem.linear_terms(), problem.layer_of
-    caps = [(cost, fixed, cap) for cost, fixed, cap in ((problem.size_bits, problem.fixed_size_bits, size_cap),
-                                                        (problem.bitops, problem.fixed_bitops, bitops_cap))
-            if cap is not None]
+    caps = [
+        (cost, fixed, cap)
+        for cost, fixed, cap in (
+            (problem.size_bits, problem.fixed_size_bits, size_cap),
+            (problem.bitops, problem.fixed_bitops, bitops_cap),
+        )
+        if cap is not None
+    ]
     choice = choice.copy()
     for _ in range(problem.n):
         cur = choice[lo]
@@ -47,7 +52,7 @@ def repair(problem: Problem, choice: np.ndarray, size_cap, bitops_cap) -> np.nda
         if over <= 1e-9:
             return choice
         after = sum(np.maximum(0.0, t + cost - cost[cur] - cap) / cap for t, (cost, _, cap) in zip(totals, caps))
-        removed = over - after                                 # (n,) overshoot each single move removes
+        removed = over - after  # (n,) overshoot each single move removes
         d1 = single_moves(problem, G, lin, choice)
         score = np.where(removed > 1e-12, d1 / np.maximum(removed, 1e-12), np.inf)  # objective per overshoot
         b = int(np.argmin(score))
@@ -68,7 +73,7 @@ def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rou
     bitops_cap = np.inf if bitops_cap is None else bitops_cap * (1 + 1e-9)
     cross = lo[:, None] != lo[None, :]
     for _ in range(max_rounds):
-        cur = choice[lo]                                      # (n,) the current option of each option's layer
+        cur = choice[lo]  # (n,) the current option of each option's layer
         d1 = single_moves(problem, G, lin, choice)
         ds, do = problem.size_bits - problem.size_bits[cur], problem.bitops - problem.bitops[cur]
         ok1 = (size + ds <= size_cap) & (ops + do <= bitops_cap) & (np.arange(n) != cur)
@@ -80,11 +85,16 @@ def local_search(problem: Problem, x0: np.ndarray, size_cap, bitops_cap, max_rou
             # Two layers l != m switching a -> b and c -> e: d1[b] + d1[e] + 2 (G[b,e] - G[b,c] - G[a,e] + G[a,c]).
             d2 = d1[:, None] + d1[None, :]
             if G is not None:
-                Gbc = G[:, cur]                                  # (n, n): G[b, current of layer(e)]
+                Gbc = G[:, cur]  # (n, n): G[b, current of layer(e)]
                 d2 += 2 * (G - Gbc - Gbc.T + G[np.ix_(cur, cur)])
-            okp = (np.arange(n) != cur)
-            ok2 = cross & okp[:, None] & okp[None, :] & \
-                (size + ds[:, None] + ds[None, :] <= size_cap) & (ops + do[:, None] + do[None, :] <= bitops_cap)
+            okp = np.arange(n) != cur
+            ok2 = (
+                cross
+                & okp[:, None]
+                & okp[None, :]
+                & (size + ds[:, None] + ds[None, :] <= size_cap)
+                & (ops + do[:, None] + do[None, :] <= bitops_cap)
+            )
             d2 = np.where(ok2, d2, np.inf)
             k2 = int(np.argmin(d2))
             if not d2.flat[k2] < -1e-12 * max(1.0, abs(problem.objective(problem.x_of(choice)))):

@@ -96,8 +96,11 @@ class Problem:
                 raise ValueError(f"{name} must be finite and non-negative, got {v}")
             set_(name, v)
         w_bits = np.array([o[0] for o in opts], float)
-        numel = self.size_bits[[ix[0] for ix in self.layers]] / w_bits[[ix[0] for ix in self.layers]] \
-            if self.numel is None else self.numel
+        numel = (
+            self.size_bits[[ix[0] for ix in self.layers]] / w_bits[[ix[0] for ix in self.layers]]
+            if self.numel is None
+            else self.numel
+        )
         numel = _frozen_array(numel, np.float64, "numel", (L,))
         if np.any(numel <= 0):
             raise ValueError("numel must be positive")
@@ -164,8 +167,11 @@ class Problem:
     def is_one_hot(self, x) -> bool:
         """True when x is 0/1 with exactly one option per layer."""
         x = np.asarray(x)
-        return x.shape == (self.n,) and bool(np.all((x == 0) | (x == 1))) and \
-            bool(np.all(np.bincount(self.layer_of, weights=x, minlength=self.L) == 1))
+        return (
+            x.shape == (self.n,)
+            and bool(np.all((x == 0) | (x == 1)))
+            and bool(np.all(np.bincount(self.layer_of, weights=x, minlength=self.L) == 1))
+        )
 
     def objective(self, x) -> float:
         """x^T G x + linear . x."""
@@ -229,8 +235,7 @@ class Problem:
         Tries the smallest-size and the smallest-BitOPs choices (exact when only one cap is set).
         """
         for cost in (self.size_bits, self.bitops):
-            x = self.x_of([ix[np.lexsort((self.bitops[ix] + self.size_bits[ix], cost[ix]))[0]]
-                           for ix in self.layers])
+            x = self.x_of([ix[np.lexsort((self.bitops[ix] + self.size_bits[ix], cost[ix]))[0]] for ix in self.layers])
             if self.is_feasible(x, size_cap, bitops_cap):
                 return x
         return None

@@ -55,7 +55,7 @@ def _perturbation_maps(problem: Problem):
     """
     n, lo = problem.n, problem.layer_of
     E = sp.csr_matrix((np.ones(n), (np.arange(n), lo)), shape=(n, problem.L))
-    a, b = np.nonzero(np.triu(lo[:, None] == lo[None, :]))   # (m,) within-layer pairs, a <= b
+    a, b = np.nonzero(np.triu(lo[:, None] == lo[None, :]))  # (m,) within-layer pairs, a <= b
     k = np.arange(len(a))
     off = a != b
     rows = np.concatenate([a * n + b, (b * n + a)[off]])
@@ -65,8 +65,9 @@ def _perturbation_maps(problem: Problem):
     return E, S, diag_k
 
 
-def qcr_form(problem: Problem, size_cap: float | None, bitops_cap: float | None, eps: float = 1e-4,
-             max_iters: int = 20000) -> tuple[np.ndarray, np.ndarray] | None:
+def qcr_form(
+    problem: Problem, size_cap: float | None, bitops_cap: float | None, eps: float = 1e-4, max_iters: int = 20000
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(Q, c): xᵀQx + c·x equals the problem's objective on every one-hot binary x, and Q ⪰ 0.
 
     None when the SDP solver does not return a solution (the caller falls back to a plain shift).
@@ -80,14 +81,19 @@ def qcr_form(problem: Problem, size_cap: float | None, bitops_cap: float | None,
     G = np.asarray(problem.G, float)
     c = np.zeros(n) if problem.linear is None else np.asarray(problem.linear, float)
     E, S, diag_k = _perturbation_maps(problem)
-    v = cp.Variable(S.shape[1])      # within-layer multipliers (diagonal ones: x_a² − x_a)
-    A = cp.Variable((n, L))          # A[b, l]: multiplier of x_b (Σ_{a∈l} x_a − 1)
-    beta = cp.Variable(L)            # one option per layer
+    v = cp.Variable(S.shape[1])  # within-layer multipliers (diagonal ones: x_a² − x_a)
+    A = cp.Variable((n, L))  # A[b, l]: multiplier of x_b (Σ_{a∈l} x_a − 1)
+    beta = cp.Variable(L)  # one option per layer
     t = cp.Variable()
     # The caps as Σ (cost/cap) x ≤ 1 - fixed/cap: scaled to O(1), which SCS needs to converge.
-    caps = [(cost / cap, 1.0 - fixed / cap) for cost, fixed, cap in
-            ((problem.size_bits, problem.fixed_size_bits, size_cap), (problem.bitops, problem.fixed_bitops, bitops_cap))
-            if cap is not None]
+    caps = [
+        (cost / cap, 1.0 - fixed / cap)
+        for cost, fixed, cap in (
+            (problem.size_bits, problem.fixed_size_bits, size_cap),
+            (problem.bitops, problem.fixed_bitops, bitops_cap),
+        )
+        if cap is not None
+    ]
     mu = cp.Variable(len(caps), nonneg=True) if caps else None
     # Subtracted: xᵀMx + m·x, M = mat(S v) + (A Eᵀ + E Aᵀ)/2, m = −v_diag − A·1 (zero on decisions).
     M = cp.reshape(S @ v, (n, n), order="C") + (A @ E.T + E @ A.T) / 2
@@ -98,8 +104,12 @@ def qcr_form(problem: Problem, size_cap: float | None, bitops_cap: float | None,
     if caps:
         q = q + sum(mu[i] * w for i, (w, _) in enumerate(caps))
         const = const - sum(mu[i] * r for i, (_, r) in enumerate(caps))
-    block = cp.bmat([[cp.reshape(const, (1, 1), order="C"), cp.reshape(q / 2, (1, n), order="C")],
-                     [cp.reshape(q / 2, (n, 1), order="C"), G - M]])
+    block = cp.bmat(
+        [
+            [cp.reshape(const, (1, 1), order="C"), cp.reshape(q / 2, (1, n), order="C")],
+            [cp.reshape(q / 2, (n, 1), order="C"), G - M],
+        ]
+    )
     sdp = cp.Problem(cp.Maximize(t), [(block + block.T) / 2 >> 0])
     try:
         sdp.solve(solver="SCS", eps_abs=eps, eps_rel=eps, max_iters=max_iters)
@@ -116,6 +126,11 @@ def qcr_form(problem: Problem, size_cap: float | None, bitops_cap: float | None,
     cq = c + v.value[diag_k] + Av.sum(1)
     # Exactly PSD whatever SCS's accuracy: x_a² = x_a moves any remaining shift into the linear term.
     Q_psd, c_psd = shift_to_psd(Q, cq)
-    log.info("QCR: SDP bound %.6g (%s) in %.1f s, residual shift %.2e", sdp.value, sdp.status,
-             time.perf_counter() - t0, cq[0] - c_psd[0])
+    log.info(
+        "QCR: SDP bound %.6g (%s) in %.1f s, residual shift %.2e",
+        sdp.value,
+        sdp.status,
+        time.perf_counter() - t0,
+        cq[0] - c_psd[0],
+    )
     return Q_psd, c_psd

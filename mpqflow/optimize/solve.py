@@ -93,8 +93,14 @@ def _run_chain(chain, problem, size_cap, bitops_cap, time_limit, mip_gap, x0, no
             log.info("solver %s unavailable (%s); trying %s", backend, err, chain[i + 1])
 
 
-def solve(problem: Problem, budget=None, backend: str = "highs", time_limit: float = 60.0,
-          mip_gap: float = 1e-4, node_limit: int | dict | None = None) -> Solution:
+def solve(
+    problem: Problem,
+    budget=None,
+    backend: str = "highs",
+    time_limit: float = 60.0,
+    mip_gap: float = 1e-4,
+    node_limit: int | dict | None = None,
+) -> Solution:
     """The exact optimum of the problem under the budget(s), or the best decision found in time_limit.
 
     Args:

@@ -24,11 +24,18 @@ from .functional import (
     quant_range,
     quantization_mse,
 )
-from .scheme import BIAS_CORRECTIONS, GRANULARITIES, LEVELS, OBSERVERS, QuantScheme, register_observer
-from .observers import (ACIQObserver, EMAMinMaxObserver, EMAMSEObserver, MinMaxObserver, MSEObserver, Observer,
-                        make_observer)
+from .observers import (
+    ACIQObserver,
+    EMAMinMaxObserver,
+    EMAMSEObserver,
+    MinMaxObserver,
+    MSEObserver,
+    Observer,
+    make_observer,
+)
 from .qparams import QParams, quantize_weight
 from .quantizer import ModelQuantizer
+from .scheme import BIAS_CORRECTIONS, GRANULARITIES, LEVELS, OBSERVERS, QuantScheme, register_observer
 
 __all__ = [
     "quant_range",

@@ -172,8 +172,7 @@ def _unit_mse(a: float, bits: int, prior: str, one_sided: bool, model: str) -> t
     return float(mse), float(grad)
 
 
-def aciq_mse(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: bool = False,
-             model: str = "grid"):
+def aciq_mse(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: bool = False, model: str = "grid"):
     """Expected quantization MSE E[(X - Q_alpha(X))^2] under the prior.
 
     Args:
@@ -187,24 +186,24 @@ def aciq_mse(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: 
     """
     _check(bits, prior, model, one_sided)
     a, s = np.broadcast_arrays(np.asarray(alpha, float), np.asarray(scale, float))
-    out = np.array([s_ ** 2 * _unit_mse(a_ / s_, bits, prior, one_sided, model)[0]
-                    for a_, s_ in zip(a.ravel(), s.ravel())]).reshape(a.shape)
+    out = np.array(
+        [s_**2 * _unit_mse(a_ / s_, bits, prior, one_sided, model)[0] for a_, s_ in zip(a.ravel(), s.ravel())]
+    ).reshape(a.shape)
     return float(out) if out.ndim == 0 else out
 
 
-def aciq_mse_grad(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: bool = False,
-                  model: str = "grid"):
+def aciq_mse_grad(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: bool = False, model: str = "grid"):
     """Derivative dMSE/dalpha of :func:`aciq_mse` (analytic). Same arguments."""
     _check(bits, prior, model, one_sided)
     a, s = np.broadcast_arrays(np.asarray(alpha, float), np.asarray(scale, float))
-    out = np.array([s_ * _unit_mse(a_ / s_, bits, prior, one_sided, model)[1]
-                    for a_, s_ in zip(a.ravel(), s.ravel())]).reshape(a.shape)
+    out = np.array(
+        [s_ * _unit_mse(a_ / s_, bits, prior, one_sided, model)[1] for a_, s_ in zip(a.ravel(), s.ravel())]
+    ).reshape(a.shape)
     return float(out) if out.ndim == 0 else out
 
 
-@functools.lru_cache(maxsize=None)
-def optimal_clip_ratio(bits: int, prior: str = "laplace", *, one_sided: bool = False,
-                       model: str = "grid") -> float:
+@functools.cache
+def optimal_clip_ratio(bits: int, prior: str = "laplace", *, one_sided: bool = False, model: str = "grid") -> float:
     """alpha* / scale: the stationary point of the MSE with the lowest MSE (cached).
 
     Scans the analytic derivative on a log grid of alpha in [0.02, 60] (unit scale) for sign changes
@@ -221,8 +220,9 @@ def optimal_clip_ratio(bits: int, prior: str = "laplace", *, one_sided: bool = F
     return float(optimize.brentq(fprime, grid[i], grid[i + 1], xtol=1e-13, rtol=1e-13))
 
 
-def fit_prior(x: torch.Tensor, prior: str = "laplace", *, one_sided: bool = False,
-              ch_axis: int | None = None) -> torch.Tensor:
+def fit_prior(
+    x: torch.Tensor, prior: str = "laplace", *, one_sided: bool = False, ch_axis: int | None = None
+) -> torch.Tensor:
     """Fit the prior's scale per tensor (0-dim result) or per channel along ch_axis (shape (C,)).
 
     Two-sided: b = mean |x - mean(x)| (laplace), sigma = std(x) (gauss).
@@ -246,8 +246,15 @@ def fit_prior(x: torch.Tensor, prior: str = "laplace", *, one_sided: bool = Fals
     return x.std(dims, correction=0)
 
 
-def aciq_alpha(x: torch.Tensor, bits: int | torch.Tensor, prior: str = "laplace", *, one_sided: bool | None = None,
-               ch_axis: int | None = None, model: str = "grid") -> torch.Tensor:
+def aciq_alpha(
+    x: torch.Tensor,
+    bits: int | torch.Tensor,
+    prior: str = "laplace",
+    *,
+    one_sided: bool | None = None,
+    ch_axis: int | None = None,
+    model: str = "grid",
+) -> torch.Tensor:
     """ACIQ clipping value alpha* = c(M) * scale per tensor (0-dim) or per channel ((C,)).
 
     Args:
@@ -277,10 +284,17 @@ def moment_sums(x: torch.Tensor, ch_axis: int | None = None) -> dict[str, torch.
     xd = x.detach().double()
     pos = (xd > 0).double()
     n = torch.full_like(xd.sum(dims), float(xd.numel() // max(1, xd.sum(dims).numel())))
-    return dict(n=n, s1=xd.sum(dims), s2=(xd * xd).sum(dims),
-                sabs=(xd - xd.mean(dims, keepdim=True)).abs().sum(dims),
-                n_pos=pos.sum(dims), s1_pos=(xd * pos).sum(dims), s2_pos=(xd * xd * pos).sum(dims),
-                lo=xd.amin(dims), hi=xd.amax(dims))
+    return dict(
+        n=n,
+        s1=xd.sum(dims),
+        s2=(xd * xd).sum(dims),
+        sabs=(xd - xd.mean(dims, keepdim=True)).abs().sum(dims),
+        n_pos=pos.sum(dims),
+        s1_pos=(xd * pos).sum(dims),
+        s2_pos=(xd * xd * pos).sum(dims),
+        lo=xd.amin(dims),
+        hi=xd.amax(dims),
+    )
 
 
 def merge_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -291,8 +305,9 @@ def merge_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[s
     return out
 
 
-def aciq_range_from_sums(sums: dict[str, torch.Tensor], bits: int | torch.Tensor, prior: str = "laplace", *,
-                         model: str = "grid") -> tuple[torch.Tensor, torch.Tensor]:
+def aciq_range_from_sums(
+    sums: dict[str, torch.Tensor], bits: int | torch.Tensor, prior: str = "laplace", *, model: str = "grid"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(min_val, max_val) float64 from :func:`moment_sums`; see :func:`aciq_range`.
 
     One-sided when every observed value is >= 0 (fit on the positive entries), else two-sided
@@ -309,8 +324,11 @@ def aciq_range_from_sums(sums: dict[str, torch.Tensor], bits: int | torch.Tensor
         mean = sums["s1"] / n
         scale = sums["sabs"] / n if prior == "laplace" else (sums["s2"] / n - mean * mean).clamp_min(0).sqrt()
     if isinstance(bits, torch.Tensor) and bits.dim() > 0:  # (C,) bits per channel
-        ratio = torch.tensor([optimal_clip_ratio(int(b), prior, one_sided=one_sided, model=model) for b in bits],
-                             dtype=scale.dtype, device=scale.device)
+        ratio = torch.tensor(
+            [optimal_clip_ratio(int(b), prior, one_sided=one_sided, model=model) for b in bits],
+            dtype=scale.dtype,
+            device=scale.device,
+        )
     else:
         ratio = optimal_clip_ratio(int(bits), prior, one_sided=one_sided, model=model)
     alpha = ratio * scale
@@ -319,8 +337,14 @@ def aciq_range_from_sums(sums: dict[str, torch.Tensor], bits: int | torch.Tensor
     return torch.maximum(mean - alpha, sums["lo"]), torch.minimum(mean + alpha, sums["hi"])
 
 
-def aciq_range(x: torch.Tensor, bits: int | torch.Tensor, prior: str = "laplace", *,
-               ch_axis: int | None = None, model: str = "grid") -> tuple[torch.Tensor, torch.Tensor]:
+def aciq_range(
+    x: torch.Tensor,
+    bits: int | torch.Tensor,
+    prior: str = "laplace",
+    *,
+    ch_axis: int | None = None,
+    model: str = "grid",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Observer-ready (min_val, max_val) in x's dtype: [mean - alpha, mean + alpha] or [0, alpha].
 
     One-sided ([0, alpha], half-distribution fit) when x.min() >= 0. The range never extends beyond

@@ -23,8 +23,9 @@ def _channel_view(x: torch.Tensor, ch_axis: int) -> torch.Tensor:
     return x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)  # (C, K)
 
 
-def bias_correction_terms(w: torch.Tensor, w_q: torch.Tensor, ch_axis: int = 0, *, variance: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def bias_correction_terms(
+    w: torch.Tensor, w_q: torch.Tensor, ch_axis: int = 0, *, variance: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel (xi, mu, mu_q), each (C,): w_c = xi * (w_q - mu_q) + mu along ch_axis.
 
     Args:
@@ -45,8 +46,7 @@ def bias_correction_terms(w: torch.Tensor, w_q: torch.Tensor, ch_axis: int = 0, 
     return xi, mu, mu_q
 
 
-def correct_bias(w: torch.Tensor, w_q: torch.Tensor, ch_axis: int = 0, *, variance: bool = False
-                 ) -> torch.Tensor:
+def correct_bias(w: torch.Tensor, w_q: torch.Tensor, ch_axis: int = 0, *, variance: bool = False) -> torch.Tensor:
     """Corrected quantized weights (same shape and dtype as w_q); see :func:`bias_correction_terms`."""
     xi, mu, mu_q = bias_correction_terms(w, w_q, ch_axis, variance=variance)
     shape = [1] * w_q.dim()

@@ -19,7 +19,7 @@ instead of 2/3 of it).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,8 +27,14 @@ import torch
 from .aciq import aciq_mse, fit_prior, optimal_clip_ratio
 from .functional import choose_qparams, fake_quantize
 
-__all__ = ["METHODS", "uniform_mse_fn", "aciq_mse_fn", "allocate_bits", "allocate_bits_aciq",
-           "fake_quantize_per_channel_bits"]
+__all__ = [
+    "METHODS",
+    "uniform_mse_fn",
+    "aciq_mse_fn",
+    "allocate_bits",
+    "allocate_bits_aciq",
+    "fake_quantize_per_channel_bits",
+]
 
 METHODS = ("aciq", "optimal")
 MseFn = Callable[[int], np.ndarray]  # bits -> (C,) expected MSE of every channel at that bit-width
@@ -54,15 +60,17 @@ def aciq_mse_fn(scale, prior: str = "laplace", *, one_sided: bool = False) -> Ms
 def _target(avg_bits: float, n: int, min_bits: int, max_bits: int) -> int:
     total = avg_bits * n
     if abs(total - round(total)) > 1e-9:
-        raise ValueError(f"avg_bits={avg_bits} over {n} channels is {total} bits, not an integer: "
-                         f"choose a multiple of 1/{n}")
+        raise ValueError(
+            f"avg_bits={avg_bits} over {n} channels is {total} bits, not an integer: choose a multiple of 1/{n}"
+        )
     if not min_bits <= avg_bits <= max_bits:
         raise ValueError(f"avg_bits={avg_bits} outside [{min_bits}, {max_bits}]")
     return int(round(total))
 
 
-def allocate_bits(alpha, avg_bits: float, *, min_bits: int = 1, max_bits: int = 16,
-                  mse: MseFn | None = None, method: str = "aciq") -> torch.Tensor:
+def allocate_bits(
+    alpha, avg_bits: float, *, min_bits: int = 1, max_bits: int = 16, mse: MseFn | None = None, method: str = "aciq"
+) -> torch.Tensor:
     """Integer bits per channel with mean exactly avg_bits.
 
     Args:
@@ -127,9 +135,17 @@ def _exchange(table: np.ndarray, k: np.ndarray) -> np.ndarray:
     return k
 
 
-def allocate_bits_aciq(x: torch.Tensor, avg_bits: float, prior: str = "laplace", *, ch_axis: int = 0,
-                       one_sided: bool | None = None, min_bits: int = 1, max_bits: int = 16,
-                       method: str = "aciq") -> torch.Tensor:
+def allocate_bits_aciq(
+    x: torch.Tensor,
+    avg_bits: float,
+    prior: str = "laplace",
+    *,
+    ch_axis: int = 0,
+    one_sided: bool | None = None,
+    min_bits: int = 1,
+    max_bits: int = 16,
+    method: str = "aciq",
+) -> torch.Tensor:
     """:func:`allocate_bits` with per-channel ACIQ statistics and the ACIQ MSE model.
 
     Weights: ch_axis=0 (output channels); activations (N, C, ...): ch_axis=1. alpha_i in the 2/3
@@ -140,13 +156,27 @@ def allocate_bits_aciq(x: torch.Tensor, avg_bits: float, prior: str = "laplace",
         one_sided = bool(x.min() >= 0)
     scale = fit_prior(x, prior, one_sided=one_sided, ch_axis=ch_axis).cpu().numpy()
     alpha = scale * optimal_clip_ratio(int(np.clip(round(avg_bits), 1, 16)), prior, one_sided=one_sided)
-    return allocate_bits(alpha, avg_bits, min_bits=min_bits, max_bits=max_bits,
-                         mse=aciq_mse_fn(scale, prior, one_sided=one_sided), method=method)
+    return allocate_bits(
+        alpha,
+        avg_bits,
+        min_bits=min_bits,
+        max_bits=max_bits,
+        mse=aciq_mse_fn(scale, prior, one_sided=one_sided),
+        method=method,
+    )
 
 
-def fake_quantize_per_channel_bits(x: torch.Tensor, bits: torch.Tensor, min_val: torch.Tensor,
-                                   max_val: torch.Tensor, ch_axis: int, *, symmetric: bool, signed: bool,
-                                   pow2_scale: bool = False) -> torch.Tensor:
+def fake_quantize_per_channel_bits(
+    x: torch.Tensor,
+    bits: torch.Tensor,
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    ch_axis: int,
+    *,
+    symmetric: bool,
+    signed: bool,
+    pow2_scale: bool = False,
+) -> torch.Tensor:
     """Fake-quantize channel c of x at bits[c] with the qparams of [min_val[c], max_val[c]].
 
     Channels are grouped by bit-width; each group gets :func:`choose_qparams` and
@@ -166,8 +196,14 @@ def fake_quantize_per_channel_bits(x: torch.Tensor, bits: torch.Tensor, min_val:
     out = torch.empty_like(x)
     for b in bits.unique().tolist():
         idx = torch.nonzero(bits == b).reshape(-1)
-        scale, zp, qmin, qmax = choose_qparams(min_val.detach().cpu()[idx], max_val.detach().cpu()[idx], int(b),
-                                               symmetric=symmetric, signed=signed, pow2_scale=pow2_scale)
+        scale, zp, qmin, qmax = choose_qparams(
+            min_val.detach().cpu()[idx],
+            max_val.detach().cpu()[idx],
+            int(b),
+            symmetric=symmetric,
+            signed=signed,
+            pow2_scale=pow2_scale,
+        )
         idx = idx.to(x.device)
         part = fake_quantize(x.index_select(ch_axis, idx), scale.to(x.device), zp.to(x.device), qmin, qmax, ch_axis)
         out.index_copy_(ch_axis, idx, part)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,8 +34,9 @@ def _observe_hook(observers: list, module: nn.Module, args: tuple) -> None:
         obs(args[0])
 
 
-def _allocate(obs, lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: QuantScheme, signed: bool,
-              ch_axis: int) -> ChannelBits:
+def _allocate(
+    obs, lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: QuantScheme, signed: bool, ch_axis: int
+) -> ChannelBits:
     """Bits per channel proportional to log2(alpha_i^{2/3}) with mean `bits`; ACIQ ranges re-clipped per bits_i."""
     alpha = ((hi - lo) / 2).double().clamp_min(torch.finfo(torch.float32).tiny)  # (C,)
     min_bits = 1 if bits == 1 or not (scheme.symmetric and signed) else 2
@@ -46,14 +47,20 @@ def _allocate(obs, lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: QuantS
     return ChannelBits(cb, lo.clone(), hi.clone(), scheme.symmetric, signed, scheme.pow2_scale, ch_axis)
 
 
-def _observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], act_scheme: QuantScheme,
-                    a_bits: Sequence[int], batches: Iterable, max_samples: int | None) -> dict[str, list[Observer]]:
+def _observe_inputs(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    act_scheme: QuantScheme,
+    a_bits: Sequence[int],
+    batches: Iterable,
+    max_samples: int | None,
+) -> dict[str, list[Observer]]:
     """Run the model (eval, no_grad) on the batches; returns {layer: [observer per a_bits]}."""
     act_scheme = dataclasses.replace(act_scheme, ch_axis=ACT_CH_AXIS)
-    observers = {l: [make_observer(act_scheme, b, None).to(m.weight.device) for b in a_bits]
-                 for l, m in modules.items()}
-    hooks = [m.register_forward_pre_hook(functools.partial(_observe_hook, observers[l]))
-             for l, m in modules.items()]
+    observers = {
+        l: [make_observer(act_scheme, b, None).to(m.weight.device) for b in a_bits] for l, m in modules.items()
+    }
+    hooks = [m.register_forward_pre_hook(functools.partial(_observe_hook, observers[l])) for l, m in modules.items()]
     was_training, n = model.training, 0
     model.eval()
     try:
@@ -79,8 +86,9 @@ def _observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], act_sche
     return observers
 
 
-def _observer_qparams(obs: Observer, layer: str, kind: str, ch_axis: int | None
-                      ) -> tuple[QParams, tuple[torch.Tensor, torch.Tensor]]:
+def _observer_qparams(
+    obs: Observer, layer: str, kind: str, ch_axis: int | None
+) -> tuple[QParams, tuple[torch.Tensor, torch.Tensor]]:
     try:
         scale, zp, qmin, qmax = obs.calculate_qparams()
     except ValueError as err:
@@ -89,9 +97,16 @@ def _observer_qparams(obs: Observer, layer: str, kind: str, ch_axis: int | None
     return QParams(scale.cpu(), zp.cpu(), qmin, qmax, ch_axis), rng
 
 
-def calibrate_layers(model: nn.Module, modules: Mapping[str, nn.Module], weight_scheme: QuantScheme,
-                     act_scheme: QuantScheme, w_bits: Sequence[int], a_bits: Sequence[int], batches: Iterable,
-                     max_samples: int | None = None) -> tuple[dict, dict, dict]:
+def calibrate_layers(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    weight_scheme: QuantScheme,
+    act_scheme: QuantScheme,
+    w_bits: Sequence[int],
+    a_bits: Sequence[int],
+    batches: Iterable,
+    max_samples: int | None = None,
+) -> tuple[dict, dict, dict]:
     """Qparams of every layer's input at each a_bits and weight at each w_bits.
 
     The model runs in eval mode under no_grad (its mode is restored); a forward-pre-hook feeds each
@@ -117,14 +132,16 @@ def calibrate_layers(model: nn.Module, modules: Mapping[str, nn.Module], weight_
         for b, obs in zip(a_bits, observers[l]):
             qparams[l, "act", b], ranges[l, "act", b] = _observer_qparams(obs, l, "act", act_ch_axis)
             if act_scheme.bit_allocation:
-                alloc[l, "act", b] = _allocate(obs, *ranges[l, "act", b], b, act_scheme,
-                                               qparams[l, "act", b].quant_min < 0, ACT_CH_AXIS)
+                alloc[l, "act", b] = _allocate(
+                    obs, *ranges[l, "act", b], b, act_scheme, qparams[l, "act", b].quant_min < 0, ACT_CH_AXIS
+                )
         w = m.weight.data
         for b in w_bits:
             obs = make_observer(weight_scheme, b, True).to(w.device)
             obs(w)
             qparams[l, "weight", b], ranges[l, "weight", b] = _observer_qparams(obs, l, "weight", w_ch_axis)
             if weight_scheme.bit_allocation:
-                alloc[l, "weight", b] = _allocate(obs, *ranges[l, "weight", b], b, weight_scheme, True,
-                                                  weight_scheme.ch_axis)
+                alloc[l, "weight", b] = _allocate(
+                    obs, *ranges[l, "weight", b], b, weight_scheme, True, weight_scheme.ch_axis
+                )
     return qparams, ranges, alloc

@@ -10,7 +10,7 @@ an ideal entropy coder needs, a lower bound on the stored size next to the fixed
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -17,7 +17,7 @@ qparams are computed here, torch's fake-quant kernels only apply them.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -98,8 +98,10 @@ def choose_qparams(
         scale (float32), zero_point (int32), quant_min, quant_max.
     """
     if symmetric and signed and bits == 1:
-        raise ValueError("1-bit signed symmetric quantization has no symmetric grid (levels {-scale, 0}): "
-                         "use signed=False (levels {0, scale}) or an affine scheme")
+        raise ValueError(
+            "1-bit signed symmetric quantization has no symmetric grid (levels {-scale, 0}): "
+            "use signed=False (levels {0, scale}) or an affine scheme"
+        )
     qmin, qmax = quant_range(bits, signed)
     lo = torch.as_tensor(min_val).detach().to(torch.float64)
     hi = torch.as_tensor(max_val).detach().to(torch.float64)

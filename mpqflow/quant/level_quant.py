@@ -39,8 +39,9 @@ def _norm(x: torch.Tensor, norm: str) -> torch.Tensor:
     raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
 
 
-def normalized_magnitudes(v: torch.Tensor, bucket_size: int, norm: str = "l2"
-                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def normalized_magnitudes(
+    v: torch.Tensor, bucket_size: int, norm: str = "l2"
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(r, norms, numel): r = |v| / ||bucket|| as (B, d) (zero-padded), norms (B,), v.numel()."""
     b = _buckets(v.detach(), bucket_size)
     nrm = _norm(b, norm)
@@ -67,8 +68,9 @@ def _round(r: torch.Tensor, lv: torch.Tensor, stochastic: bool, generator) -> to
     return torch.where(up, hi, lo)
 
 
-def quantize_stochastic(v: torch.Tensor, levels, bucket_size: int, generator: torch.Generator | None = None,
-                        *, norm: str = "l2") -> torch.Tensor:
+def quantize_stochastic(
+    v: torch.Tensor, levels, bucket_size: int, generator: torch.Generator | None = None, *, norm: str = "l2"
+) -> torch.Tensor:
     """Unbiased stochastic quantization of v onto ||bucket|| * sign * levels; E[Q(v)] = v.
 
     Args:
@@ -87,8 +89,7 @@ def quantize_stochastic(v: torch.Tensor, levels, bucket_size: int, generator: to
     return q.reshape(-1)[: v.numel()].view_as(v).to(v.dtype)
 
 
-def fake_quantize_levels(x: torch.Tensor, levels, *, ch_axis: int | None = None, norm: str = "linf"
-                         ) -> torch.Tensor:
+def fake_quantize_levels(x: torch.Tensor, levels, *, ch_axis: int | None = None, norm: str = "linf") -> torch.Tensor:
     """Deterministic (nearest-level) quantization onto ||row|| * sign * levels; rows are channels
     along ch_axis or the whole tensor. With norm="linf" each row's largest magnitude is kept exactly.
     At most 2n - 1 distinct values per row for n levels."""

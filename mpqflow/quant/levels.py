@@ -139,12 +139,12 @@ def uniform_levels(num_levels: int) -> torch.Tensor:
 
 def exponential_levels(num_levels: int, p: float) -> torch.Tensor:
     """(n,) levels 0, p^(n-2), ..., p, 1 (AMQ, NUQSGD for p = 1/2)."""
-    return torch.cat([torch.zeros(1, dtype=torch.float64),
-                      float(p) ** torch.arange(num_levels - 2, -1, -1, dtype=torch.float64)])
+    return torch.cat(
+        [torch.zeros(1, dtype=torch.float64), float(p) ** torch.arange(num_levels - 2, -1, -1, dtype=torch.float64)]
+    )
 
 
-def fit_truncnorm(v: torch.Tensor, bucket_size: int, *, norm: str = "l2", mixture: bool = False
-                  ) -> TruncNormMixture:
+def fit_truncnorm(v: torch.Tensor, bucket_size: int, *, norm: str = "l2", mixture: bool = False) -> TruncNormMixture:
     """Truncated normal(s) on [0, 1] fitted to the normalized magnitudes of v.
 
     Each bucket's coordinates are weighted by ||bucket||^2 (their weight in E||Q(v) - v||^2).
@@ -273,8 +273,7 @@ def _strict(lv: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return y + shift
 
 
-def alq_levels(dist: TruncNormMixture, num_levels: int, *, iters: int = 500, tol: float = 1e-13
-               ) -> torch.Tensor:
+def alq_levels(dist: TruncNormMixture, num_levels: int, *, iters: int = 500, tol: float = 1e-13) -> torch.Tensor:
     """ALQ levels: coordinate descent from uniform, exponential (p = 1/2, AMQ's p) and quantile starts.
 
     Every start gets 20 sweeps; the one with the lowest expected variance continues until Psi stalls
@@ -284,15 +283,20 @@ def alq_levels(dist: TruncNormMixture, num_levels: int, *, iters: int = 500, tol
     """
     if num_levels <= 2:
         return uniform_levels(max(num_levels, 2))
-    starts = [uniform_levels(num_levels).numpy(), exponential_levels(num_levels, 0.5).numpy(),
-              amq_levels(dist, num_levels)[0].numpy(), _quantile_levels(dist, num_levels)]
+    starts = [
+        uniform_levels(num_levels).numpy(),
+        exponential_levels(num_levels, 0.5).numpy(),
+        amq_levels(dist, num_levels)[0].numpy(),
+        _quantile_levels(dist, num_levels),
+    ]
     warm = [_alq_descent(_strict(s), dist, min(iters, 20), tol) for s in starts]
     best = min(warm, key=lambda lv: expected_variance(lv, dist))  # only the best start is finished
     return torch.from_numpy(_alq_descent(best, dist, iters, tol))
 
 
-def amq_levels(dist: TruncNormMixture, num_levels: int, *, p_inits=(0.2, 0.4, 0.6, 0.8), iters: int = 200,
-               tol: float = 1e-10) -> tuple[torch.Tensor, float]:
+def amq_levels(
+    dist: TruncNormMixture, num_levels: int, *, p_inits=(0.2, 0.4, 0.6, 0.8), iters: int = 200, tol: float = 1e-10
+) -> tuple[torch.Tensor, float]:
     """AMQ: (levels, p) with levels (0, p^(n-2), ..., p, 1) and p in (0, 1) by gradient descent.
 
     Steps are p <- clip(p - t dPsi/dp) with backtracking (Armijo) on t; several initial p, the lowest
@@ -320,8 +324,16 @@ def amq_levels(dist: TruncNormMixture, num_levels: int, *, p_inits=(0.2, 0.4, 0.
     return exponential_levels(num_levels, best[1]), best[1]
 
 
-def fit_levels(x: torch.Tensor, num_levels: int, method: str = "alq", *, bucket_size: int | None = None,
-               ch_axis: int | None = None, norm: str = "linf", mixture: bool = False) -> torch.Tensor:
+def fit_levels(
+    x: torch.Tensor,
+    num_levels: int,
+    method: str = "alq",
+    *,
+    bucket_size: int | None = None,
+    ch_axis: int | None = None,
+    norm: str = "linf",
+    mixture: bool = False,
+) -> torch.Tensor:
     """Levels for x: "uniform", "alq" or "amq". Buckets are channels along ch_axis, or flat buckets
     of bucket_size, or the whole tensor."""
     if method == "uniform":

@@ -33,8 +33,15 @@ from .aciq import MODELS, aciq_range_from_sums, merge_sums, moment_sums
 from .functional import DEFAULT_EPS, _check_bits, choose_qparams, clip_ratios, mse_clip_range
 from .scheme import OBSERVERS, QuantScheme, register_observer
 
-__all__ = ["Observer", "MinMaxObserver", "EMAMinMaxObserver", "MSEObserver", "EMAMSEObserver", "ACIQObserver",
-           "make_observer"]
+__all__ = [
+    "Observer",
+    "MinMaxObserver",
+    "EMAMinMaxObserver",
+    "MSEObserver",
+    "EMAMSEObserver",
+    "ACIQObserver",
+    "make_observer",
+]
 
 
 class Observer(nn.Module):
@@ -51,13 +58,22 @@ class Observer(nn.Module):
         eps: smallest scale.
     """
 
-    def __init__(self, bits: int, *, symmetric: bool = True, signed: bool | None = None,
-                 pow2_scale: bool = False, ch_axis: int | None = None, eps: float = DEFAULT_EPS):
+    def __init__(
+        self,
+        bits: int,
+        *,
+        symmetric: bool = True,
+        signed: bool | None = None,
+        pow2_scale: bool = False,
+        ch_axis: int | None = None,
+        eps: float = DEFAULT_EPS,
+    ):
         super().__init__()
         _check_bits(bits)
         if symmetric and signed is True and bits == 1:
-            raise ValueError("1-bit signed symmetric quantization is not supported: use an affine scheme "
-                             "or unsigned data")
+            raise ValueError(
+                "1-bit signed symmetric quantization is not supported: use an affine scheme or unsigned data"
+            )
         self.bits, self.symmetric, self.signed = bits, symmetric, signed
         self.pow2_scale, self.ch_axis, self.eps = pow2_scale, ch_axis, eps
         self.stats = self._make_stats()
@@ -99,13 +115,22 @@ class Observer(nn.Module):
         """(scale, zero_point, quant_min, quant_max) of the collected range (see ``choose_qparams``)."""
         if not self.observed:
             raise RuntimeError(f"{type(self).__name__} has observed no data: run data through it first")
-        return choose_qparams(self.min_val, self.max_val, self.bits, symmetric=self.symmetric,
-                              signed=self.is_signed(), pow2_scale=self.pow2_scale, eps=self.eps)
+        return choose_qparams(
+            self.min_val,
+            self.max_val,
+            self.bits,
+            symmetric=self.symmetric,
+            signed=self.is_signed(),
+            pow2_scale=self.pow2_scale,
+            eps=self.eps,
+        )
 
     def extra_repr(self) -> str:
         """Settings shown by repr()."""
-        return (f"bits={self.bits}, symmetric={self.symmetric}, signed={self.signed}, "
-                f"pow2_scale={self.pow2_scale}, ch_axis={self.ch_axis}")
+        return (
+            f"bits={self.bits}, symmetric={self.symmetric}, signed={self.signed}, "
+            f"pow2_scale={self.pow2_scale}, ch_axis={self.ch_axis}"
+        )
 
 
 class MinMaxObserver(Observer):
@@ -154,8 +179,15 @@ class MSEObserver(Observer):
 
     def _observe(self, x: torch.Tensor) -> None:
         signed = self.signed if self.signed is not None else bool(x.min() < 0)
-        lo, hi = mse_clip_range(x, self.bits, symmetric=self.symmetric, signed=signed, pow2_scale=self.pow2_scale,
-                                ch_axis=self.ch_axis, ratios=clip_ratios(self.mse_grid))
+        lo, hi = mse_clip_range(
+            x,
+            self.bits,
+            symmetric=self.symmetric,
+            signed=signed,
+            pow2_scale=self.pow2_scale,
+            ch_axis=self.ch_axis,
+            ratios=clip_ratios(self.mse_grid),
+        )
         self.stats(torch.stack([lo, hi], dim=-1))  # (2,) or (C, 2)
 
 
@@ -179,8 +211,12 @@ class EMAMSEObserver(MSEObserver):
 
 
 def _common(scheme: QuantScheme, signed: bool | None) -> dict:
-    return dict(symmetric=scheme.symmetric, signed=signed, pow2_scale=scheme.pow2_scale,
-                ch_axis=scheme.ch_axis if scheme.per_channel else None)
+    return dict(
+        symmetric=scheme.symmetric,
+        signed=signed,
+        pow2_scale=scheme.pow2_scale,
+        ch_axis=scheme.ch_axis if scheme.per_channel else None,
+    )
 
 
 @register_observer("minmax")
@@ -200,8 +236,9 @@ def _mse(scheme: QuantScheme, bits: int, signed: bool | None) -> Observer:
 
 @register_observer("ema_mse")
 def _ema_mse(scheme: QuantScheme, bits: int, signed: bool | None) -> Observer:
-    return EMAMSEObserver(bits, averaging_constant=scheme.averaging_constant, mse_grid=scheme.mse_grid,
-                          **_common(scheme, signed))
+    return EMAMSEObserver(
+        bits, averaging_constant=scheme.averaging_constant, mse_grid=scheme.mse_grid, **_common(scheme, signed)
+    )
 
 
 # ---------------------------------------------------------------- ACIQ (analytical clipping, mpqflow.quant.aciq)

@@ -74,13 +74,21 @@ class ChannelBits(NamedTuple):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize x, channel c at bits[c]."""
-        return fake_quantize_per_channel_bits(x, self.bits, self.min_val, self.max_val, self.ch_axis,
-                                              symmetric=self.symmetric, signed=self.signed,
-                                              pow2_scale=self.pow2_scale)
+        return fake_quantize_per_channel_bits(
+            x,
+            self.bits,
+            self.min_val,
+            self.max_val,
+            self.ch_axis,
+            symmetric=self.symmetric,
+            signed=self.signed,
+            pow2_scale=self.pow2_scale,
+        )
 
 
-def quantize_weight(w: torch.Tensor, qp: QParams, scheme: QuantScheme, bits: int,
-                    alloc: ChannelBits | None = None) -> torch.Tensor:
+def quantize_weight(
+    w: torch.Tensor, qp: QParams, scheme: QuantScheme, bits: int, alloc: ChannelBits | None = None
+) -> torch.Tensor:
     """Fake-quantized weight under `scheme` at `bits`: uniform with qp (or with the per-channel bits
     `alloc`, when given), or the scheme's non-uniform levels (fitted to w, per channel along qp.ch_axis
     or per tensor), then the scheme's bias correction per output channel (along scheme.ch_axis).

@@ -21,8 +21,8 @@ calibrate again (quantized weights are cached).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,8 +71,15 @@ class ModelQuantizer:
         a_bits: input-activation bit-widths to calibrate.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], weight_scheme: QuantScheme,
-                 act_scheme: QuantScheme, w_bits: Sequence[int], a_bits: Sequence[int]):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        weight_scheme: QuantScheme,
+        act_scheme: QuantScheme,
+        w_bits: Sequence[int],
+        a_bits: Sequence[int],
+    ):
         for name, s in (("weight_scheme", weight_scheme), ("act_scheme", act_scheme)):
             if not isinstance(s, QuantScheme):
                 raise TypeError(f"{name} must be a QuantScheme, got {type(s).__name__}")
@@ -91,13 +98,17 @@ class ModelQuantizer:
         self.weight_scheme, self.act_scheme = weight_scheme, act_scheme
         self.w_bits, self.a_bits = _bits_tuple("w_bits", w_bits), _bits_tuple("a_bits", a_bits)
         if weight_scheme.symmetric and 1 in self.w_bits:
-            raise ValueError("w_bits contains 1, but 1-bit signed symmetric weights have no symmetric grid: "
-                             "use an affine weight scheme (symmetric: false) or drop 1 from w_bits")
+            raise ValueError(
+                "w_bits contains 1, but 1-bit signed symmetric weights have no symmetric grid: "
+                "use an affine weight scheme (symmetric: false) or drop 1 from w_bits"
+            )
         if weight_scheme.levels != "uniform" and 1 in self.w_bits:
             raise ValueError(f"w_bits contains 1, but levels={weight_scheme.levels!r} needs at least 2 bits")
         if act_scheme.levels != "uniform" or act_scheme.bias_correction != "none":
-            raise ValueError("act_scheme: levels and bias_correction apply to weights only "
-                             f"(got levels={act_scheme.levels!r}, bias_correction={act_scheme.bias_correction!r})")
+            raise ValueError(
+                "act_scheme: levels and bias_correction apply to weights only "
+                f"(got levels={act_scheme.levels!r}, bias_correction={act_scheme.bias_correction!r})"
+            )
         self._bits = {"weight": frozenset(self.w_bits), "act": frozenset(self.a_bits)}
         self._qparams: dict[tuple[str, str, int], QParams] = {}  # CPU masters
         self._ranges: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -128,8 +139,18 @@ class ModelQuantizer:
             max_samples: stop after this many samples (the last batch is truncated); None uses all.
         """
         self.remove()
-        self._set_qparams(*calibrate_layers(self.model, self._modules, self.weight_scheme, self.act_scheme,
-                                            self.w_bits, self.a_bits, batches, max_samples))
+        self._set_qparams(
+            *calibrate_layers(
+                self.model,
+                self._modules,
+                self.weight_scheme,
+                self.act_scheme,
+                self.w_bits,
+                self.a_bits,
+                batches,
+                max_samples,
+            )
+        )
 
     def _set_qparams(self, qparams: dict, ranges: dict, alloc: dict | None = None) -> None:
         self.remove()
@@ -149,12 +170,14 @@ class ModelQuantizer:
         qp: dict = {l: {k: {} for k in _KINDS} for l in self.layers}
         for (l, kind, b), p in self._qparams.items():
             lo, hi = self._ranges.get((l, kind, b), (None, None))
-            qp[l][kind][b] = dict(p._asdict(), scale=p.scale.clone(), zero_point=p.zero_point.clone(),
-                                  min_val=lo, max_val=hi)
+            qp[l][kind][b] = dict(
+                p._asdict(), scale=p.scale.clone(), zero_point=p.zero_point.clone(), min_val=lo, max_val=hi
+            )
             cb = self._alloc.get((l, kind, b))
             if cb is not None:
-                qp[l][kind][b].update(channel_bits=cb.bits.clone(), channel_min=cb.min_val.clone(),
-                                      channel_max=cb.max_val.clone())
+                qp[l][kind][b].update(
+                    channel_bits=cb.bits.clone(), channel_min=cb.min_val.clone(), channel_max=cb.max_val.clone()
+                )
         return {
             "version": _STATE_VERSION,
             "layers": list(self.layers),
@@ -173,13 +196,18 @@ class ModelQuantizer:
         if list(state["layers"]) != list(self.layers):
             theirs, ours = list(state["layers"]), list(self.layers)
             missing, extra = [l for l in ours if l not in theirs], [l for l in theirs if l not in ours]
-            raise ValueError(f"layers differ: missing from state {missing}, not in this quantizer {extra}"
-                             + ("" if missing or extra else " (same names, different order)"))
+            raise ValueError(
+                f"layers differ: missing from state {missing}, not in this quantizer {extra}"
+                + ("" if missing or extra else " (same names, different order)")
+            )
         for key, ours in (("weight_scheme", self.weight_scheme), ("act_scheme", self.act_scheme)):
             theirs = QuantScheme.from_dict(state[key])
             if theirs != ours:
-                fields = [f"{f}: {getattr(theirs, f)!r} vs {getattr(ours, f)!r}"
-                          for f in theirs.to_dict() if getattr(theirs, f) != getattr(ours, f)]
+                fields = [
+                    f"{f}: {getattr(theirs, f)!r} vs {getattr(ours, f)!r}"
+                    for f in theirs.to_dict()
+                    if getattr(theirs, f) != getattr(ours, f)
+                ]
                 raise ValueError(f"{key} differs (state vs this quantizer): " + ", ".join(fields))
         for key in ("w_bits", "a_bits"):
             if tuple(state[key]) != getattr(self, key):
@@ -192,8 +220,9 @@ class ModelQuantizer:
                         e = state["qparams"][l][kind][b]
                     except KeyError:
                         raise ValueError(f"state has no {kind} qparams for layer {l!r} at {b} bits") from None
-                    qparams[l, kind, b] = QParams(e["scale"].cpu(), e["zero_point"].cpu(), int(e["quant_min"]),
-                                                  int(e["quant_max"]), e["ch_axis"])
+                    qparams[l, kind, b] = QParams(
+                        e["scale"].cpu(), e["zero_point"].cpu(), int(e["quant_min"]), int(e["quant_max"]), e["ch_axis"]
+                    )
                     if e.get("min_val") is not None:
                         ranges[l, kind, b] = (e["min_val"].cpu(), e["max_val"].cpu())
                     scheme = self.weight_scheme if kind == "weight" else self.act_scheme
@@ -201,9 +230,14 @@ class ModelQuantizer:
                         if e.get("channel_bits") is None:
                             raise ValueError(f"state has no per-channel bits for {kind} of layer {l!r} at {b} bits")
                         alloc[l, kind, b] = ChannelBits(
-                            e["channel_bits"].cpu(), e["channel_min"].cpu(), e["channel_max"].cpu(), scheme.symmetric,
-                            int(e["quant_min"]) < 0, scheme.pow2_scale,
-                            scheme.ch_axis if kind == "weight" else ACT_CH_AXIS)
+                            e["channel_bits"].cpu(),
+                            e["channel_min"].cpu(),
+                            e["channel_max"].cpu(),
+                            scheme.symmetric,
+                            int(e["quant_min"]) < 0,
+                            scheme.pow2_scale,
+                            scheme.ch_axis if kind == "weight" else ACT_CH_AXIS,
+                        )
         self._set_qparams(qparams, ranges, alloc)
 
     # ------------------------------------------------------------------ qparams and quantized tensors
@@ -248,8 +282,9 @@ class ModelQuantizer:
         if q is None or q.device != fp.device or q.dtype != fp.dtype:
             qp = self._qp(layer, "weight", w_bits, fp.device)
             with torch.no_grad():
-                q = self._wq_cache[layer, w_bits] = quantize_weight(fp, qp, self.weight_scheme, w_bits,
-                                                                    self.channel_bits(layer, "weight", w_bits))
+                q = self._wq_cache[layer, w_bits] = quantize_weight(
+                    fp, qp, self.weight_scheme, w_bits, self.channel_bits(layer, "weight", w_bits)
+                )
         return q
 
     def channel_bits(self, layer: str, kind: str, bits: int) -> ChannelBits | None:
@@ -284,8 +319,9 @@ class ModelQuantizer:
             for kind, b in (("weight", w), ("act", a)):
                 if b is not None and b not in self._bits[kind]:
                     allowed = self.w_bits if kind == "weight" else self.a_bits
-                    raise ValueError(f"assignment of {layer!r}: {kind} bits {b!r} were not calibrated "
-                                     f"(have {list(allowed)})")
+                    raise ValueError(
+                        f"assignment of {layer!r}: {kind} bits {b!r} were not calibrated (have {list(allowed)})"
+                    )
             if (w, a) != _FP:
                 new[layer] = (None if w is None else int(w), None if a is None else int(a))
         return new

@@ -13,8 +13,9 @@ bias correction) become new fields with defaults that keep old dicts loading.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .aciq import MODELS as _ACIQ_MODELS  # MSE models of the aciq_* observers' clipping
 
@@ -114,8 +115,11 @@ class QuantScheme:
         if self.aciq_model not in _ACIQ_MODELS:
             _fail("aciq_model", self.aciq_model, f"one of {list(_ACIQ_MODELS)}")
         if self.bit_allocation and (not self.per_channel or self.levels != "uniform"):
-            _fail("bit_allocation", self.bit_allocation,
-                  "false unless granularity is 'per_channel' and levels is 'uniform'")
+            _fail(
+                "bit_allocation",
+                self.bit_allocation,
+                "false unless granularity is 'per_channel' and levels is 'uniform'",
+            )
 
     @property
     def per_channel(self) -> bool:

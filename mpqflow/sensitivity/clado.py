@@ -86,8 +86,9 @@ def clado_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
         kwargs["stack"] = settings.get("clado_stack", True)
     previous = ctx.quantizer.assignment
     try:
-        res = ENGINES[engine](net, x, list(idx.layers), idx.K, _activate(ctx, idx),
-                              clado_head(y, settings.get("loss_fn")), **kwargs)
+        res = ENGINES[engine](
+            net, x, list(idx.layers), idx.K, _activate(ctx, idx), clado_head(y, settings.get("loss_fn")), **kwargs
+        )
     finally:
         ctx.quantizer.apply(previous)
     return {

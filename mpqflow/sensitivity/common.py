@@ -19,9 +19,8 @@ settings (the estimator settings that change numbers), format.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -136,8 +135,17 @@ def batch_meta(ctx, estimator: str, settings: dict | None = None) -> dict:
     }
 
 
-def make_context(net, calib_x, w_bits=(2, 4, 8), a_bits=(8,), *, quant: dict | None = None,
-                 candidates: Sequence[str] | None = None, fix_first_last: bool = True, device=None):
+def make_context(
+    net,
+    calib_x,
+    w_bits=(2, 4, 8),
+    a_bits=(8,),
+    *,
+    quant: dict | None = None,
+    candidates: Sequence[str] | None = None,
+    fix_first_last: bool = True,
+    device=None,
+):
     """A calibrated context.Context for an in-memory model (tests, benchmarks; no files involved).
 
     Args:
@@ -157,17 +165,19 @@ def make_context(net, calib_x, w_bits=(2, 4, 8), a_bits=(8,), *, quant: dict | N
     device = torch_device(net) if device is None else device
     net = net.to(device).eval()
     calib_x = calib_x.to(device)
-    q = QuantConfig.from_dict({
-        "weight": {"granularity": "per_channel"},
-        "activation": {"observer": "ema_minmax", "symmetric": False},
-        "w_bits": list(w_bits),
-        "a_bits": list(a_bits),
-        "fixed_bits": 8,
-        "fix_first_last": fix_first_last,
-        "calibration_samples": int(calib_x.shape[0]),
-        "calibration_batch_size": int(calib_x.shape[0]),
-        **(quant or {}),
-    })
+    q = QuantConfig.from_dict(
+        {
+            "weight": {"granularity": "per_channel"},
+            "activation": {"observer": "ema_minmax", "symmetric": False},
+            "w_bits": list(w_bits),
+            "a_bits": list(a_bits),
+            "fixed_bits": 8,
+            "fix_first_last": fix_first_last,
+            "calibration_samples": int(calib_x.shape[0]),
+            "calibration_batch_size": int(calib_x.shape[0]),
+            **(quant or {}),
+        }
+    )
     table = layer_table(net, calib_x, q)
     if candidates is not None:
         keep = set(candidates)

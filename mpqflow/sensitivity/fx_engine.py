@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,8 +72,15 @@ def _logits(out):
 
 
 @torch.no_grad()
-def pairwise_reference(net: nn.Module, x: torch.Tensor, layers: Sequence[str], K: int, activate: Activate,
-                       make_head: MakeHead, progress: bool = True) -> PairwiseResult:
+def pairwise_reference(
+    net: nn.Module,
+    x: torch.Tensor,
+    layers: Sequence[str],
+    K: int,
+    activate: Activate,
+    make_head: MakeHead,
+    progress: bool = True,
+) -> PairwiseResult:
     """One full forward pass per perturbation: 1 + L*K + pair_count(L, K) passes.
 
     Args:
@@ -96,8 +104,9 @@ def pairwise_reference(net: nn.Module, x: torch.Tensor, layers: Sequence[str], K
             activate({l: k})
             single[l * K + k] = head(_logits(net(x)), 1)[0]
     t0 = time.perf_counter()
-    bar = tqdm(total=pair_count(L, K), desc="clado pairs (reference)", unit="pair", disable=not progress,
-               mininterval=2.0)
+    bar = tqdm(
+        total=pair_count(L, K), desc="clado pairs (reference)", unit="pair", disable=not progress, mininterval=2.0
+    )
     for la in range(L):
         for ka in range(K):
             for lb in range(la + 1, L):
@@ -113,14 +122,21 @@ def pairwise_reference(net: nn.Module, x: torch.Tensor, layers: Sequence[str], K
 
 
 def _log_rate(engine: str, pairs: int, seconds: float) -> None:
-    log.info("clado %s engine: %d pairs in %.2f s (%.1f pairs/s)", engine, pairs, seconds,
-             pairs / max(seconds, 1e-9))
+    log.info("clado %s engine: %d pairs in %.2f s (%.1f pairs/s)", engine, pairs, seconds, pairs / max(seconds, 1e-9))
 
 
 @torch.no_grad()
-def pairwise_fx(net: nn.Module, x: torch.Tensor, layers: Sequence[str], K: int, activate: Activate,
-                make_head: MakeHead, stack: bool = True, progress: bool = True,
-                max_stack_samples: int = 4096) -> PairwiseResult:
+def pairwise_fx(
+    net: nn.Module,
+    x: torch.Tensor,
+    layers: Sequence[str],
+    K: int,
+    activate: Activate,
+    make_head: MakeHead,
+    stack: bool = True,
+    progress: bool = True,
+    max_stack_samples: int = 4096,
+) -> PairwiseResult:
     """Same numbers as :func:`pairwise_reference` (up to float rounding), re-running only dirty nodes.
 
     Args:
@@ -147,18 +163,16 @@ def pairwise_fx(net: nn.Module, x: torch.Tensor, layers: Sequence[str], K: int, 
     order = sorted(range(L), key=lambda l: (-len(g.down[layers[l]]), l))
     runner = _Runner(g, _batch_nodes(g, x) if stack and K > 1 else set(), B)
     per_run = max(1, min(K, max_stack_samples // max(B, 1)))
-    stackable = {l: bool(runner.batch_nodes) and per_run > 1 and len(g.layer_nodes[layers[l]]) == 1
-                 for l in range(L)}
+    stackable = {l: bool(runner.batch_nodes) and per_run > 1 and len(g.layer_nodes[layers[l]]) == 1 for l in range(L)}
     checked: set = set()
     inner_plan = {}
     for r, l in enumerate(order):
-        later = order[r + 1:]
+        later = order[r + 1 :]
         run = g.down[layers[l]]
         needed = {a for lb in later for n in g.down[layers[lb]] for a in n.all_input_nodes} | {g.output}
         inner_plan[l] = (run, g.free_plan(run, keep=needed))
     t0 = time.perf_counter()
-    bar = tqdm(total=pair_count(L, K), desc="clado pairs (fast)", unit="pair", disable=not progress,
-               mininterval=2.0)
+    bar = tqdm(total=pair_count(L, K), desc="clado pairs (fast)", unit="pair", disable=not progress, mininterval=2.0)
     for r, la in enumerate(order):
         run_a, keep_free_a = inner_plan[la]
         for ka in range(K):
@@ -166,9 +180,10 @@ def pairwise_fx(net: nn.Module, x: torch.Tensor, layers: Sequence[str], K: int, 
             cache = runner.run(run_a, [base_env], keep_free_a)
             i = la * K + ka
             single[i] = head(_logits(runner.output(cache)), 1)[0]
-            for lb in order[r + 1:]:
-                stats = _inner(runner, g, layers, K, la, ka, lb, cache, base_env, head, activate,
-                               stackable, checked, per_run)
+            for lb in order[r + 1 :]:
+                stats = _inner(
+                    runner, g, layers, K, la, ka, lb, cache, base_env, head, activate, stackable, checked, per_run
+                )
                 js = [lb * K + kb for kb in range(K)]
                 pair[i, js] = stats
                 pair[js, i] = stats
@@ -187,8 +202,12 @@ def _inner(runner, g, layers, K, la, ka, lb, cache, base_env, head, activate, st
         try:
             stacked = _stacked(runner, g, run, chain, layers[lb], K, la, ka, lb, head, activate, per_run)
         except Exception as err:  # noqa: BLE001 -- any failure: this layer runs unstacked
-            log.info("fx engine: stacking options of %s failed (%s: %s); running it unstacked",
-                     layers[lb], type(err).__name__, err)
+            log.info(
+                "fx engine: stacking options of %s failed (%s: %s); running it unstacked",
+                layers[lb],
+                type(err).__name__,
+                err,
+            )
             stackable[lb] = False
         else:
             if lb in checked:
@@ -198,8 +217,12 @@ def _inner(runner, g, layers, K, la, ka, lb, cache, base_env, head, activate, st
             scale = plain.abs().max().clamp_min(1.0)
             if (stacked - plain).abs().max() <= 1e-5 * scale:
                 return plain
-            log.info("fx engine: stacked options of %s disagree with the unstacked run (max diff %.3g); "
-                     "running it unstacked", layers[lb], float((stacked - plain).abs().max()))
+            log.info(
+                "fx engine: stacked options of %s disagree with the unstacked run (max diff %.3g); "
+                "running it unstacked",
+                layers[lb],
+                float((stacked - plain).abs().max()),
+            )
             stackable[lb] = False
             return plain
     return _unstacked(runner, g, run, chain, K, la, ka, lb, head, activate)
@@ -224,7 +247,7 @@ def _stacked(runner, g, run, chain, layer, K, la, ka, lb, head, activate, per_ru
     for k0 in range(0, K, per_run):
         ks = range(k0, min(K, k0 + per_run))
 
-        def first(lookup):
+        def first(lookup, ks=ks):
             # the perturbed layer itself, once per option on its unstacked (B, ...) input
             args = _materialize(node.args, lambda a: _chain_get(chain, a))
             kwargs = _materialize(node.kwargs, lambda a: _chain_get(chain, a))

@@ -12,6 +12,7 @@ The engine (:mod:`.fx_engine`) builds the CLADO passes on it. In-place ops (ReLU
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import torch
 import torch.fx
@@ -20,9 +21,22 @@ import torch.nn as nn
 __all__ = ["FxGraph", "NotTraceable"]
 
 _MISSING = object()
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+_INPLACE_FUNCTIONS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+    operator.setitem,
+}
 
 
 class NotTraceable(RuntimeError):
@@ -87,8 +101,11 @@ class FxGraph:
             return getattr(self._module[n], "inplace", False) is True
         if n.op == "call_function":
             name = getattr(n.target, "__name__", "")
-            return (n.target in _INPLACE_FUNCTIONS or n.kwargs.get("inplace", False) is True
-                    or (name.endswith("_") and not name.endswith("__")))
+            return (
+                n.target in _INPLACE_FUNCTIONS
+                or n.kwargs.get("inplace", False) is True
+                or (name.endswith("_") and not name.endswith("__"))
+            )
         if n.op == "call_method":
             return n.target.endswith("_") and not n.target.endswith("__")
         return False
@@ -96,7 +113,7 @@ class FxGraph:
     def _downstream(self, start: list) -> list:
         """Nodes that depend on any node in `start` (start included), in execution order."""
         dirty = set(start)
-        for n in self.nodes[self.pos[start[0]]:]:
+        for n in self.nodes[self.pos[start[0]] :]:
             if n not in dirty and any(a in dirty for a in n.all_input_nodes):
                 dirty.add(n)
         return [n for n in self.nodes if n in dirty]
@@ -197,7 +214,14 @@ def _batch_nodes(g: FxGraph, x: torch.Tensor) -> set:
     out = set()
     for n in g.nodes:
         a, b = e1.get(n), e2.get(n)
-        if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 1 and b.dim() == a.dim()
-                and a.shape[0] == 1 and b.shape[0] == 2 and a.shape[1:] == b.shape[1:]):
+        if (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dim() >= 1
+            and b.dim() == a.dim()
+            and a.shape[0] == 1
+            and b.shape[0] == 2
+            and a.shape[1:] == b.shape[1:]
+        ):
             out.add(n)
     return out

@@ -36,8 +36,9 @@ def _batch_seed(seed: int, x: torch.Tensor, y: torch.Tensor) -> int:
     return (int(seed) * 1_000_003 + digest) % (2**63)
 
 
-def hutchinson_traces(loss: torch.Tensor, weights: list, max_probes: int = 100, tol: float = 1e-3,
-                      seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+def hutchinson_traces(
+    loss: torch.Tensor, weights: list, max_probes: int = 100, tol: float = 1e-3, seed: int = 0
+) -> tuple[torch.Tensor, list[int]]:
     """Hutchinson estimates of the Hessian block traces Tr(∂²loss/∂W_l²), one per tensor in `weights`.
 
     Each probe of layer l is a Rademacher v_l on W_l alone and costs one Hessian-vector product
@@ -98,10 +99,19 @@ def hawq_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = No
         with torch.enable_grad():
             loss = F.cross_entropy(net(x), y, reduction="sum")
             traces, probes = hutchinson_traces(
-                loss, weights, settings.get("hawq_max_probes", 100), settings.get("hawq_tol", 1e-3),
-                _batch_seed(settings.get("hawq_seed", 0), x, y))
-        err = torch.stack([((q.quantized_weight(l, wb) - modules[l].weight.detach()) ** 2).sum().double()
-                           for l in idx.layers for wb, _ in idx.options])  # (n,)
+                loss,
+                weights,
+                settings.get("hawq_max_probes", 100),
+                settings.get("hawq_tol", 1e-3),
+                _batch_seed(settings.get("hawq_seed", 0), x, y),
+            )
+        err = torch.stack(
+            [
+                ((q.quantized_weight(l, wb) - modules[l].weight.detach()) ** 2).sum().double()
+                for l in idx.layers
+                for wb, _ in idx.options
+            ]
+        )  # (n,)
     finally:
         for w, f in zip(weights, flags):
             w.requires_grad_(f)

@@ -71,7 +71,7 @@ def mpqco_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
             # fake-quant kernels have no vmap batching rule: the fallback loop is correct, only slower
             warnings.filterwarnings("ignore", message=".*batching rule.*fake_quantize.*")
             for s in range(0, x.shape[0], chunk):
-                g, z = per_sample(cand, x[s:s + chunk], y[s:s + chunk])  # g[name]: (b, *W.shape); z: (b,)
+                g, z = per_sample(cand, x[s : s + chunk], y[s : s + chunk])  # g[name]: (b, *W.shape); z: (b,)
                 for li, (l, name) in enumerate(zip(idx.layers, names)):
                     gl = g[name].reshape(g[name].shape[0], -1).double()  # (b, numel)
                     dw = torch.stack([deltas[l, wb].reshape(-1) for wb in w_bits]).double()  # (W, numel)

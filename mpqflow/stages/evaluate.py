@@ -26,9 +26,17 @@ __all__ = ["evaluate_uniform", "evaluate_decisions"]
 log = logging.getLogger("mpqflow")
 
 
-def evaluate_uniform(model: ModelConfig, quant: QuantConfig, seed: int, evaluation: EvaluationConfig,
-                     runtime: Runtime, checkpoint: str, calibration: str, options: list[str],
-                     out_paths: list[str]) -> list[dict]:
+def evaluate_uniform(
+    model: ModelConfig,
+    quant: QuantConfig,
+    seed: int,
+    evaluation: EvaluationConfig,
+    runtime: Runtime,
+    checkpoint: str,
+    calibration: str,
+    options: list[str],
+    out_paths: list[str],
+) -> list[dict]:
     """Evaluate every candidate layer at each option (fixed layers at their bits), next to the FP metrics."""
     ctx = load_context(model, quant, seed, runtime, checkpoint, calibration)
     fp = fp_metrics(checkpoint)
@@ -45,9 +53,17 @@ def evaluate_uniform(model: ModelConfig, quant: QuantConfig, seed: int, evaluati
     return results
 
 
-def evaluate_decisions(model: ModelConfig, quant: QuantConfig, plan: SamplePlanConfig,
-                       evaluation: EvaluationConfig, runtime: Runtime, checkpoint: str, calibration: str,
-                       decision_paths: list[str], out_paths: list[str]) -> list[dict]:
+def evaluate_decisions(
+    model: ModelConfig,
+    quant: QuantConfig,
+    plan: SamplePlanConfig,
+    evaluation: EvaluationConfig,
+    runtime: Runtime,
+    checkpoint: str,
+    calibration: str,
+    decision_paths: list[str],
+    out_paths: list[str],
+) -> list[dict]:
     """Held-out metrics of each decision, and the loss increase it causes on its own sensitivity set."""
     ctx = load_context(model, quant, plan.seed, runtime, checkpoint, calibration)
     fp = fp_metrics(checkpoint)
@@ -64,15 +80,27 @@ def evaluate_decisions(model: ModelConfig, quant: QuantConfig, plan: SamplePlanC
             base_loss[key] = assignment_loss(ctx, ctx.table.fixed, idx, evaluation.batch_size)
         measured = assignment_loss(ctx, assignment, idx, evaluation.batch_size) - base_loss[key]
         metrics.update(
-            method=decision["method"], budget=decision["budget"], set_size=decision["set_size"],
-            set_id=decision["set_id"], choice=" ".join(decision["choice"]), fp_top1=fp["top1"],
-            estimated_loss_increase=decision["estimated_loss_increase"], measured_loss_increase=measured,
-            solver_status=decision["solver"]["status"], solver_gap=decision["solver"]["gap"],
+            method=decision["method"],
+            budget=decision["budget"],
+            set_size=decision["set_size"],
+            set_id=decision["set_id"],
+            choice=" ".join(decision["choice"]),
+            fp_top1=fp["top1"],
+            estimated_loss_increase=decision["estimated_loss_increase"],
+            measured_loss_increase=measured,
+            solver_status=decision["solver"]["status"],
+            solver_gap=decision["solver"]["gap"],
             solver_seconds=decision["solver"]["seconds"],
         )
-        log.info("%s %s: top1 %.4f, size %.4f MB, loss increase estimated %.4g measured %.4g",
-                 decision["method"], decision["budget"], metrics["top1"], metrics["size_mb"],
-                 metrics["estimated_loss_increase"], measured)
+        log.info(
+            "%s %s: top1 %.4f, size %.4f MB, loss increase estimated %.4g measured %.4g",
+            decision["method"],
+            decision["budget"],
+            metrics["top1"],
+            metrics["size_mb"],
+            metrics["estimated_loss_increase"],
+            measured,
+        )
         save_json(out_path, metrics)
         results.append(metrics)
     return results

@@ -14,8 +14,8 @@ from ..artifacts import save_calibration, save_checkpoint, save_layer_table
 from ..config import EvaluationConfig, ModelConfig, QuantConfig, Runtime, SamplePlanConfig
 from ..context import calibrate_quantizer, data_spec, fresh_model, load_model, resolve_device
 from ..data import load_split, pool_batch_indices
-from ..metrics import evaluate
 from ..io import file_sha256
+from ..metrics import evaluate
 from ..models import load_weights
 from ..train import seed_everything, train_model
 
@@ -23,8 +23,7 @@ __all__ = ["train_or_load", "calibrate"]
 log = logging.getLogger("mpqflow")
 
 
-def train_or_load(model: ModelConfig, seed: int, evaluation: EvaluationConfig, runtime: Runtime,
-                  out_path: str) -> dict:
+def train_or_load(model: ModelConfig, seed: int, evaluation: EvaluationConfig, runtime: Runtime, out_path: str) -> dict:
     """Train the FP model (or load its configured local weights), measure it, save the checkpoint."""
     device = resolve_device(runtime)
     spec = data_spec(model, seed)
@@ -36,15 +35,24 @@ def train_or_load(model: ModelConfig, seed: int, evaluation: EvaluationConfig, r
     else:
         log.info("training %s on %s: %s", model.arch, spec.name, model.train)
         train_model(net, load_split(spec, "train"), model.train, seed, device)
-    metrics = evaluate(net.to(device), load_split(spec, "test"), evaluation.batch_size, device,
-                       workers=model.dataset.workers)
+    metrics = evaluate(
+        net.to(device), load_split(spec, "test"), evaluation.batch_size, device, workers=model.dataset.workers
+    )
     log.info("FP test metrics: %s", metrics)
     save_checkpoint(out_path, net.cpu().state_dict(), model.arch, metrics)
     return metrics
 
 
-def calibrate(model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtime, checkpoint: str,
-              out_path: str, layers_path: str, plan: SamplePlanConfig | None = None) -> None:
+def calibrate(
+    model: ModelConfig,
+    quant: QuantConfig,
+    seed: int,
+    runtime: Runtime,
+    checkpoint: str,
+    out_path: str,
+    layers_path: str,
+    plan: SamplePlanConfig | None = None,
+) -> None:
     """Calibrate every quantizer (each layer, each bit-width) on the plan's calibration samples.
 
     Also the first job that knows the training split, so it checks that the sensitivity pool fits
@@ -60,5 +68,9 @@ def calibrate(model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtim
     table, quantizer = calibrate_quantizer(net, train, quant, seed, device, model.dataset.workers)
     save_calibration(out_path, quantizer.state_dict(), table, file_sha256(checkpoint), quant.to_dict())
     save_layer_table(layers_path, table)
-    log.info("calibrated %d layers (%d candidates) on %d samples", len(table.layers), len(table.candidates),
-             quant.calibration_samples)
+    log.info(
+        "calibrated %d layers (%d candidates) on %d samples",
+        len(table.layers),
+        len(table.candidates),
+        quant.calibration_samples,
+    )

@@ -28,8 +28,10 @@ log = logging.getLogger("mpqflow")
 
 _MINMAX = {"weight": {"observer": "minmax"}, "activation": {"observer": "minmax"}}
 _ACIQ = {"weight": {"observer": "aciq_laplace"}, "activation": {"observer": "aciq_laplace"}}
-_ALLOC = {"weight": {"granularity": "per_channel", "bit_allocation": True},
-          "activation": {"granularity": "per_channel", "bit_allocation": True}}
+_ALLOC = {
+    "weight": {"granularity": "per_channel", "bit_allocation": True},
+    "activation": {"granularity": "per_channel", "bit_allocation": True},
+}
 _BIAS = {"weight": {"bias_correction": "bias_variance"}}
 
 
@@ -65,8 +67,17 @@ def variant_quant(quant: QuantConfig, ptq: PtqConfig, variant: str) -> QuantConf
     return QuantConfig.from_dict(q)
 
 
-def ptq_variant(variant: str, model: ModelConfig, quant: QuantConfig, ptq: PtqConfig, seed: int,
-                evaluation: EvaluationConfig, runtime: Runtime, checkpoint: str, out_json: str | None = None) -> dict:
+def ptq_variant(
+    variant: str,
+    model: ModelConfig,
+    quant: QuantConfig,
+    ptq: PtqConfig,
+    seed: int,
+    evaluation: EvaluationConfig,
+    runtime: Runtime,
+    checkpoint: str,
+    out_json: str | None = None,
+) -> dict:
     """Calibrate with one variant's scheme and evaluate each ``ptq.options`` option uniformly.
 
     Returns:
@@ -86,8 +97,7 @@ def ptq_variant(variant: str, model: ModelConfig, quant: QuantConfig, ptq: PtqCo
     seed_everything(seed)
     net = load_model(model, checkpoint, device, seed)
     spec = data_spec(model, seed)
-    table, quantizer = calibrate_quantizer(net, load_split(spec, "train"), vquant, seed, device,
-                                           model.dataset.workers)
+    table, quantizer = calibrate_quantizer(net, load_split(spec, "train"), vquant, seed, device, model.dataset.workers)
     ctx = Context(net, quantizer, table, vquant, file_sha256(checkpoint), device, spec, model.dataset.workers)
     fp = fp_metrics(checkpoint)
     rows = []

@@ -17,9 +17,18 @@ __all__ = ["sensitivity_batch", "pool_set"]
 log = logging.getLogger("mpqflow")
 
 
-def sensitivity_batch(model: ModelConfig, quant: QuantConfig, plan: SamplePlanConfig, settings: dict,
-                      runtime: Runtime, checkpoint: str, calibration: str, estimator: str, batch: int,
-                      out_path: str) -> None:
+def sensitivity_batch(
+    model: ModelConfig,
+    quant: QuantConfig,
+    plan: SamplePlanConfig,
+    settings: dict,
+    runtime: Runtime,
+    checkpoint: str,
+    calibration: str,
+    estimator: str,
+    batch: int,
+    out_path: str,
+) -> None:
     """Run one estimator on one pool batch and write its additive per-batch file.
 
     Args:
@@ -31,8 +40,14 @@ def sensitivity_batch(model: ModelConfig, quant: QuantConfig, plan: SamplePlanCo
 
     ctx = load_context(model, quant, plan.seed, runtime, checkpoint, calibration)
     x, y = stack(ctx.train_set, pool_batch_indices(len(ctx.train_set), plan, batch))
-    log.info("%s on batch %d: %d samples, %d candidate layers x %d options",
-             estimator, batch, len(y), len(ctx.table.candidates), len(ctx.table.options))
+    log.info(
+        "%s on batch %d: %d samples, %d candidate layers x %d options",
+        estimator,
+        batch,
+        len(y),
+        len(ctx.table.candidates),
+        len(ctx.table.options),
+    )
     payload = compute_batch(estimator, ctx, x.to(ctx.device), y.to(ctx.device), settings)
     save_batch_file(out_path, payload, batch_meta(ctx, estimator, settings))
 

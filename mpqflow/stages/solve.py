@@ -16,10 +16,10 @@ import numpy as np
 
 from ..artifacts import load_batch_file, load_layer_table, save_decision, set_of
 from ..config import SolverConfig
-from ..methods import estimated_loss_increase, method_objective
-from ..names import option_name
 from ..io import save_json
 from ..layers import LayerTable
+from ..methods import estimated_loss_increase, method_objective
+from ..names import option_name
 from ..optimize import Budget, Problem, solve
 
 __all__ = ["build_problem", "check_budgets", "solve_budget"]
@@ -63,14 +63,21 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
     return caps
 
 
-def solve_budget(layers_path: str, pooled_path: str, method: str, budget: str, solver: SolverConfig,
-                 out_path: str) -> dict:
+def solve_budget(
+    layers_path: str, pooled_path: str, method: str, budget: str, solver: SolverConfig, out_path: str
+) -> dict:
     """Form the method's objective from the pooled set, solve exactly under the budget, write the decision."""
     table = load_layer_table(layers_path)
     G, linear = method_objective(method, load_batch_file(pooled_path), table)
     problem = build_problem(table, G, linear)
-    sol = solve(problem, Budget.parse(budget), backend=solver.backend, time_limit=solver.time_limit,
-                mip_gap=solver.mip_gap, node_limit=solver.node_limit)
+    sol = solve(
+        problem,
+        Budget.parse(budget),
+        backend=solver.backend,
+        time_limit=solver.time_limit,
+        mip_gap=solver.mip_gap,
+        node_limit=solver.node_limit,
+    )
     n, s = set_of(pooled_path)
     decision = {
         "method": method,
@@ -85,7 +92,16 @@ def solve_budget(layers_path: str, pooled_path: str, method: str, budget: str, s
         "gbitops": problem.total_bitops(sol.x) / 1e9,
         "solver": sol.to_dict(),
     }
-    log.info("%s %s set_%dx%d: %s, objective %.6g, %s in %.2f s", method, budget, n, s,
-             " ".join(decision["choice"]), sol.objective, sol.status, sol.seconds)
+    log.info(
+        "%s %s set_%dx%d: %s, objective %.6g, %s in %.2f s",
+        method,
+        budget,
+        n,
+        s,
+        " ".join(decision["choice"]),
+        sol.objective,
+        sol.status,
+        sol.seconds,
+    )
     save_decision(out_path, decision)
     return decision
