@@ -54,6 +54,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mpqflow.quant.*",
             "mpqflow.optimize.*",
             "mpqflow.train.*",
+            "mpqflow.runtime",
             "mpqflow.metrics",
             "mpqflow.evaluate",
         ),

@@ -1,7 +1,6 @@
 """A loaded model with its data, layer table and calibrated quantizer: what the torch stages share.
 
 Usage:
-    device = resolve_device(Runtime("auto", 2))
     net = load_model(model_cfg, "results/m/model.pt", device)
     table, quantizer = calibrate_quantizer(net, train_set, quant, seed, device, workers=0)
     ctx = load_context(model_cfg, quant, seed, runtime, "results/m/model.pt", "results/m/calibration.pt")
@@ -22,16 +21,14 @@ import torch
 
 from .artifacts import load_calibration, load_checkpoint
 from .config import ModelConfig, QuantConfig, Runtime
-from .data import DataSpec, SamplePlan, iterate, load_split, stack
+from .data import DataSpec, SamplePlan, data_spec, iterate, load_split, stack
 from .io import file_sha256
 from .layers import LayerTable
-from .models import build_model, layer_macs, quantizable_layers
+from .models import fresh_model, layer_macs, quantizable_layers
 from .quant import ModelQuantizer, QuantScheme
+from .runtime import resolve_device
 
 __all__ = [
-    "resolve_device",
-    "data_spec",
-    "fresh_model",
     "load_model",
     "layer_table",
     "build_quantizer",
@@ -40,29 +37,6 @@ __all__ = [
     "load_context",
 ]
 log = logging.getLogger("mpqflow")
-
-
-def resolve_device(runtime: Runtime) -> torch.device:
-    """`auto` picks CUDA when available; `cuda` without a GPU is a clear error. Sets torch's threads."""
-    want = runtime.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config key 'device' is 'cuda' but no CUDA device is available")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(runtime.threads)
-    return torch.device(want)
-
-
-def data_spec(model: ModelConfig, seed: int) -> DataSpec:
-    """The DataSpec of a configured model."""
-    ds = model.dataset
-    return DataSpec(ds.name, ds.root, ds.test_fraction, ds.image_size, seed)
-
-
-def fresh_model(model: ModelConfig, seed: int) -> torch.nn.Module:
-    """The configured architecture with fresh weights, for the model's data (channels, classes)."""
-    spec = data_spec(model, seed)
-    return build_model(model.arch, spec.in_channels, spec.num_classes)
 
 
 def load_model(model: ModelConfig, checkpoint: str, device, seed: int = 0) -> torch.nn.Module:

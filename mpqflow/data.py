@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DATASETS",
     "DataSpec",
+    "data_spec",
     "load_split",
     "SamplePlan",
     "sensitivity_set",
@@ -78,6 +79,12 @@ class DataSpec:
     @property
     def num_classes(self) -> int:
         return DATASETS[self.name][1]
+
+
+def data_spec(model, seed: int) -> DataSpec:
+    """The DataSpec of a configured model (a config.ModelConfig)."""
+    ds = model.dataset
+    return DataSpec(ds.name, ds.root, ds.test_fraction, ds.image_size, seed)
 
 
 def _digits(spec: DataSpec, split: str) -> Dataset:

@@ -23,6 +23,7 @@ __all__ = [
     "DigitsCNN",
     "CifarResNet",
     "build_model",
+    "fresh_model",
     "load_weights",
     "quantizable_layers",
     "layer_macs",
@@ -131,6 +132,14 @@ def build_model(arch: str, in_channels: int = 3, num_classes: int = 10, weights:
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def fresh_model(model, seed: int) -> nn.Module:
+    """A configured model (a config.ModelConfig) with fresh weights, sized for its data (channels, classes)."""
+    from .data import data_spec
+
+    spec = data_spec(model, seed)
+    return build_model(model.arch, spec.in_channels, spec.num_classes)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

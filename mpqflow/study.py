@@ -13,7 +13,7 @@ import pandas as pd
 
 from .io import load_json, save_csv
 
-__all__ = ["uniform_table", "study_table", "STUDY_COLUMNS", "running_best", "pareto_auc"]
+__all__ = ["uniform_table", "study_table", "STUDY_COLUMNS", "running_best", "pareto_auc", "ptq_table"]
 
 UNIFORM_COLUMNS = ["option", "top1", "top5", "loss", "fp_top1", "size_mb", "avg_bits", "gbitops"]
 STUDY_COLUMNS = [
@@ -79,4 +79,13 @@ def pareto_auc(df: pd.DataFrame, points: int = 200) -> pd.DataFrame:
         curve = np.nan_to_num(running_best(g.size_mb.to_numpy(), g.top1.to_numpy(), grid), nan=0.0)
         auc = float(np.trapezoid(curve, grid) / (grid[-1] - grid[0])) if grid[-1] > grid[0] else float(curve[-1])
         rows.append({"method": method, "set_size": int(n), "set_id": int(s), "auc": auc})
+    return pd.DataFrame(rows)
+
+
+def ptq_table(results: list) -> pd.DataFrame:
+    """One row per (variant, option) of the PTQ study from :func:`mpqflow.stages.ptq.ptq_variant`
+    results (dicts or JSON paths)."""
+    rows = []
+    for r in results:
+        rows.extend((r if isinstance(r, dict) else load_json(r))["rows"])
     return pd.DataFrame(rows)

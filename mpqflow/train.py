@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import stack
+from .runtime import seed_everything
 
-__all__ = ["train_model", "seed_everything"]
+__all__ = ["train_model"]
 log = logging.getLogger("mpqflow")
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch and numpy; return a torch generator for sampling."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:

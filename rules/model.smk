@@ -12,7 +12,7 @@ rule train_model:
     params:
         model=model_config,
         seed=config["seed"],
-        code=stage_code("model"),
+        code=stage_code("train"),
     script:
         "../workflow_scripts/train_model.py"
 
@@ -35,6 +35,6 @@ rule calibrate:
         model=model_config,
         seed=config["seed"],
         quant=config["quant"],
-        code=stage_code("model"),
+        code=stage_code("calibrate"),
     script:
         "../workflow_scripts/calibrate.py"

@@ -19,7 +19,7 @@ from mpqflow.codehash import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ["model", "sensitivity", "solve", "evaluate", "study", "ptq"]
+STAGES = ["train", "calibrate", "sensitivity", "solve", "evaluate", "study", "ptq"]
 MAX_LINES = 400
 
 FAKE = {

@@ -280,6 +280,20 @@ def test_sensitivity_code_change_invalidates_sensitivity(tiny, every_job, repo_c
     assert found == {rule: outs for rule, outs in every_job.items() if rule not in keep}
 
 
+def _every_evaluation(config):
+    """{rule: first outputs} of every job that evaluates (uniform, decisions, PTQ) and what follows."""
+    return {
+        "evaluate_uniform": ["results/tiny/eval/uniform/w8a8.json"],
+        "uniform_table": ["results/tiny/eval/uniform.csv"],
+        "evaluate_decisions": _eval_jobs(config),
+        "study_table": STUDY,
+        "study_plots": PLOTS,
+        "ptq_variant": sorted(f"results/tiny/ptq/{v}.json" for v in config["ptq"]["variants"]),
+        "ptq_table": ["results/tiny/ptq.csv"],
+        "ptq_plot": ["results/tiny/plots/ptq.png"],
+    }
+
+
 def test_evaluation_code_change_reruns_only_evaluations(tiny, repo_copy, tmp_path):
     """(f) Editing the evaluation code (mpqflow/evaluate.py) re-evaluates the decisions, the uniform
     options and the PTQ variants (which evaluate too) and redraws what follows; it never retrains,
@@ -290,16 +304,7 @@ def test_evaluation_code_change_reruns_only_evaluations(tiny, repo_copy, tmp_pat
     with open(edited / "mpqflow" / "evaluate.py", "a") as f:
         f.write("\n# an edit the evaluation stage must notice\n")
     found = dry_run(workdir, config, "code", snakefile=edited / "Snakefile")
-    assert found == {
-        "evaluate_uniform": ["results/tiny/eval/uniform/w8a8.json"],
-        "uniform_table": ["results/tiny/eval/uniform.csv"],
-        "evaluate_decisions": _eval_jobs(config),
-        "study_table": STUDY,
-        "study_plots": PLOTS,
-        "ptq_variant": sorted(f"results/tiny/ptq/{v}.json" for v in config["ptq"]["variants"]),
-        "ptq_table": ["results/tiny/ptq.csv"],
-        "ptq_plot": ["results/tiny/plots/ptq.png"],
-    }
+    assert found == _every_evaluation(config)
     assert not {"train_model", "calibrate", "sensitivity_batch", "pool_set", "solve_budget"} & found.keys()
 
 
@@ -309,13 +314,35 @@ def test_evaluation_batch_size_reruns_no_sensitivity(tiny):
     workdir, config = tiny
     changed = _copy(config)
     changed["evaluation"]["batch_size"] = config["evaluation"]["batch_size"] // 2
-    assert dry_run(workdir, changed, "eval_batch") == {
-        "evaluate_uniform": ["results/tiny/eval/uniform/w8a8.json"],
+    assert dry_run(workdir, changed, "eval_batch") == _every_evaluation(config)
+
+
+def _edit(repo_copy, tmp_path, rel):
+    """A copy of the repository with one comment appended to `rel`; its Snakefile."""
+    edited = tmp_path / "edited"
+    shutil.copytree(repo_copy, edited)
+    with open(edited / rel, "a") as f:
+        f.write("\n# an edit the stages that run this file must notice\n")
+    return edited / "Snakefile"
+
+
+def test_quantizer_code_change_recalibrates_but_never_retrains(tiny, every_job, repo_copy, tmp_path):
+    """(h) Editing the quantizers (mpqflow/quant) recalibrates and reruns what follows; training
+    imports no quantizer code, so the model stays."""
+    workdir, config = tiny
+    found = dry_run(workdir, config, "code", snakefile=_edit(repo_copy, tmp_path, "mpqflow/quant/functional.py"))
+    assert found == {rule: outs for rule, outs in every_job.items() if rule != "train_model"}
+
+
+def test_plot_code_change_redraws_only_plots(tiny, repo_copy, tmp_path):
+    """(i) Editing the figures (mpqflow/plots.py) redraws the study's plots, rebuilds its tables (the
+    study stage owns both) and nothing that computes: no evaluation, PTQ variant or solve."""
+    workdir, config = tiny
+    found = dry_run(workdir, config, "code", snakefile=_edit(repo_copy, tmp_path, "mpqflow/plots.py"))
+    assert found == {
         "uniform_table": ["results/tiny/eval/uniform.csv"],
-        "evaluate_decisions": _eval_jobs(config),
         "study_table": STUDY,
         "study_plots": PLOTS,
-        "ptq_variant": sorted(f"results/tiny/ptq/{v}.json" for v in config["ptq"]["variants"]),
         "ptq_table": ["results/tiny/ptq.csv"],
         "ptq_plot": ["results/tiny/plots/ptq.png"],
     }

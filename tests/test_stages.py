@@ -21,7 +21,7 @@ from mpqflow.artifacts import (
 from mpqflow.config import Config, ConfigError, QuantConfig, SamplePlanConfig, validate_config
 from mpqflow.io import file_sha256
 from mpqflow.optimize import InfeasibleBudget
-from mpqflow.stages import evaluate, model, sensitivity, solve, study
+from mpqflow.stages import calibrate, evaluate, sensitivity, solve, study, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,9 +46,9 @@ def run(tmp_path_factory):
     cfg = Config.from_dict(validate_config(RAW))
     d = tmp_path_factory.mktemp("stages")
     m = cfg.models["m"]
-    fp = model.train_or_load(m, cfg.seed, cfg.evaluation, cfg.runtime, str(d / "model.pt"))
+    fp = train.train_or_load(m, cfg.seed, cfg.evaluation, cfg.runtime, str(d / "model.pt"))
     assert 0.3 < fp["top1"] <= 1.0
-    model.calibrate(
+    calibrate.calibrate(
         m,
         cfg.quant,
         cfg.seed,
@@ -112,7 +112,7 @@ def test_calibrate_refuses_a_pool_larger_than_the_split(run, tmp_path):
         match=r"quant.calibration_samples \(64\).*sensitivity.batch_size \(64\).*"
         r"pool of 100 batches needs 6464",
     ):
-        model.calibrate(
+        calibrate.calibrate(
             cfg.models["m"],
             cfg.quant,
             cfg.seed,

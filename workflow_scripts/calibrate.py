@@ -3,7 +3,7 @@ from mpqflow.io import setup_logging
 setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
 
 from mpqflow.config import ModelConfig, QuantConfig, Runtime, SamplePlanConfig  # noqa: E402
-from mpqflow.stages.model import calibrate  # noqa: E402
+from mpqflow.stages.calibrate import calibrate  # noqa: E402
 
 p = snakemake.params
 calibrate(

@@ -3,7 +3,7 @@ from mpqflow.io import setup_logging
 setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
 
 from mpqflow.config import EvaluationConfig, ModelConfig, Runtime  # noqa: E402
-from mpqflow.stages.model import train_or_load  # noqa: E402
+from mpqflow.stages.train import train_or_load  # noqa: E402
 
 p = snakemake.params
 train_or_load(

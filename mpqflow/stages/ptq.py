@@ -1,10 +1,8 @@
 """Stage `ptq`: uniform low-bit post-training quantization with the ACIQ paper's schemes (Banner et al. 2019).
 
-Usage (what workflow_scripts/ptq_variant.py, ptq_table.py and ptq_plot.py call):
+Usage (what workflow_scripts/ptq_variant.py calls; the PTQ table and plot belong to the study stage):
     ptq_variant("aciq", model_cfg, quant, ptq_cfg, seed, evaluation, runtime, "results/m/model.pt",
                 "results/m/ptq/aciq.json")
-    write_ptq_table(["results/m/ptq/naive.json", ...], "results/m/ptq.csv")
-    plot_ptq_table("results/m/ptq.csv", "results/m/plots/ptq.png", plots_cfg)
 
 A variant is a set of overrides of the config's ``quant`` section (deep-merged into the weight and
 activation schemes, see :data:`VARIANTS`). Each variant calibrates the FP model afresh and evaluates
@@ -17,13 +15,16 @@ from __future__ import annotations
 import copy
 import logging
 
-import pandas as pd
-
-from ..config import EvaluationConfig, ModelConfig, PlotsConfig, PtqConfig, QuantConfig, Runtime
-from ..io import load_json, save_csv, save_json
+from ..artifacts import fp_metrics
+from ..config import EvaluationConfig, ModelConfig, PtqConfig, QuantConfig, Runtime
+from ..context import Context, calibrate_quantizer, load_model
+from ..data import data_spec, load_split
+from ..evaluate import evaluate_assignment
+from ..io import file_sha256, save_json
 from ..names import parse_option
+from ..runtime import resolve_device, seed_everything
 
-__all__ = ["VARIANTS", "variant_quant", "ptq_variant", "ptq_table", "write_ptq_table", "plot_ptq_table"]
+__all__ = ["VARIANTS", "variant_quant", "ptq_variant"]
 log = logging.getLogger("mpqflow")
 
 _MINMAX = {"weight": {"observer": "minmax"}, "activation": {"observer": "minmax"}}
@@ -85,13 +86,6 @@ def ptq_variant(
         loss, size_mb, avg_bits, gbitops, weight_entropy_bits, act_entropy_bits, fp_top1}, ...]};
         written atomically to `out_json` unless it is None.
     """
-    from ..artifacts import fp_metrics  # torch: imported here so the table and plot jobs start fast
-    from ..context import Context, calibrate_quantizer, data_spec, load_model, resolve_device
-    from ..data import load_split
-    from ..evaluate import evaluate_assignment
-    from ..io import file_sha256
-    from ..train import seed_everything
-
     vquant = variant_quant(quant, ptq, variant)
     device = resolve_device(runtime)
     seed_everything(seed)
@@ -110,25 +104,3 @@ def ptq_variant(
     if out_json is not None:
         save_json(out_json, out)
     return out
-
-
-def ptq_table(results: list) -> pd.DataFrame:
-    """One row per (variant, option) from :func:`ptq_variant` results (dicts or JSON paths)."""
-    rows = []
-    for r in results:
-        rows.extend((r if isinstance(r, dict) else load_json(r))["rows"])
-    return pd.DataFrame(rows)
-
-
-def write_ptq_table(results: list, csv: str) -> pd.DataFrame:
-    """:func:`ptq_table` of the variants' JSON paths (or dicts), written atomically to `csv`."""
-    df = ptq_table(results)
-    save_csv(csv, df, float_format=None)  # full precision: the table feeds the plot
-    return df
-
-
-def plot_ptq_table(csv: str, png: str, plots: PlotsConfig) -> None:
-    """:func:`mpqflow.plots.ptq_plot` of a table written by :func:`write_ptq_table`."""
-    from ..plots import ptq_plot
-
-    ptq_plot(pd.read_csv(csv), png, dpi=plots.dpi, width=1.2 * plots.panel_width)

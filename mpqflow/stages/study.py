@@ -5,6 +5,8 @@ Usage (what workflow_scripts/uniform_table.py, study_table.py and study_plots.py
     study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv")
     study_plots("results/m/study.csv", "results/m/sensitivity/clado/set_4x0.npz", "results/m/layers.json",
                 {"accuracy": "...png", ...}, plots_cfg)
+    write_ptq_table(["results/m/ptq/naive.json", ...], "results/m/ptq.csv")   # the PTQ study's table
+    plot_ptq_table("results/m/ptq.csv", "results/m/plots/ptq.png", plots_cfg)  # and its plot
 
 No torch: the layer table comes from layers.json.
 """
@@ -16,6 +18,7 @@ import pandas as pd
 
 from ..artifacts import load_batch_file, load_layer_table
 from ..config import PlotsConfig
+from ..io import save_csv
 from ..methods import clado_matrix
 from ..plots import (
     first_set_choices,
@@ -24,10 +27,11 @@ from ..plots import (
     plot_interaction_heatmap,
     plot_layer_bits,
     plot_pareto,
+    ptq_plot,
 )
-from ..study import study_table, uniform_table
+from ..study import ptq_table, study_table, uniform_table
 
-__all__ = ["uniform_table", "study_table", "study_plots"]
+__all__ = ["uniform_table", "study_table", "study_plots", "write_ptq_table", "plot_ptq_table"]
 
 
 def study_plots(table_csv: str, clado_set: str | None, layers_path: str, out: dict, plots: PlotsConfig) -> None:
@@ -49,3 +53,15 @@ def study_plots(table_csv: str, clado_set: str | None, layers_path: str, out: di
         G = np.zeros((len(layers) * len(options),) * 2)
     plot_interaction_heatmap(G, layers, options, out["heatmap"], dpi)
     plot_layer_bits(first_set_choices(df), layers, out["bits"], dpi)
+
+
+def write_ptq_table(results: list, csv: str) -> pd.DataFrame:
+    """The PTQ study's table of the variants' JSON paths (or dicts), written atomically to `csv`."""
+    df = ptq_table(results)
+    save_csv(csv, df, float_format=None)  # full precision: the table feeds the plot
+    return df
+
+
+def plot_ptq_table(csv: str, png: str, plots: PlotsConfig) -> None:
+    """The PTQ study's bar chart of a table written by :func:`write_ptq_table`."""
+    ptq_plot(pd.read_csv(csv), png, dpi=plots.dpi, width=1.2 * plots.panel_width)
