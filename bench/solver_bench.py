@@ -45,9 +45,9 @@ def _layer_table(results: Path) -> LayerTable:
     results directory written before layers.json existed."""
     if (results / "layers.json").exists():
         return load_layer_table(results / "layers.json")
-    import torch
+    from mpqflow.checkpoints import torch_load
 
-    return LayerTable.from_dict(torch.load(results / "calibration.pt", map_location="cpu", weights_only=False)["table"])
+    return LayerTable.from_dict(torch_load(results / "calibration.pt", "calibration")["table"])
 
 
 def real_problem(results: Path, method: str, set_name: str | None = None):

@@ -42,6 +42,33 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_device_cuda_without_cuda_fails_before_any_job(tmp_path, monkeypatch):
+    """`device: cuda` where jobs run on this machine and it has no CUDA: onstart stops the run."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides any GPU, so the check fires on every machine
+    bad = tmp_path / "cuda.yaml"
+    bad.write_text(TINY.read_text().replace("device: cpu", "device: cuda"))
+    proc = snakemake(tmp_path, configfile=bad, check=False)
+    assert proc.returncode != 0
+    assert "config key 'device': 'cuda' but this machine has no CUDA device" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_unachievable_budget_stops_right_after_calibration(tmp_path):
+    """A budget no decision can meet (the fixed first/last layers keep avg_bits above 2.1) passes
+    validation but stops the run at check_budgets, the first job after calibration: no solve runs,
+    and at most the one sensitivity batch that started beside it is written."""
+    bad = tmp_path / "budget.yaml"
+    bad.write_text(TINY.read_text().replace("budgets: [avg_bits-4, avg_bits-6]", "budgets: [avg_bits-2.1]"))
+    proc = snakemake(tmp_path, configfile=bad, check=False)
+    assert proc.returncode != 0
+    log = (tmp_path / "logs" / "tiny" / "check_budgets.log").read_text()
+    assert "budget avg_bits-2.1 is infeasible: the smallest achievable size" in log
+    res = tmp_path / "results" / "tiny"
+    assert (res / "layers.json").is_file() and not (res / "budgets.json").exists()
+    assert len(list(res.glob("sensitivity/*/batch_*.npz"))) <= 1 and not (res / "decisions").exists()
+
+
 def _decisions(workdir):
     """{relative path: decision without its timings} of every decision file of a run."""
     out = {}
