@@ -53,7 +53,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mpqflow.models",
             "mpqflow.quant.*",
             "mpqflow.optimize.*",
-            "mpqflow.train.*",
+            "mpqflow.train.*",  # the data-parallel trainer (issue 12) when it becomes a package
+            "mpqflow.comm.*",  # gradient quantizers and the DDP comm hook (issue 14)
             "mpqflow.runtime",
             "mpqflow.metrics",
             "mpqflow.evaluate",
