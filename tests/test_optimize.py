@@ -38,8 +38,9 @@ def _gurobi_ok():
 AVAILABLE = [b for b in BACKENDS if b != "gurobi" or _gurobi_ok()]
 
 
-def make_problem(seed, kind, L=5, K=3):
-    """A random instance: weight counts and MACs per layer, G of the given kind."""
+def make_problem(seed, kind, L=5, K=3, options=None):
+    """A random instance: weight counts and MACs per layer, G of the given kind, K options per layer
+    (the first K of OPTIONS unless `options` names them)."""
     rng = np.random.default_rng(seed)
     n = L * K
     layer_of = np.repeat(np.arange(L), K)
@@ -55,7 +56,7 @@ def make_problem(seed, kind, L=5, K=3):
     linear = rng.uniform(0, 1, n) if kind == "linear" else None
     numel = rng.integers(100, 2000, L).astype(float)
     macs = rng.integers(10_000, 200_000, L).astype(float)
-    opts = OPTIONS[:K] * L
+    opts = list(options or OPTIONS[:K]) * L
     return Problem(
         G=G,
         linear=linear,
@@ -161,21 +162,7 @@ def test_infeasible_budget_names_the_smallest_size():
 def _conflicting_costs_problem(L=5, seed=0):
     """Options W2A8 (smallest size, most BitOPs) and W4A2 (fewest BitOPs, larger size): a tight
     size cap and a tight BitOPs cap exclude each other."""
-    rng = np.random.default_rng(seed)
-    opts = [(2, 8), (4, 2)] * L
-    layer_of = np.repeat(np.arange(L), 2)
-    numel, macs = rng.integers(100, 2000, L).astype(float), rng.integers(10_000, 200_000, L).astype(float)
-    A = rng.normal(size=(2 * L, 2 * L))
-    return Problem(
-        G=(A + A.T) / 2,
-        layer_of=layer_of,
-        layer_names=[f"layer{l}" for l in range(L)],
-        options=opts,
-        size_bits=np.array([numel[l] * w for l, (w, _) in zip(layer_of, opts)]),
-        bitops=np.array([macs[l] * w * a for l, (w, a) in zip(layer_of, opts)]),
-        fixed_size_bits=8 * 500.0,
-        fixed_bitops=64 * 50_000.0,
-    )
+    return make_problem(seed, "indefinite", L=L, K=2, options=[(2, 8), (4, 2)])
 
 
 def test_jointly_infeasible_budgets_name_both_and_the_smallest_bitops_within_the_size():
