@@ -3,7 +3,11 @@ from snakemake.utils import min_version
 min_version("8.20")
 
 
-configfile: "config.yaml"
+# A config given with --configfile is the whole config: the embedded default applies only without one
+# (Snakemake would otherwise merge the user's `models:` into the default's and run both).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "rules/common.smk"

@@ -31,6 +31,7 @@ import yaml
 
 from .checkpoints import EXPECTED as _CHECKPOINT_EXPECTED
 from .checkpoints import looks_like_torch_save
+from .names import parse_option
 
 __all__ = [
     "SCHEMA_PATH",
@@ -108,6 +109,8 @@ def validate_config(config: Mapping, *, local: bool = True) -> dict:
     if not isinstance(config, Mapping):
         raise ConfigError(f"the config must be a mapping of config keys, got a {type(config).__name__}")
     cfg = copy.deepcopy(dict(config))
+    if "ptq" in cfg and cfg["ptq"] is None:  # `ptq: null` turns the PTQ study off, like `variants: []`
+        cfg["ptq"] = {"variants": []}
     validator = _with_defaults(jsonschema.Draft202012Validator)(_schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
     if errors:
@@ -215,7 +218,7 @@ def _check_budgets(cfg: dict, default: bool = False) -> list[str]:
 
 def _check_ptq_options(cfg: dict) -> None:
     for i, opt in enumerate(cfg.get("ptq", {}).get("options", [])):
-        w, a = (int(x) for x in opt[1:].split("a"))
+        w, a = parse_option(opt)
         for bits, what in ((w, "weight"), (a, "activation")):
             if not 1 <= bits <= 16:
                 raise ConfigError(

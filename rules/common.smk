@@ -135,17 +135,16 @@ def uniform_evals(wildcards):
 
 
 def all_targets():
-    return expand(
-        [
-            "results/{model}/budgets.json",
-            "results/{model}/eval/uniform.csv",
-            "results/{model}/study.csv",
-            "results/{model}/plots/accuracy_vs_size.png",
-            "results/{model}/ptq.csv",
-            "results/{model}/plots/ptq.png",
-        ],
-        model=MODELS,
-    )
+    """The study of every model, and its PTQ study unless `ptq.variants` is empty (or `ptq: null`)."""
+    targets = [
+        "results/{model}/budgets.json",
+        "results/{model}/eval/uniform.csv",
+        "results/{model}/study.csv",
+        "results/{model}/plots/accuracy_vs_size.png",
+    ]
+    if config["ptq"]["variants"]:
+        targets += ["results/{model}/ptq.csv", "results/{model}/plots/ptq.png"]
+    return expand(targets, model=MODELS)
 
 
 def check_local_device():

@@ -402,3 +402,9 @@ def test_validation_stays_torch_free():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("ptq", [None, {"variants": []}])
+def test_ptq_study_can_be_turned_off(ptq):
+    cfg = validate_config({**MINIMAL, "ptq": ptq})
+    assert cfg["ptq"]["variants"] == [] and cfg["ptq"]["options"]  # options keep their default

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, run_snakemake
+from conftest import REPO, TINY, run_snakemake
 
 
 def snakemake(workdir, *args, configfile=TINY, check=True):
@@ -40,6 +40,17 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "config key 'quant.w_bits[1]': 32 is greater than the maximum of 16" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_user_configfile_is_the_whole_config(tmp_path):
+    """--configfile replaces the embedded default (its digits_resnet20 is not merged in), also where a
+    config.yaml lies in the working directory; the PTQ study is off with `ptq: null`."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    user = tmp_path / "my.yaml"
+    user.write_text(TINY.read_text().split("ptq:")[0] + "ptq: null\n")
+    out = run_snakemake(tmp_path, "--dry-run", configfile=user).stdout  # every job with its outputs
+    assert "results/tiny/study.csv" in out and "results/tiny/model.pt" in out
+    assert "digits_resnet20" not in out and "ptq" not in out
 
 
 def test_device_cuda_without_cuda_fails_before_any_job(tmp_path, monkeypatch):
