@@ -14,8 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +33,34 @@ __all__ = [
 ]
 
 
+def _create_temp(path: Path, suffix: str) -> Path:
+    """Create an empty, new file next to `path` with mode 0o666 & ~umask (what `open(path, "w")` gives).
+
+    The kernel applies the umask (and a directory's default ACL) at O_CREAT, so the umask is never
+    read or changed; `tempfile.mkstemp` would force 0o600, unreadable to colleagues on a shared file system.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None):
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    The file ends up with the mode a plain `open(path, "w")` gives (0o666 & ~umask); a failing block
+    leaves neither `path` (if it did not exist) nor the temporary file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path, suffix or path.suffix)
     try:
-        yield Path(tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -3,17 +3,21 @@
 Usage:
     uniform_table(uniform_jsons, "results/m/eval/uniform.csv")
     df = study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv")
-    auc = pareto_auc(df)      # one row per (method, set_size, set_id)
+    auc = pareto_auc(df)      # one row per (method, set_size, set_id), over auc_range(df)
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pandas as pd
 
 from .io import load_json, save_csv
 
-__all__ = ["uniform_table", "study_table", "STUDY_COLUMNS", "running_best", "pareto_auc", "ptq_table"]
+log = logging.getLogger("mpqflow")
+
+__all__ = ["uniform_table", "study_table", "STUDY_COLUMNS", "running_best", "auc_range", "pareto_auc", "ptq_table"]
 
 UNIFORM_COLUMNS = ["option", "top1", "top5", "loss", "fp_top1", "size_mb", "avg_bits", "gbitops"]
 STUDY_COLUMNS = [
@@ -64,22 +68,54 @@ def running_best(size: np.ndarray, acc: np.ndarray, grid: np.ndarray) -> np.ndar
     return np.where(pos >= 0, best[np.clip(pos, 0, None)], np.nan)
 
 
-def pareto_auc(df: pd.DataFrame, points: int = 200) -> pd.DataFrame:
-    """Area under each (method, set)'s running-best curve over the common size range, normalised to [0, 1].
+def _searched(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df.method != "uniform"].dropna(subset=["size_mb", "top1"])
 
-    The range runs from the smallest size any searched decision reached to the largest; below a
-    curve's first point it scores 0 accuracy (it has no decision there).
+
+def auc_range(df: pd.DataFrame) -> tuple[float, float]:
+    """The size range [lo, hi] on which every searched (method, set) running-best curve has a value.
+
+    lo is the largest of the curves' smallest sizes (below its first decision a curve has no value,
+    and scoring it 0 there would reward whichever method happened to pick the smallest decision);
+    hi is the largest size any curve reached (past its largest decision a running-best curve keeps its
+    best value: that decision is still at or below every larger size). (nan, nan) without decisions.
     """
-    searched = df[df.method != "uniform"]
+    searched = _searched(df)
+    if searched.empty:
+        return float("nan"), float("nan")
+    sizes = searched.groupby(["method", "set_size", "set_id"]).size_mb
+    return float(sizes.min().max()), float(sizes.max().max())
+
+
+def _mean_best(size: np.ndarray, acc: np.ndarray, lo: float, hi: float) -> float:
+    """Exact mean of the running-best step curve over [lo, hi] (its value at lo when hi == lo)."""
+    xs = np.unique(np.concatenate([[lo], size[(size > lo) & (size < hi)]]))  # the steps inside the range
+    ys = running_best(size, acc, xs)
+    if hi <= lo:
+        return float(ys[0])
+    return float(ys @ np.diff(np.append(xs, hi)) / (hi - lo))
+
+
+def pareto_auc(df: pd.DataFrame) -> pd.DataFrame:
+    """Normalised area under each (method, set)'s running-best curve over the range all curves share.
+
+    AUC = (1 / (hi - lo)) * integral from lo to hi of best_top1(s) ds, with best_top1(s) the best top-1
+    among the curve's decisions of size <= s and [lo, hi] from :func:`auc_range`, the same for every
+    curve compared (every searched method and set in `df`). A method is thus never credited for sizes
+    where another has no decision, and one lone small decision scores its own top-1 across the range.
+    When the range is a single size, each curve's AUC is its running-best top-1 there (logged).
+    """
+    searched = _searched(df)
     if searched.empty:
         return pd.DataFrame(columns=["method", "set_size", "set_id", "auc"])
-    grid = np.linspace(searched.size_mb.min(), searched.size_mb.max(), points)
+    lo, hi = auc_range(df)
+    if hi <= lo:
+        log.warning("Pareto AUC: every curve shares only the size %.6g MB; AUC is the best top-1 there", lo)
     rows = []
     for (method, n, s), g in searched.groupby(["method", "set_size", "set_id"]):
-        curve = np.nan_to_num(running_best(g.size_mb.to_numpy(), g.top1.to_numpy(), grid), nan=0.0)
-        auc = float(np.trapezoid(curve, grid) / (grid[-1] - grid[0])) if grid[-1] > grid[0] else float(curve[-1])
+        auc = _mean_best(g.size_mb.to_numpy(float), g.top1.to_numpy(float), lo, hi)
         rows.append({"method": method, "set_size": int(n), "set_id": int(s), "auc": auc})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["method", "set_size", "set_id", "auc"])
 
 
 def ptq_table(results: list) -> pd.DataFrame:
