@@ -121,10 +121,11 @@ class TrainSettings(_Section):
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    """models.<m>: architecture, local weights (None = train) and data."""
+    """models.<m>: architecture, local weights (None = train), class count (None = the dataset's) and data."""
 
     arch: str
     weights: str | None
+    num_classes: int | None
     dataset: DatasetConfig
     train: TrainSettings
     _nested = {"dataset": DatasetConfig, "train": TrainSettings}

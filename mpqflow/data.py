@@ -17,6 +17,8 @@ uses the held-out split only.
 
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +35,7 @@ __all__ = [
     "DATASETS",
     "DataSpec",
     "data_spec",
+    "image_folder_classes",
     "load_split",
     "SamplePlan",
     "sensitivity_set",
@@ -42,7 +45,13 @@ __all__ = [
     "iterate",
 ]
 
-DATASETS = {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100), "imagenet": (3, 1000)}
+# name -> (input channels, classes, input size); an ImageNet-style folder counts its class folders
+DATASETS = {"digits": (1, 10, 8), "cifar10": (3, 10, 32), "cifar100": (3, 100, 32), "imagenet": (3, None, None)}
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+_CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 @dataclass(frozen=True)
@@ -74,11 +83,31 @@ class DataSpec:
 
     @property
     def in_channels(self) -> int:
+        """Image channels of the dataset."""
         return DATASETS[self.name][0]
 
     @property
     def num_classes(self) -> int:
-        return DATASETS[self.name][1]
+        """Classes of the dataset; an ImageNet-style folder counts the class folders of root/train."""
+        known = DATASETS[self.name][1]
+        return known if known is not None else len(image_folder_classes(Path(self.root) / "train"))
+
+    @property
+    def input_size(self) -> int:
+        """Height (= width) of the images a model sees: 8 (digits), 32 (CIFAR) or the crop size."""
+        return DATASETS[self.name][2] or self.image_size
+
+
+def image_folder_classes(folder: Path) -> list[str]:
+    """The class folders of an ImageFolder tree (sorted, as torchvision's ImageFolder orders them)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"ImageNet-style folder {str(folder)!r} does not exist (expected <root>/train and <root>/val)"
+        )
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"ImageNet-style folder {str(folder)!r} has no class folders (<folder>/<class>/*.jpg)")
+    return classes
 
 
 def data_spec(model, seed: int) -> DataSpec:
@@ -101,17 +130,66 @@ def _digits(spec: DataSpec, split: str) -> Dataset:
     return TensorDataset(images, torch.tensor(y_sel, dtype=torch.long))
 
 
-def _cifar(spec: DataSpec, split: str) -> Dataset:
-    import torchvision
-    import torchvision.transforms as T
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles CIFAR's python batches (dicts of bytes, lists and numpy arrays) and nothing else:
+    a pickle from a user's folder never runs other code."""
 
-    cls = torchvision.datasets.CIFAR10 if spec.name == "cifar10" else torchvision.datasets.CIFAR100
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    _ALLOWED = {
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 3, 32, 32) uint8, labels (N,)) of one CIFAR python batch file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR file {str(path)!r} is missing")
     try:
-        return cls(spec.root, train=split == "train", transform=tf, download=False)
-    except RuntimeError as err:
-        raise FileNotFoundError(f"{spec.name} not found under root {spec.root!r}: {err}") from None
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(f, encoding="latin1").load()  # as torchvision reads them
+        data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch[label_key], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"CIFAR file {str(path)!r} is not a CIFAR python batch ({type(err).__name__}: {err}); "
+            f"expected a pickled dict with 'data' (N x 3072 uint8) and {label_key!r}"
+        ) from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise ValueError(
+            f"CIFAR file {str(path)!r}: data of shape {data.shape} with {len(labels)} labels; "
+            "expected N x 3072 and N labels"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar(spec: DataSpec, split: str) -> Dataset:
+    """CIFAR-10/100 from the python pickle batches under root (the official files or any of the same
+    format: no checksum), normalised as torchvision's ToTensor + Normalize would."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    folder, train_files, test_files, label_key = _CIFAR_FILES[spec.name]
+    base = Path(spec.root) / folder
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"{spec.name}: folder {str(base)!r} does not exist; expected {folder}/ with "
+            f"{', '.join(train_files + test_files)} (the python version) under root {spec.root!r}"
+        )
+    parts = [_cifar_batch(base / f, label_key) for f in (train_files if split == "train" else test_files)]
+    x = torch.from_numpy(np.concatenate([p[0] for p in parts])).float().div_(255)  # (N, 3, 32, 32)
+    mean, std = torch.tensor(_CIFAR_MEAN)[:, None, None], torch.tensor(_CIFAR_STD)[:, None, None]
+    x = (x - mean) / std
+    return TensorDataset(x, torch.from_numpy(np.concatenate([p[1] for p in parts])))
 
 
 def _imagenet(spec: DataSpec, split: str) -> Dataset:

@@ -10,6 +10,7 @@ Conv2d/Linear layers in execution order; the first and last are the ones fixed a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ __all__ = [
     "quantizable_layers",
     "layer_macs",
 ]
+
+log = logging.getLogger("mpqflow")
 
 
 class DigitsCNN(nn.Module):
@@ -109,14 +112,49 @@ ARCHS = {
 }
 
 
-def build_model(arch: str, in_channels: int = 3, num_classes: int = 10, weights: str | None = None):
+# torchvision builders that take the input size, and the keyword they take it by
+_SIZE_KWARGS = {"vit_": "image_size", "maxvit_": "input_size"}
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> str | None:
+    """Replace the model's first Conv2d by one taking `in_channels` (same shape otherwise); its name."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if module.in_channels == in_channels:
+                return None
+            if module.groups != 1:
+                raise ValueError(
+                    f"cannot adapt the first conv {name!r} (groups={module.groups}) to {in_channels} channels"
+                )
+            conv = nn.Conv2d(
+                in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                1,
+                module.bias is not None,
+                module.padding_mode,
+            )
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, conv)
+            return name
+    raise ValueError(f"the model has no Conv2d to take {in_channels}-channel input")
+
+
+def build_model(
+    arch: str, in_channels: int = 3, num_classes: int = 10, weights: str | None = None, image_size: int | None = None
+):
     """Build a model by name; load a local state_dict if `weights` is given.
 
     Args:
         arch: one of ARCHS, or `torchvision:<name>` for any torchvision classification model.
-        in_channels: image channels (zoo models only; torchvision models take 3).
+        in_channels: image channels; a torchvision model's first conv is replaced by one taking them
+            when they are not 3 (logged, by name).
         num_classes: classifier outputs.
         weights: path to a local state_dict (or full checkpoint with a `state_dict` key).
+        image_size: input height/width, for the torchvision builders that take it (vit_*, maxvit_*).
     """
     if arch.startswith("torchvision:"):
         import torchvision
@@ -124,7 +162,14 @@ def build_model(arch: str, in_channels: int = 3, num_classes: int = 10, weights:
         name = arch.split(":", 1)[1]
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"unknown torchvision classification model {name!r} in arch {arch!r}")
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        kwargs = {"num_classes": num_classes}
+        for prefix, key in _SIZE_KWARGS.items():
+            if name.startswith(prefix) and image_size is not None:
+                kwargs[key] = image_size
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        adapted = _adapt_first_conv(model, in_channels)
+        if adapted:
+            log.info("%s: first conv %r adapted to %d input channel(s)", arch, adapted, in_channels)
     elif arch in ARCHS:
         model = ARCHS[arch](in_channels, num_classes)
     else:
@@ -135,11 +180,13 @@ def build_model(arch: str, in_channels: int = 3, num_classes: int = 10, weights:
 
 
 def fresh_model(model, seed: int) -> nn.Module:
-    """A configured model (a config.ModelConfig) with fresh weights, sized for its data (channels, classes)."""
+    """A configured model (a config.ModelConfig) with fresh weights, sized for its data (channels,
+    classes, input size); `models.<m>.num_classes` overrides the dataset's class count."""
     from .data import data_spec
 
     spec = data_spec(model, seed)
-    return build_model(model.arch, spec.in_channels, spec.num_classes)
+    num_classes = model.num_classes or spec.num_classes  # an explicit key overrides the dataset's count
+    return build_model(model.arch, spec.in_channels, num_classes, image_size=spec.input_size)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -151,7 +198,13 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"weights file {str(path)!r} does not fit the model: {err}") from None
+        hint = ""
+        if "size mismatch" in str(err):
+            hint = (
+                " (the model is built for the dataset's class count and channels; weights trained for "
+                "another class count need the config key models.<model>.num_classes)"
+            )
+        raise ValueError(f"weights file {str(path)!r} does not fit the model{hint}: {err}") from None
     return model
 
 

@@ -156,10 +156,32 @@ def _check_paths(cfg: dict) -> None:
                     f"config key 'models.{name}.weights': {m['weights']!r} is not a PyTorch checkpoint "
                     f"({_CHECKPOINT_EXPECTED})"
                 )
-        if m["arch"].startswith("torchvision:") and m.get("weights") is None and ds["name"] == "imagenet":
-            raise ConfigError(
-                f"config key 'models.{name}.weights': a torchvision model on ImageNet needs a local weights file"
-            )
+        _check_classes(name, m)
+
+
+_KNOWN_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+
+
+def _check_classes(name: str, m: dict) -> None:
+    """An ImageNet-style root has train/ and val/ with class folders; `num_classes` covers the labels."""
+    ds = m["dataset"]
+    classes = _KNOWN_CLASSES.get(ds["name"])
+    if ds["name"] == "imagenet":
+        for split in ("train", "val"):
+            folder = Path(ds["root"]) / split
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"config key 'models.{name}.dataset.root': {ds['root']!r} has no {split}/ folder; an "
+                    "ImageNet-style root holds train/<class>/* and val/<class>/*"
+                )
+        classes = sum(1 for e in os.scandir(Path(ds["root"]) / "train") if e.is_dir())
+        if classes == 0:
+            raise ConfigError(f"config key 'models.{name}.dataset.root': {ds['root']!r}/train has no class folders")
+    if m.get("num_classes") is not None and m["num_classes"] < classes:
+        raise ConfigError(
+            f"config key 'models.{name}.num_classes': {m['num_classes']} is fewer than the {classes} classes of "
+            f"dataset {ds['name']!r}; leave it null to take the dataset's count"
+        )
 
 
 BUDGET_KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel")  # as mpqflow.optimize.budgets.KINDS

@@ -408,3 +408,21 @@ def test_validation_stays_torch_free():
 def test_ptq_study_can_be_turned_off(ptq):
     cfg = validate_config({**MINIMAL, "ptq": ptq})
     assert cfg["ptq"]["variants"] == [] and cfg["ptq"]["options"]  # options keep their default
+
+
+def test_imagenet_folder_needs_train_and_val_and_enough_classes(tmp_path):
+    """A torchvision model on an ImageNet-style folder may be trained (weights: null); the folder
+    needs train/ and val/, and an explicit num_classes must cover its class folders."""
+    cfg = {"models": {"i": {"arch": "torchvision:resnet18", "dataset": {"name": "imagenet", "root": str(tmp_path)}}}}
+    with pytest.raises(ConfigError, match=r"has no train/ folder; an ImageNet-style root holds train/<class>/\*"):
+        validate_config(cfg)
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (tmp_path / split / c).mkdir(parents=True)
+    assert validate_config(cfg)["models"]["i"]["num_classes"] is None  # trained, classes from the folder
+    cfg["models"]["i"]["num_classes"] = 2
+    with pytest.raises(ConfigError, match=r"'models.i.num_classes': 2 is fewer than the 3 classes of dataset"):
+        validate_config(cfg)
+    digits = {"models": {"d": {"arch": "resnet20", "dataset": {"name": "digits"}, "num_classes": 9}}}
+    with pytest.raises(ConfigError, match=r"'models.d.num_classes': 9 is fewer than the 10 classes"):
+        validate_config(digits)

@@ -89,8 +89,48 @@ def test_imagenet_folder(tmp_path):
     x, y = stack(train, [0, 5])
     assert x.shape == (2, 3, 32, 32) and y.tolist() == [0, 1]
     assert len(load_split(spec, "test")) == 6
+    assert spec.num_classes == 2 and spec.in_channels == 3 and spec.input_size == 32  # counted from train/
     with pytest.raises(FileNotFoundError, match="expected <root>/train and <root>/val"):
         load_split(DataSpec("imagenet", root=str(tmp_path / "train")), "train")
+
+
+def _model_cfg(arch, dataset, num_classes=None):
+    """A ModelConfig as validation would produce it."""
+    from mpqflow.config import ModelConfig, validate_config
+
+    raw = validate_config(
+        {"models": {"m": {"arch": arch, "dataset": dataset, "num_classes": num_classes}}}, local=False
+    )
+    return ModelConfig.from_dict(raw["models"]["m"])
+
+
+def test_torchvision_model_sized_from_the_data(tmp_path, caplog):
+    """Classes, channels and input size come from the dataset (an explicit num_classes overrides the
+    count); a 3-channel torchvision model on 1-channel digits gets its first conv adapted, by name."""
+    from mpqflow.models import fresh_model
+
+    with caplog.at_level("INFO", logger="mpqflow"):
+        net = fresh_model(_model_cfg("torchvision:resnet18", {"name": "digits"}), 0).eval()
+    assert "first conv 'conv1' adapted to 1 input channel(s)" in caplog.text
+    assert net.conv1.in_channels == 1 and net.fc.out_features == 10
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    net = fresh_model(_model_cfg("torchvision:mobilenet_v2", {"name": "digits"}, num_classes=12), 0).eval()
+    assert net.features[0][0].in_channels == 1 and net(torch.randn(2, 1, 8, 8)).shape == (2, 12)
+    # A ViT at the data's size: image_size reaches its constructor (32 px, 16 px patches).
+    for split in ("train", "val"):
+        for cls in ("a", "b", "c"):
+            (tmp_path / split / cls).mkdir(parents=True)
+    vit = fresh_model(
+        _model_cfg("torchvision:vit_b_16", {"name": "imagenet", "root": str(tmp_path), "image_size": 32}), 0
+    ).eval()
+    assert vit.image_size == 32 and vit(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_weights_of_another_class_count_name_the_key(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(build_model("torchvision:resnet18", num_classes=1000).state_dict(), path)
+    with pytest.raises(ValueError, match=r"need the config key models\.<model>\.num_classes"):
+        load_weights(build_model("torchvision:resnet18", num_classes=10), path)
 
 
 def test_cifar_from_local_root(tmp_path, monkeypatch):
@@ -105,13 +145,37 @@ def test_cifar_from_local_root(tmp_path, monkeypatch):
             pickle.dump(batch, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
-    import torchvision.datasets.cifar
-
-    # The real files are md5-checked; the test writes its own, so accept any checksum.
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    # Files of the official format but not the official files (no checksum is checked).
     train = load_split(DataSpec("cifar10", root=str(tmp_path)), "train")
     x, y = stack(train, [0, 1])
     assert len(train) == 20 and x.shape == (2, 3, 32, 32) and y.tolist() == [0, 1]
-    monkeypatch.undo()
-    with pytest.raises(FileNotFoundError, match="cifar100 not found under root"):
+    # Normalised exactly as torchvision's ToTensor + Normalize would.
+    expect = (
+        torch.tensor(batch["data"][0].reshape(3, 32, 32), dtype=torch.float32) / 255
+        - torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
+    ) / torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
+    assert torch.equal(x[0], expect)
+    with pytest.raises(FileNotFoundError, match=r"cifar100: folder .*cifar-100-python' does not exist"):
         load_split(DataSpec("cifar100", root=str(tmp_path)), "train")
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"test_batch' is not a CIFAR python batch"):
+        load_split(DataSpec("cifar10", root=str(tmp_path)), "test")
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match=r"data_batch_3' is missing"):
+        load_split(DataSpec("cifar10", root=str(tmp_path)), "train")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_cifar_pickle_runs_no_code(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": _Evil(), "labels": [0]}, f)
+    with pytest.raises(ValueError, match=r"refusing to load builtins\.print"):
+        load_split(DataSpec("cifar10", root=str(tmp_path)), "test")
