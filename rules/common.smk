@@ -1,3 +1,4 @@
+import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -134,6 +135,11 @@ def uniform_evals(wildcards):
     )
 
 
+# `snakemake --report`: report what a (partly finished) run has made and say what is missing, instead
+# of Snakemake's "marked for report but does not exist" for the first file not made yet.
+REPORTING = any(a == "--report" or a.startswith("--report=") for a in sys.argv)
+
+
 def all_targets():
     """The study of every model, and its PTQ study unless `ptq.variants` is empty (or `ptq: null`)."""
     targets = [
@@ -144,7 +150,17 @@ def all_targets():
     ]
     if config["ptq"]["variants"]:
         targets += ["results/{model}/ptq.csv", "results/{model}/plots/ptq.png"]
-    return expand(targets, model=MODELS)
+    targets = expand(targets, model=MODELS)
+    if REPORTING:
+        missing = [t for t in targets if not os.path.exists(t)]
+        if missing:
+            print(
+                "mpqflow: the report leaves out what this run has not made yet: "
+                + ", ".join(missing),
+                file=sys.stderr,
+            )
+        targets = [t for t in targets if t not in missing]
+    return targets
 
 
 def check_local_device():

@@ -53,6 +53,19 @@ def test_user_configfile_is_the_whole_config(tmp_path):
     assert "digits_resnet20" not in out and "ptq" not in out
 
 
+@pytest.mark.slow
+def test_report_of_a_complete_and_of_a_partly_finished_run(tiny_run, tmp_path):
+    """`snakemake --report` reports what a run has made and names what it has not made yet."""
+    full = run_snakemake(tiny_run, "--report", str(tmp_path / "full.html"))
+    assert (tmp_path / "full.html").stat().st_size > 0 and "leaves out" not in full.stderr
+    partial = tmp_path / "partial"
+    run_snakemake(partial, "results/tiny/eval/uniform.csv", "--quiet", "rules")
+    proc = run_snakemake(partial, "--report", str(tmp_path / "partial.html"))
+    assert (tmp_path / "partial.html").stat().st_size > 0
+    assert "the report leaves out what this run has not made yet: results/tiny/budgets.json" in proc.stderr
+    assert "results/tiny/study.csv" in proc.stderr and "eval/uniform.csv" not in proc.stderr
+
+
 def test_device_cuda_without_cuda_fails_before_any_job(tmp_path, monkeypatch):
     """`device: cuda` where jobs run on this machine and it has no CUDA: onstart stops the run."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides any GPU, so the check fires on every machine
