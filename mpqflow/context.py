@@ -24,7 +24,7 @@ from .config import ModelConfig, QuantConfig, Runtime
 from .data import DataSpec, SamplePlan, data_spec, iterate, load_split, stack
 from .io import file_sha256
 from .layers import LayerTable
-from .models import fresh_model, layer_macs, quantizable_layers
+from .models import fresh_model, layer_macs, quantizable_layers, unreached_layers
 from .quant import ModelQuantizer, QuantScheme
 from .runtime import resolve_device
 
@@ -49,6 +49,13 @@ def load_model(model: ModelConfig, checkpoint: str, device, seed: int = 0) -> to
 def layer_table(net: torch.nn.Module, example: torch.Tensor, quant: QuantConfig) -> LayerTable:
     """Quantizable layers of `net` (traced on `example`), with first/last fixed per `quant`."""
     layers = tuple(quantizable_layers(net, example[:1]))
+    unreached = tuple(unreached_layers(net, list(layers)))
+    if unreached:
+        log.warning(
+            "%d weight layer(s) are used through functional calls the quantizer cannot reach and stay FP: %s",
+            len(unreached),
+            ", ".join(unreached),
+        )
     fixed_names = (layers[0], layers[-1]) if quant.fix_first_last and len(layers) > 2 else ()
     modules = dict(net.named_modules())
     return LayerTable(
@@ -58,6 +65,7 @@ def layer_table(net: torch.nn.Module, example: torch.Tensor, quant: QuantConfig)
         options=tuple(quant.options),
         numel={l: int(modules[l].weight.numel()) for l in layers},
         macs={l: int(v) for l, v in layer_macs(net, example[:1]).items()},
+        unreached=unreached,
     )
 
 

@@ -26,6 +26,7 @@ class LayerTable:
         fixed: layer -> (w_bits, a_bits) for layers not searched (first/last by default).
         options: the (w_bits, a_bits) option table of every candidate layer.
         numel: weights per layer; macs: multiply-accumulates per sample per layer.
+        unreached: weights the quantizer cannot reach (used through functional calls); they stay FP.
     """
 
     layers: tuple[str, ...]
@@ -34,6 +35,7 @@ class LayerTable:
     options: tuple[tuple[int, int], ...]
     numel: dict
     macs: dict
+    unreached: tuple[str, ...] = ()
 
     def weight_bits(self, assignment: dict) -> int:
         """Total weight storage in bits of a full assignment (FP layers count 32 bits)."""
@@ -63,6 +65,7 @@ class LayerTable:
             "options": [list(o) for o in self.options],
             "numel": dict(self.numel),
             "macs": dict(self.macs),
+            "unreached": list(self.unreached),
         }
 
     @classmethod
@@ -75,4 +78,5 @@ class LayerTable:
             tuple(tuple(o) for o in t["options"]),
             dict(t["numel"]),
             dict(t["macs"]),
+            tuple(t.get("unreached", ())),  # absent in tables written before it was recorded
         )

@@ -27,6 +27,7 @@ __all__ = [
     "fresh_model",
     "load_weights",
     "quantizable_layers",
+    "unreached_layers",
     "layer_macs",
 ]
 
@@ -223,6 +224,20 @@ def quantizable_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
         for h in hooks:
             h.remove()
     return list(dict.fromkeys(order))
+
+
+def unreached_layers(model: nn.Module, executed: list[str]) -> list[str]:
+    """Weights the quantizer cannot reach: Conv2d/Linear modules never called as modules (their
+    weights are used through functional calls, e.g. attention's `out_proj`) and the input projections
+    of nn.MultiheadAttention (plain parameters, as `<name>.in_proj`). Execution order of `model`."""
+    called = set(executed)
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out.append(f"{name}.in_proj")
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and name not in called:
+            out.append(name)
+    return out
 
 
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:

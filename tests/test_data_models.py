@@ -179,3 +179,21 @@ def test_cifar_pickle_runs_no_code(tmp_path):
         pickle.dump({"data": _Evil(), "labels": [0]}, f)
     with pytest.raises(ValueError, match=r"refusing to load builtins\.print"):
         load_split(DataSpec("cifar10", root=str(tmp_path)), "test")
+
+
+def test_layers_the_quantizer_cannot_reach_are_listed_and_warned(caplog):
+    """Attention projections computed functionally (nn.MultiheadAttention's in_proj and out_proj in
+    ViT) are never silently FP: the layer table lists them and calibration warns, by name."""
+    from mpqflow.sensitivity.common import make_context
+
+    net = build_model("torchvision:vit_b_16", 3, 10, image_size=32)
+    with caplog.at_level("WARNING", logger="mpqflow"):
+        ctx = make_context(net, torch.randn(2, 3, 32, 32), w_bits=(8,), a_bits=(8,))
+    unreached = ctx.table.unreached
+    assert len(unreached) == 24 and "encoder.layers.encoder_layer_0.self_attention.in_proj" in unreached
+    assert "encoder.layers.encoder_layer_11.self_attention.out_proj" in unreached
+    assert not set(unreached) & set(ctx.table.layers)
+    assert "24 weight layer(s) are used through functional calls" in caplog.text
+    assert type(ctx.table).from_dict(ctx.table.to_dict()) == ctx.table  # recorded in layers.json / calibration
+    # A CNN has none.
+    assert make_context(build_model("resnet20", 3, 10), torch.randn(2, 3, 32, 32), w_bits=(8,)).table.unreached == ()
