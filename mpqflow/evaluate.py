@@ -10,6 +10,8 @@ Usage:
 from __future__ import annotations
 
 import functools
+import logging
+import time
 
 import torch
 
@@ -17,6 +19,7 @@ from .metrics import evaluate
 from .quant.entropy import mean_entropy_bits
 
 __all__ = ["evaluate_assignment", "assignment_loss"]
+log = logging.getLogger("mpqflow")
 
 
 def _record_first_input(store: dict, name: str, module, args) -> None:
@@ -49,12 +52,16 @@ def evaluate_assignment(ctx, assignment: dict, batch_size: int) -> dict:
             for l, (_, a) in assignment.items()
             if a is not None
         ]
+        t0 = time.perf_counter()
         try:
             metrics = evaluate(ctx.net, ctx.test_set, batch_size, ctx.device, workers=ctx.workers)
         finally:
             for h in hooks:
                 h.remove()
+        t1 = time.perf_counter()
         w_entropy, a_entropy = _entropy_bits(ctx, assignment, first_inputs)
+        t2 = time.perf_counter()
+    log.info("evaluate: %d samples, forward %.2f s, bit-rates %.2f s", metrics["n"], t1 - t0, t2 - t1)
     bits = ctx.table.weight_bits(assignment)
     total = sum(ctx.table.numel.values())
     metrics.update(

@@ -3,13 +3,18 @@
 Usage:
     metrics = evaluate(model, test_set, batch_size=256, device="cpu")   # {"top1", "top5", "loss", "n"}
 
-Quantized assignments (size, bits, bit-rates) are evaluated by :mod:`mpqflow.evaluate`.
+Quantized assignments (size, bits, bit-rates) are evaluated by :mod:`mpqflow.evaluate`. A tqdm bar
+over the batches goes to stderr (the rule's log) once an evaluation has run for a few seconds.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .data import iterate
 
@@ -21,7 +26,10 @@ def evaluate(model, dataset, batch_size: int = 256, device="cpu", indices=None, 
     """Top-1/top-5 accuracy (fractions) and mean cross-entropy of `model` on `dataset`."""
     model.eval()
     n, top1, top5, loss = 0, 0, 0, 0.0
-    for x, y in iterate(dataset, batch_size, indices, workers):
+    batches = iterate(dataset, batch_size, indices, workers)
+    total = math.ceil((len(dataset) if indices is None else len(indices)) / batch_size)
+    bar = tqdm(batches, desc="evaluate", total=total, unit="batch", mininterval=2, delay=5, file=sys.stderr)
+    for x, y in bar:
         x, y = x.to(device), y.to(device)
         logits = model(x)  # (B, K)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))

@@ -1,10 +1,9 @@
 """Per-channel bit allocation meets the quota exactly and lowers the MSE; bias correction zeroes the
-per-channel mean error (and variance correction the norm error); entropy_bits measures the bit-rate.
-(Bias correction and entropy live here because they are the other per-channel post-processing
-pieces of the same issue.)"""
+per-channel mean error (and variance correction the norm error). (Bias correction lives here because
+it is the other per-channel post-processing piece of the same issue; entropy_bits is tested in
+test_quant_entropy.py.)"""
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from mpqflow.quant.bitalloc import (
     fake_quantize_per_channel_bits,
     uniform_mse_fn,
 )
-from mpqflow.quant.entropy import entropy_bits, mean_entropy_bits
 
 
 def _laplace(shape, scale, g):
@@ -151,24 +149,6 @@ def test_bias_correction_zeroes_channel_mean_error(variance):
     torch.testing.assert_close(w_ct.mean((0, 2, 3)), wt.mean((0, 2, 3)), atol=1e-6, rtol=0)
     xi, _, _ = bias_correction_terms(wt, w_qt, 1, variance=variance)
     assert xi[2] == 1.0
-
-
-def test_entropy_bits():
-    assert entropy_bits(torch.zeros(100, dtype=torch.int32)) == 0.0
-    assert entropy_bits(torch.arange(16).repeat(10)) == pytest.approx(4.0)
-    q = torch.tensor([0] * 50 + [1] * 25 + [2] * 25)
-    assert entropy_bits(q) == pytest.approx(1.5)
-    # per channel: two channels each uniform over 2 of their own values -> 1 bit, whole tensor -> 2 bits
-    q2 = torch.tensor([[0, 1] * 8, [2, 3] * 8])
-    assert entropy_bits(q2, ch_axis=0) == pytest.approx(1.0)
-    assert entropy_bits(q2) == pytest.approx(2.0)
-    assert entropy_bits(q2.T, ch_axis=1) == pytest.approx(1.0)
-    assert mean_entropy_bits([torch.zeros(30), torch.arange(4).repeat(10)]) == pytest.approx(40 * 2 / 70)
-    # a 4-bit quantized Gaussian needs fewer than 4 bits per element
-    x = torch.randn(10000, generator=torch.Generator().manual_seed(0))
-    codes = torch.clamp(torch.round(x / (2 * x.abs().max() / 15)) + 8, 0, 15)
-    assert 1.0 < entropy_bits(codes) < 4.0 - 0.5
-    assert math.isfinite(entropy_bits(codes.float(), ch_axis=0))
 
 
 @pytest.mark.parametrize("mode", ["bias", "bias_variance"])

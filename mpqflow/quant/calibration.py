@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .aciq import aciq_range_from_sums
 from .bitalloc import allocate_bits
@@ -63,9 +64,10 @@ def _observe_inputs(
     hooks = [m.register_forward_pre_hook(functools.partial(_observe_hook, observers[l])) for l, m in modules.items()]
     was_training, n = model.training, 0
     model.eval()
+    bar = tqdm(batches, desc="calibrate", unit="batch", mininterval=2, delay=5, file=sys.stderr)
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibrate", unit="batch", leave=False):
+            for batch in bar:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 x = x if max_samples is None else x[: max_samples - n]
                 if len(x) == 0:
@@ -75,6 +77,7 @@ def _observe_inputs(
                 if max_samples is not None and n >= max_samples:
                     break
     finally:
+        bar.close()
         for h in hooks:
             h.remove()
         model.train(was_training)

@@ -16,11 +16,13 @@ Payload: trace_sum (L,), weight_err (n,) (a per-file constant, not a sum), count
 from __future__ import annotations
 
 import logging
+import sys
 import zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..methods import hawq_omega
 from .common import OptionIndex
@@ -64,6 +66,8 @@ def hutchinson_traces(
     mean = torch.zeros(len(weights), dtype=torch.float64, device=device)
     probes = [0] * len(weights)
     active = list(range(len(weights)))
+    # one step per Hessian-vector product; a converged layer's remaining probes leave the total
+    bar = tqdm(total=len(weights) * max_probes, desc="hawq probes", unit="hvp", mininterval=2, delay=5, file=sys.stderr)
     for p in range(1, max_probes + 1):
         for l in list(active):
             w = weights[l]
@@ -72,10 +76,14 @@ def hutchinson_traces(
             new = mean[l] + ((v * hv).sum().double() - mean[l]) / p
             done = p >= 2 and bool((new - mean[l]).abs() <= tol * new.abs())
             mean[l], probes[l] = new.detach(), p
+            bar.update()
             if done:
                 active.remove(l)
+                bar.total -= max_probes - p
+        bar.set_postfix_str(f"{len(active)} layers active", refresh=False)
         if not active:
             break
+    bar.close()
     return mean, probes
 
 

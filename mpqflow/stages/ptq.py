@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
+
+from tqdm import tqdm
 
 from ..artifacts import fp_metrics
 from ..config import EvaluationConfig, ModelConfig, PtqConfig, QuantConfig, Runtime
@@ -95,7 +98,7 @@ def ptq_variant(
     ctx = Context(net, quantizer, table, vquant, file_sha256(checkpoint), device, spec, model.dataset.workers)
     fp = fp_metrics(checkpoint)
     rows = []
-    for option in ptq.options:
+    for option in tqdm(ptq.options, desc=f"ptq {variant}", unit="option", mininterval=2, delay=5, file=sys.stderr):
         m = evaluate_assignment(ctx, table.uniform_assignment(parse_option(option)), evaluation.batch_size)
         m.pop("assignment")
         rows.append({"variant": variant, "option": option, **m, "fp_top1": fp["top1"]})
