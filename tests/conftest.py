@@ -24,9 +24,9 @@ def snakemake_env():
     return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def run_snakemake(workdir, *args, configfile=TINY, snakefile=REPO / "Snakefile", timeout=TINY_RUN_TIMEOUT, check=True):
-    """`snakemake --cores 2` on `configfile` in `workdir`; raises with the output tail when it fails."""
-    cmd = [
+def snakemake_cmd(workdir, *args, configfile=TINY, snakefile=REPO / "Snakefile"):
+    """The command line of `snakemake` on `configfile` in `workdir` (args appended)."""
+    return [
         sys.executable,
         "-m",
         "snakemake",
@@ -36,10 +36,13 @@ def run_snakemake(workdir, *args, configfile=TINY, snakefile=REPO / "Snakefile",
         str(workdir),
         "--configfile",
         str(configfile),
-        "--cores",
-        "2",
         *args,
     ]
+
+
+def run_snakemake(workdir, *args, configfile=TINY, snakefile=REPO / "Snakefile", timeout=TINY_RUN_TIMEOUT, check=True):
+    """`snakemake --cores 2` on `configfile` in `workdir`; raises with the output tail when it fails."""
+    cmd = snakemake_cmd(workdir, "--cores", "2", *args, configfile=configfile, snakefile=snakefile)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=snakemake_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

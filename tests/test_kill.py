@@ -16,16 +16,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import snakemake_cmd, snakemake_env
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
 TARGET = "results/tiny/sensitivity/clado/set_2x0.npz"
 SENS = "results/tiny/sensitivity/clado"
 RUN_TIMEOUT = 300  # s: one run up to the target (about 30 s)
@@ -35,23 +32,9 @@ pytestmark = pytest.mark.slow
 
 
 def _start(workdir, *args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(TINY),
-        "--cores",
-        "2",
-        *args,
-        TARGET,
-    ]
+    cmd = snakemake_cmd(workdir, "--cores", "2", *args, TARGET)
     out = open(workdir / "snakemake.out", "a")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = snakemake_env()
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     out.close()
     return proc

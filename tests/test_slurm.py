@@ -14,16 +14,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import snakemake_cmd, snakemake_env
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 PROFILE = REPO / "profiles" / "slurm"
 
@@ -69,22 +68,11 @@ def slurm_cluster():
 
 def _snakemake(workdir, *args, niceness=0):
     """Start the workflow on the tiny config in `workdir`; output goes to workdir/snakemake.out."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(TINY),
-        *args,
-    ]
+    cmd = snakemake_cmd(workdir, *args)
     out = open(workdir / "snakemake.out", "w")
     # Own process group, output to a file: on a timeout the whole tree is stopped and nothing
     # left holding a pipe can block the test.
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # no spinning torch threads on a shared machine
+    env = snakemake_env()  # no spinning torch threads on a shared machine
     proc = subprocess.Popen(
         cmd,
         stdout=out,
