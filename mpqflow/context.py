@@ -14,7 +14,7 @@ first use.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -26,7 +26,7 @@ from .io import file_sha256
 from .layers import LayerTable
 from .models import fresh_model, layer_macs, quantizable_layers, unreached_layers
 from .quant import ModelQuantizer, QuantScheme
-from .runtime import resolve_device
+from .runtime import resolve_device, seed_everything
 
 __all__ = [
     "load_model",
@@ -34,6 +34,7 @@ __all__ = [
     "build_quantizer",
     "calibrate_quantizer",
     "Context",
+    "calibrated_context",
     "load_context",
 ]
 log = logging.getLogger("mpqflow")
@@ -128,10 +129,6 @@ class Context:
     def test_set(self):
         return load_split(self.spec, "test")
 
-    def with_table(self, table: LayerTable) -> Context:
-        """The same context with another layer table (e.g. fewer candidates)."""
-        return replace(self, table=table)
-
 
 def load_context(
     model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtime, checkpoint: str, calibration: str
@@ -144,3 +141,17 @@ def load_context(
     quantizer = build_quantizer(net, table, quant)
     quantizer.load_state_dict(state)
     return Context(net, quantizer, table, quant, sha, device, data_spec(model, seed), model.dataset.workers)
+
+
+def calibrated_context(
+    model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtime, checkpoint: str, train_set=None
+) -> Context:
+    """Load the FP model (seeded) and calibrate a fresh quantizer on the calibration samples of
+    `train_set` (default: the model's training split): what calibration and each PTQ variant run."""
+    device = resolve_device(runtime)
+    seed_everything(seed)
+    spec = data_spec(model, seed)
+    train_set = load_split(spec, "train") if train_set is None else train_set
+    net = load_model(model, checkpoint, device, seed)
+    table, quantizer = calibrate_quantizer(net, train_set, quant, seed, device, model.dataset.workers)
+    return Context(net, quantizer, table, quant, file_sha256(checkpoint), device, spec, model.dataset.workers)

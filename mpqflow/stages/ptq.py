@@ -20,12 +20,10 @@ from tqdm import tqdm
 
 from ..artifacts import fp_metrics
 from ..config import EvaluationConfig, ModelConfig, PtqConfig, QuantConfig, Runtime
-from ..context import Context, calibrate_quantizer, load_model
-from ..data import data_spec, load_split
+from ..context import calibrated_context
 from ..evaluate import evaluate_assignment
-from ..io import file_sha256, save_json
+from ..io import save_json
 from ..names import parse_option
-from ..runtime import resolve_device, seed_everything
 
 __all__ = ["VARIANTS", "variant_quant", "ptq_variant"]
 log = logging.getLogger("mpqflow")
@@ -90,16 +88,11 @@ def ptq_variant(
         written atomically to `out_json` unless it is None.
     """
     vquant = variant_quant(quant, ptq, variant)
-    device = resolve_device(runtime)
-    seed_everything(seed)
-    net = load_model(model, checkpoint, device, seed)
-    spec = data_spec(model, seed)
-    table, quantizer = calibrate_quantizer(net, load_split(spec, "train"), vquant, seed, device, model.dataset.workers)
-    ctx = Context(net, quantizer, table, vquant, file_sha256(checkpoint), device, spec, model.dataset.workers)
+    ctx = calibrated_context(model, vquant, seed, runtime, checkpoint)
     fp = fp_metrics(checkpoint)
     rows = []
     for option in tqdm(ptq.options, desc=f"ptq {variant}", unit="option", mininterval=2, delay=5, file=sys.stderr):
-        m = evaluate_assignment(ctx, table.uniform_assignment(parse_option(option)), evaluation.batch_size)
+        m = evaluate_assignment(ctx, ctx.table.uniform_assignment(parse_option(option)), evaluation.batch_size)
         m.pop("assignment")
         rows.append({"variant": variant, "option": option, **m, "fp_top1": fp["top1"]})
         log.info("ptq %s %s: top1 %.4f (FP %.4f)", variant, option, m["top1"], fp["top1"])
