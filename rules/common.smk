@@ -4,7 +4,12 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from mpqflow.codehash import code_hash
-from mpqflow.config import ConfigError, validate_config
+from mpqflow.config import (
+    ConfigError,
+    SamplePlanConfig,
+    SensitivityConfig,
+    validate_config,
+)
 from mpqflow.validation import check_device
 from mpqflow.data import sensitivity_set
 from mpqflow.methods import method_estimator
@@ -56,25 +61,20 @@ def model_config(wildcards):
 
 
 def sample_plan(with_pool):
-    """The settings that decide which samples a batch (with_pool=False) or a set (True) holds."""
-    plan = {
-        "calibration_samples": config["quant"]["calibration_samples"],
-        "batch_size": config["sensitivity"]["batch_size"],
-        "seed": config["seed"],
-    }
-    if (
-        with_pool
-    ):  # sets are drawn from the pool; a single batch does not depend on its size
-        plan["pool_batches"] = config["sensitivity"]["pool_batches"]
+    """The settings that decide which samples a batch (with_pool=False) or a set (True) holds:
+    sets are drawn from the pool, a single batch does not depend on its size."""
+    plan = SamplePlanConfig.of(config).to_dict()
+    if not with_pool:
+        del plan["pool_batches"]
     return plan
 
 
 def estimator_settings(wildcards):
     """The batch size and this estimator's own settings: growing the pool or retuning another
     estimator leaves finished batch files valid."""
-    sens = config["sensitivity"]
-    own = {k: v for k, v in sens.items() if k.startswith(f"{wildcards.estimator}_")}
-    return {"batch_size": sens["batch_size"], **own}
+    return SensitivityConfig.from_dict(config["sensitivity"]).of_estimator(
+        wildcards.estimator
+    )
 
 
 def gpu_if_cuda(wildcards):
