@@ -32,6 +32,7 @@ import numpy as np
 from .checkpoints import torch_load
 from .io import load_json, load_npz, save_json, save_npz, save_torch
 from .layers import LayerTable
+from .names import parse_option
 
 __all__ = [
     "FORMAT_VERSION",
@@ -268,8 +269,6 @@ def load_decision(path, table: LayerTable | None = None) -> dict:
     if table is not None:
         if decision["candidates"] != list(table.candidates):
             raise ValueError(f"{path}: candidate layers differ from the calibration's layer table")
-        from .names import parse_option
-
         unknown = sorted({o for o in decision["choice"] if parse_option(o) not in table.options})
         if unknown:
             raise ValueError(f"{path}: options {unknown} are not in the option table {list(table.options)}")

@@ -4,6 +4,7 @@ One tiny digits CNN is trained once per module (one epoch); every stage runs on 
 way its workflow script calls it, so a stage change is checked in seconds instead of by the tiny run.
 """
 
+import functools
 import json
 
 import numpy as np
@@ -214,7 +215,8 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
             solve.solve_budget(layers, str(pooled["mpqco"] / f"set_{n}x0.npz"), "mpqco", b, cfg.solver, str(path))
             decisions.append(str(path))
             evals.append(str(path).replace("/decisions/", "/eval/"))
-    res = evaluate.evaluate_decisions(
+    evaluate_decisions = functools.partial(
+        evaluate.evaluate_decisions,
         m,
         cfg.quant,
         cfg.sample_plan,
@@ -222,23 +224,12 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
         cfg.runtime,
         str(d / "model.pt"),
         str(d / "calibration.pt"),
-        decisions,
-        evals,
     )
+    res = evaluate_decisions(decisions, evals)
     assert [r["budget"] for r in res] == list(cfg.budgets) * 2
     assert all(np.isfinite(r["measured_loss_increase"]) and r["avg_bits"] <= 6 + 1e-9 for r in res)
     # Evaluating one decision alone gives the same numbers as in the batch (no state leaks between them).
-    alone = evaluate.evaluate_decisions(
-        m,
-        cfg.quant,
-        cfg.sample_plan,
-        cfg.evaluation,
-        cfg.runtime,
-        str(d / "model.pt"),
-        str(d / "calibration.pt"),
-        decisions[-1:],
-        [str(tmp_path / "alone.json")],
-    )[0]
+    alone = evaluate_decisions(decisions[-1:], [str(tmp_path / "alone.json")])[0]
     assert {k: alone[k] for k in ("top1", "loss", "measured_loss_increase")} == {
         k: res[-1][k] for k in ("top1", "loss", "measured_loss_increase")
     }
