@@ -129,6 +129,12 @@ class Context:
     def test_set(self):
         return load_split(self.spec, "test")
 
+    @cached_property
+    def weight_entropy(self) -> dict:
+        """{(layer, w_bits): bits/element} of quantized weights already measured (they are fixed for a
+        Context, and one job evaluates many assignments that share most of them)."""
+        return {}
+
 
 def load_context(
     model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtime, checkpoint: str, calibration: str
