@@ -13,9 +13,11 @@ quantize_weight: applying them), :mod:`.calibration` (observers run on a model's
 :mod:`.quantizer` (ModelQuantizer). Extensions (pure functions): :mod:`.aciq` (analytical clipping,
 GEMMLOWP qparams), :mod:`.bitalloc` (per-channel bits), :mod:`.bias_correction`, :mod:`.levels`
 (ALQ/AMQ level fitting), :mod:`.level_quant` (quantization onto levels, stochastic quantization),
-:mod:`.entropy` (bit-rate).
+:mod:`.entropy` (bit-rate). Quantization-aware fine-tuning: :mod:`.lsq` (LSQ learnable quantizers and
+layers, ``prepare_lsq`` initialised from a calibrated ModelQuantizer), :mod:`.export` (integer export).
 """
 
+from .export import EXPORT_FORMAT, export_integer, load_export, read_export, save_export
 from .functional import (
     choose_qparams,
     clip_ratios,
@@ -23,6 +25,17 @@ from .functional import (
     mse_clip_range,
     quant_range,
     quantization_mse,
+)
+from .lsq import (
+    LsqQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    init_activations,
+    lsq_assignment,
+    lsq_layers,
+    lsq_quantize,
+    lsq_range,
+    prepare_lsq,
 )
 from .observers import (
     ACIQObserver,
@@ -60,4 +73,18 @@ __all__ = [
     "ModelQuantizer",
     "QParams",
     "quantize_weight",
+    "lsq_range",
+    "lsq_quantize",
+    "LsqQuantizer",
+    "QuantConv2d",
+    "QuantLinear",
+    "prepare_lsq",
+    "init_activations",
+    "lsq_layers",
+    "lsq_assignment",
+    "EXPORT_FORMAT",
+    "export_integer",
+    "save_export",
+    "read_export",
+    "load_export",
 ]
