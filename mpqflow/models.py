@@ -164,10 +164,19 @@ def build_model(
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"unknown torchvision classification model {name!r} in arch {arch!r}")
         kwargs = {"num_classes": num_classes}
-        for prefix, key in _SIZE_KWARGS.items():
-            if name.startswith(prefix) and image_size is not None:
-                kwargs[key] = image_size
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        size_key = next((key for prefix, key in _SIZE_KWARGS.items() if name.startswith(prefix)), None)
+        if size_key is not None and image_size is not None:
+            kwargs[size_key] = image_size
+        try:
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        except (AssertionError, ValueError) as err:
+            if size_key not in kwargs:  # built without the data's size: not about it
+                raise
+            # torchvision's own words ("Input shape indivisible by patch size!") name neither model nor key
+            raise ValueError(
+                f"{arch} cannot be built for {image_size} px input ({err}); the input size is the dataset's: "
+                "8 for digits, 32 for CIFAR, models.<model>.dataset.image_size for an ImageNet-style folder"
+            ) from None
         adapted = _adapt_first_conv(model, in_channels)
         if adapted:
             log.info("%s: first conv %r adapted to %d input channel(s)", arch, adapted, in_channels)
@@ -203,7 +212,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         if "size mismatch" in str(err):
             hint = (
                 " (the model is built for the dataset's class count and channels; weights trained for "
-                "another class count need the config key models.<model>.num_classes)"
+                "another class count need the config key models.<model>.num_classes; a first conv adapted to the "
+                "data's channels starts from fresh weights, so weights for 3 input channels do not load on "
+                "1-channel data)"
             )
         raise ValueError(f"weights file {str(path)!r} does not fit the model{hint}: {err}") from None
     return model
