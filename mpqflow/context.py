@@ -24,7 +24,7 @@ from .config import ModelConfig, QuantConfig, Runtime
 from .data import DataSpec, SamplePlan, data_spec, iterate, load_split, stack
 from .io import file_sha256
 from .layers import LayerTable
-from .models import fresh_model, layer_macs, quantizable_layers, unreached_layers
+from .models import fresh_model, layer_macs, quantizable_layers, unreached_layers, unreached_numel
 from .quant import ModelQuantizer, QuantScheme
 from .runtime import resolve_device, seed_everything
 
@@ -64,7 +64,7 @@ def layer_table(net: torch.nn.Module, example: torch.Tensor, quant: QuantConfig)
         candidates=tuple(l for l in layers if l not in fixed_names),
         fixed={l: (quant.fixed_bits, quant.fixed_bits) for l in fixed_names},
         options=tuple(quant.options),
-        numel={l: int(modules[l].weight.numel()) for l in layers},
+        numel={**{l: int(modules[l].weight.numel()) for l in layers}, **unreached_numel(net, list(unreached))},
         macs={l: int(v) for l, v in layer_macs(net, example[:1]).items()},
         unreached=unreached,
     )

@@ -25,8 +25,10 @@ class LayerTable:
         candidates: the layers whose bit-width is searched.
         fixed: layer -> (w_bits, a_bits) for layers not searched (first/last by default).
         options: the (w_bits, a_bits) option table of every candidate layer.
-        numel: weights per layer; macs: multiply-accumulates per sample per layer.
-        unreached: weights the quantizer cannot reach (used through functional calls); they stay FP.
+        numel: weights per layer (of `layers` and of `unreached`); macs: multiply-accumulates per sample
+            per layer of `layers`.
+        unreached: weights the quantizer cannot reach (used through functional calls); they stay FP and
+            count as 32-bit weights in every size (and average bits).
     """
 
     layers: tuple[str, ...]
@@ -37,9 +39,21 @@ class LayerTable:
     macs: dict
     unreached: tuple[str, ...] = ()
 
+    @property
+    def unreached_numel(self) -> int:
+        """Weights of the unreached layers (0 in tables written before their sizes were recorded)."""
+        return sum(self.numel.get(l, 0) for l in self.unreached)
+
+    @property
+    def total_numel(self) -> int:
+        """Every weight of the model's Conv2d/Linear layers, unreached ones included."""
+        return sum(self.numel[l] for l in self.layers) + self.unreached_numel
+
     def weight_bits(self, assignment: dict) -> int:
-        """Total weight storage in bits of a full assignment (FP layers count 32 bits)."""
-        return sum(self.numel[l] * (assignment.get(l, (32, 32))[0] or 32) for l in self.layers)
+        """Total weight storage in bits of a full assignment (FP layers, unreached ones included, count 32 bits)."""
+        return (
+            sum(self.numel[l] * (assignment.get(l, (32, 32))[0] or 32) for l in self.layers) + 32 * self.unreached_numel
+        )
 
     def bitops(self, assignment: dict) -> int:
         """Sum over layers of MACs * w_bits * a_bits (FP parts count 32 bits)."""

@@ -251,6 +251,21 @@ def unreached_layers(model: nn.Module, executed: list[str]) -> list[str]:
     return out
 
 
+def unreached_numel(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """Weights of each name of :func:`unreached_layers` (an attention's `<name>.in_proj`: its input
+    projection weights, packed or as separate q/k/v matrices)."""
+    out = {}
+    for name in names:
+        if name.endswith(".in_proj") or name == "in_proj":
+            mha = model.get_submodule(name[: -len(".in_proj")] if name != "in_proj" else "")
+            packed = mha.in_proj_weight
+            parts = [packed] if packed is not None else [mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight]
+            out[name] = sum(int(p.numel()) for p in parts)
+        else:
+            out[name] = int(model.get_submodule(name).weight.numel())
+    return out
+
+
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per sample of each Conv2d/Linear layer (grouped convs counted per group)."""
     macs: dict[str, int] = {}

@@ -38,10 +38,13 @@ def build_problem(table: LayerTable, G=None, linear=None) -> Problem:
         options=[tuple(o) for o in table.options] * len(table.candidates),
         size_bits=np.array([table.numel[l] * w for l in table.candidates for w, _ in table.options], float),
         bitops=np.array([table.macs[l] * w * a for l in table.candidates for w, a in table.options], float),
-        fixed_size_bits=float(sum(table.numel[l] * w for l, (w, _) in table.fixed.items())),
+        # unreached weights stay FP: 32 bits each, in every size and average-bits budget
+        fixed_size_bits=float(
+            sum(table.numel[l] * w for l, (w, _) in table.fixed.items()) + 32 * table.unreached_numel
+        ),
         fixed_bitops=float(sum(table.macs[l] * w * a for l, (w, a) in table.fixed.items())),
         numel=np.array([table.numel[l] for l in table.candidates], float),
-        fixed_numel=float(sum(table.numel[l] for l in table.fixed)),
+        fixed_numel=float(sum(table.numel[l] for l in table.fixed) + table.unreached_numel),
     )
 
 
