@@ -107,9 +107,7 @@ def run(size: int, n: int, batch_size: int, repeats: int, seed: int = 0) -> floa
     print(f"resnet18 {size} px, {n} images, batch {batch_size}, {len(assignment)} layers:")
     print(f"  fp forward   {t_fp:7.2f} s")
     print(f"  forward      {t_fwd:7.2f} s   (W8A8 applied)")
-    print(
-        f"  entropy      {t_ent:7.2f} s   ({w_numel / 1e6:.1f} M weights, {a_numel / 1e6:.1f} M inputs)"
-    )
+    print(f"  entropy      {t_ent:7.2f} s   ({w_numel / 1e6:.1f} M weights, {a_numel / 1e6:.1f} M inputs)")
     bits = f"weight {m['weight_entropy_bits']:.3f}, act {m['act_entropy_bits']:.3f} bits/element"
     print(f"  evaluation   {t_cold:7.2f} s   (W8A8, first of a job: no weight bit-rate cached; {bits})")
     print(f"  first eval/forward {t_cold / t_fwd:5.2f}")

@@ -109,7 +109,11 @@ class DatasetConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainSettings(_Section):
-    """models.<m>.train: SGD with Nesterov momentum, one-cycle learning rate, random shifts."""
+    """models.<m>.train: SGD with Nesterov momentum, one-cycle learning rate, random shifts.
+
+    batch_size is the global batch, split over `world_size` data-parallel processes; `amp` turns on
+    bf16 autocast on CUDA (no effect on the CPU).
+    """
 
     epochs: int
     batch_size: int
@@ -117,6 +121,8 @@ class TrainSettings(_Section):
     momentum: float
     weight_decay: float
     augment_shift: int
+    world_size: int
+    amp: bool
 
 
 @dataclass(frozen=True)

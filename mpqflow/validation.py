@@ -39,6 +39,7 @@ __all__ = [
     "canonical_budget",
     "check_device",
     "cuda_available",
+    "cuda_device_count",
     "load_config",
     "train_samples",
     "validate_config",
@@ -124,6 +125,7 @@ def validate_config(config: Mapping, *, local: bool = True) -> dict:
     _check_ptq_options(cfg)
     _check_samples(cfg)
     _check_set_sizes(cfg)
+    _check_world_size(cfg)
     if local:
         check_device(cfg)
     return _sorted_keys(cfg)
@@ -309,13 +311,44 @@ def cuda_available() -> bool:
     return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
 
 
+def cuda_device_count() -> int | None:
+    """GPUs a job here sees, without torch: CUDA_VISIBLE_DEVICES' entries (at most the driver's
+    /proc/driver/nvidia/gpus), else the driver's count; None when unknown (tests monkeypatch this)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    physical = sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else None
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not cuda_available() or "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return physical if cuda_available() else 0
+    return len(visible) if physical is None else min(len(visible), physical)
+
+
+def _check_world_size(cfg: dict) -> None:
+    """Every data-parallel process of a trained model gets a share of each batch: batch_size >= world_size."""
+    for name, m in cfg["models"].items():
+        world, batch = m["train"]["world_size"], m["train"]["batch_size"]
+        if m.get("weights") is None and world > batch:
+            raise ConfigError(
+                f"config key 'models.{name}.train.world_size': {world} processes need a batch_size of at least "
+                f"{world} (models.{name}.train.batch_size is {batch}, the global batch split over the processes)"
+            )
+
+
 def check_device(cfg: dict) -> None:
-    """ConfigError when the config asks for CUDA on a machine without it (jobs that run here only)."""
+    """ConfigError when `device: cuda` finds no CUDA here, or fewer GPUs than a training's world_size (local jobs)."""
     if cfg["device"] == "cuda" and not cuda_available():
         raise ConfigError(
             "config key 'device': 'cuda' but this machine has no CUDA device (no NVIDIA driver found, or "
             "CUDA_VISIBLE_DEVICES hides every GPU); use 'auto' (CUDA when there is one, else the CPU) or 'cpu'"
         )
+    for name, m in cfg["models"].items():
+        world = m["train"]["world_size"] if m.get("weights") is None else 1
+        gpus = cuda_device_count() if cfg["device"] == "cuda" and world > 1 else None
+        if gpus is not None and gpus < world:
+            raise ConfigError(
+                f"config key 'models.{name}.train.world_size': {world} training processes with device 'cuda' need "
+                f"{world} GPUs (one each); this machine shows {gpus}: lower world_size, or run the jobs on a "
+                "cluster (profiles/slurm requests the GPUs)"
+            )
 
 
 def load_config(path: str | Path, *, local: bool = True) -> dict:

@@ -84,6 +84,26 @@ def gpu_if_cuda(wildcards):
     return 1 if config["device"] == "cuda" else 0
 
 
+def _trains(wildcards):
+    """(world_size, whether the rule trains) of the {model} wildcard (a model with weights only loads)."""
+    model = config["models"][wildcards.model]
+    return model["train"]["world_size"], model["weights"] is None
+
+
+def train_threads(wildcards):
+    """train_model's CPUs: `threads` per data-parallel process (models.<m>.train.world_size of them).
+    On SLURM they become the job's --cpus-per-task: torchrun starts the processes inside that one task.
+    """
+    world_size, trains = _trains(wildcards)
+    return config["threads"] * (world_size if trains else 1)
+
+
+def train_gpus(wildcards):
+    """train_model's GPUs with `device: cuda`: one per data-parallel process (sbatch --gpus on SLURM)."""
+    world_size, trains = _trains(wildcards)
+    return (world_size if trains else 1) if config["device"] == "cuda" else 0
+
+
 def set_batch_files(wildcards):
     n, s = int(wildcards.n), int(wildcards.s)
     batches = sensitivity_set(

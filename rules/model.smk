@@ -5,14 +5,17 @@ rule train_model:
         "logs/{model}/train_model.log",
     conda:
         "../envs/mpqflow.yaml"
-    threads: config["threads"]
+    threads: train_threads
     resources:
         mem_mb=4000,
         runtime=60,
+        gpu=train_gpus,
     params:
         model=model_config,
         seed=config["seed"],
         code=stage_code("train"),
+        # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
+        state_dir="results/{model}/.train_state",
     script:
         "../workflow_scripts/train_model.py"
 

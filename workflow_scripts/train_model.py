@@ -12,6 +12,8 @@ train_or_load(
     # The FP metrics' batch size is an execution detail (top-1 does not depend on it), not a param:
     # changing evaluation.batch_size must not retrain the model and invalidate everything after it.
     EvaluationConfig.from_dict(snakemake.config["evaluation"]),
+    # threads: the whole job's (train_threads: world_size x config threads); each rank gets its share
     Runtime(snakemake.config["device"], snakemake.threads),
     snakemake.output.model,
+    state_dir=p.state_dir,
 )
