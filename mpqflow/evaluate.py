@@ -3,6 +3,7 @@
 Usage:
     metrics = evaluate_assignment(ctx, assignment, batch_size=256)     # top1, top5, loss, size_mb, ...
     loss = assignment_loss(ctx, assignment, indices, batch_size=256)   # mean CE on training samples
+    metrics = evaluate_lsq_model(net, table, test_set, 256, device)   # a fine-tuned LSQ model, same keys
 
 `ctx` is a :class:`mpqflow.context.Context` (model, calibrated quantizer, layer table, data).
 """
@@ -17,8 +18,9 @@ import torch
 
 from .metrics import evaluate
 from .quant.entropy import entropy_bits, mean_entropy_bits
+from .quant.lsq import lsq_assignment, lsq_layers
 
-__all__ = ["evaluate_assignment", "assignment_loss"]
+__all__ = ["evaluate_assignment", "evaluate_lsq_model", "assignment_loss"]
 log = logging.getLogger("mpqflow")
 
 
@@ -81,17 +83,54 @@ def evaluate_assignment(ctx, assignment: dict, batch_size: int) -> dict:
         w_entropy, a_entropy = _entropy_bits(ctx, assignment, first_inputs)
         t2 = time.perf_counter()
     log.info("evaluate: %d samples, forward %.2f s, bit-rates %.2f s", metrics["n"], t1 - t0, t2 - t1)
-    bits = ctx.table.weight_bits(assignment)
-    total = sum(ctx.table.numel.values())
+    return _with_size(metrics, ctx.table, assignment, w_entropy, a_entropy)
+
+
+def _with_size(metrics: dict, table, assignment: dict, w_entropy: float, a_entropy: float) -> dict:
+    """The held-out metrics plus size, average bits, BitOPs and bit-rates of `assignment`."""
+    bits = table.weight_bits(assignment)
     metrics.update(
         size_mb=bits / 8 / 1e6,
-        avg_bits=bits / total,
+        avg_bits=bits / table.total_numel,
         weight_entropy_bits=w_entropy,
         act_entropy_bits=a_entropy,
-        gbitops=ctx.table.bitops(assignment) / 1e9,
+        gbitops=table.bitops(assignment) / 1e9,
         assignment={l: list(o) for l, o in assignment.items()},
     )
     return metrics
+
+
+def _record_first_output(store: dict, name: str, module, args, output) -> None:
+    if name not in store:
+        store[name] = output[:ACT_ENTROPY_SAMPLES].detach().clone()
+
+
+@torch.no_grad()
+def evaluate_lsq_model(net, table, test_set, batch_size: int, device, workers: int = 0) -> dict:
+    """:func:`evaluate_assignment`'s metrics for a model whose layers carry LSQ quantizers
+    (:func:`mpqflow.quant.prepare_lsq`, e.g. after fine-tuning); its assignment is the LSQ layers'
+    bits (every other layer of the table counts as 32-bit FP)."""
+    layers = lsq_layers(net)
+    assignment = lsq_assignment(net)
+    first_inputs: dict = {}
+    hooks = [
+        m.act_quant.register_forward_hook(functools.partial(_record_first_output, first_inputs, l))
+        for l, m in layers.items()
+        if m.act_quant is not None
+    ]
+    try:
+        metrics = evaluate(net.eval(), test_set, batch_size, device, workers=workers)
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = [
+        (entropy_bits(m.weight_quant(m.weight), ch_axis=0), m.weight.numel())
+        for m in layers.values()
+        if m.weight_quant is not None
+    ]
+    numel = sum(n for _, n in weights)
+    w_entropy = sum(h * n for h, n in weights) / numel if numel else 0.0
+    return _with_size(metrics, table, assignment, w_entropy, mean_entropy_bits(list(first_inputs.values()), ch_axis=1))
 
 
 @torch.no_grad()

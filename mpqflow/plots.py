@@ -288,39 +288,63 @@ def first_set_choices(df: pd.DataFrame) -> dict:
     return out
 
 
-def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
-    """Grouped bar chart: x = option, one bar per variant, y = top-1 (%); FP top-1 as a dashed line.
+def _grouped_bars(acc: pd.DataFrame, fp: float, png: str, labels: dict, dpi: int, width: float) -> None:
+    """Grouped bar chart of top-1 (%): x = acc's index, one bar per column; FP top-1 as a dashed line.
 
-    The y axis starts just below the worst bar (not at 0), so every bar carries its value."""
+    The y axis starts just below the worst bar (not at 0), so every bar carries its value.
+    labels: xlabel, title, legend (title of the legend)."""
+    series = list(acc.columns)
+    x, w = np.arange(len(acc.index)), 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(1.3 * width, 0.5 * len(acc.index) * len(series)), 0.6 * width))
+    shifts = [(i - (len(series) - 1) / 2) * w for i in range(len(series))]
+    for shift, v in zip(shifts, series):
+        ax.bar(x + shift, acc[v].to_numpy(), w, label=v)
+    ax.axhline(fp, color="k", ls="--", lw=1, label="FP")
+    values = acc.to_numpy(dtype=float)
+    lo = float(np.nanmin(values))  # zoom on the differences: the axis starts near the worst bar
+    ax.set_ylim(
+        max(0.0, np.floor(lo - 2 - 0.1 * (fp - lo))), min(103.0, max(fp, float(np.nanmax(values))) + 3)
+    )  # room for the labels
+    for shift, v in zip(shifts, series):  # the value on every bar: the axis does not start at 0
+        for xi, val in zip(x + shift, acc[v].to_numpy()):
+            ax.annotate(
+                f"{val:.1f}", (xi, val), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                fontsize=6, rotation=90,
+            )  # fmt: skip
+    ax.set_xticks(
+        x, list(acc.index), rotation=30 if len(acc.index) > 4 else 0, ha="right" if len(acc.index) > 4 else "center"
+    )
+    ax.set_xlabel(labels["xlabel"])
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(labels["title"])
+    ax.legend(title=labels.get("legend"), fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    _save(fig, png, dpi)
+
+
+def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
+    """The PTQ study: x = uniform option, one bar per variant, y = top-1 (%)."""
     options = list(dict.fromkeys(df["option"]))
     variants = list(dict.fromkeys(df["variant"]))
     acc = df.pivot(index="option", columns="variant", values="top1").loc[options, variants] * 100
-    x, w = np.arange(len(options)), 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(1.3 * width, 0.6 * width))
-    for i, v in enumerate(variants):
-        ax.bar(x + (i - (len(variants) - 1) / 2) * w, acc[v].to_numpy(), w, label=v)
-    fp = 100 * float(df["fp_top1"].iloc[0])
-    ax.axhline(fp, color="k", ls="--", lw=1, label="FP")
-    lo = float(np.nanmin(acc.to_numpy()))  # zoom on the differences: the axis starts near the worst bar
-    ax.set_ylim(max(0.0, np.floor(lo - 2 - 0.1 * (fp - lo))), min(100.0, max(fp, float(np.nanmax(acc.to_numpy()))) + 1))
-    for i, v in enumerate(variants):  # the value on every bar: the axis does not start at 0
-        for xi, val in zip(x + (i - (len(variants) - 1) / 2) * w, acc[v].to_numpy()):
-            ax.annotate(
-                f"{val:.1f}",
-                (xi, val),
-                xytext=(0, 2),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=6,
-                rotation=90,
-            )
-    ax.set_xticks(x, [o.upper() for o in options])
-    ax.set_xlabel("uniform option (weight bits, activation bits)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("Post-training quantization: naive min/max vs ACIQ schemes")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
+    acc.index = [o.upper() for o in options]
+    labels = {"xlabel": "uniform option (weight bits, activation bits)", "legend": "variant",
+              "title": "Post-training quantization: naive min/max vs ACIQ schemes"}  # fmt: skip
+    _grouped_bars(acc, 100 * float(df["fp_top1"].iloc[0]), png, labels, dpi, width)
+
+
+def finetune_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
+    """PTQ vs LSQ fine-tuned top-1 (%) of every fine-tuned decision: x = method / set / budget (size)."""
+    names = [
+        f"{r.method} {r.target}\n{r.size_mb * 1e3:.3g} kB"
+        if r.size_mb < 1
+        else f"{r.method} {r.target}\n{r.size_mb:.3g} MB"
+        for r in df.itertuples()
+    ]
+    acc = pd.DataFrame(
+        {"PTQ": df["top1_ptq"].to_numpy() * 100, "fine-tuned (LSQ)": df["top1_qat"].to_numpy() * 100}, index=names
+    )
+    epochs = ", ".join(str(e) for e in sorted(set(df["epochs"])))
+    labels = {"xlabel": "decision (method, sensitivity set / budget or uniform option, weight size)",
+              "title": f"Quantization-aware fine-tuning ({epochs} epochs) vs post-training quantization"}  # fmt: skip
+    _grouped_bars(acc, 100 * float(df["fp_top1"].iloc[0]), png, labels, dpi, width)

@@ -2,7 +2,8 @@
 
 Usage:
     uniform_table(uniform_jsons, "results/m/eval/uniform.csv")
-    df = study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv")
+    df = study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv", finetuned_eval_jsons)
+    finetune_table(finetuned_eval_jsons, their_ptq_eval_jsons, "results/m/finetune.csv")
     auc = pareto_auc(df)      # one row per (method, set_size, set_id), over auc_range(df)
 """
 
@@ -17,7 +18,10 @@ from .io import load_json, save_csv
 
 log = logging.getLogger("mpqflow")
 
-__all__ = ["uniform_table", "study_table", "STUDY_COLUMNS", "running_best", "auc_range", "pareto_auc", "ptq_table"]
+__all__ = [
+    "uniform_table", "study_table", "finetune_table", "STUDY_COLUMNS", "FINETUNE_COLUMNS", "running_best", "auc_range",
+    "pareto_auc", "ptq_table",
+]  # fmt: skip
 
 UNIFORM_COLUMNS = ["option", "top1", "top5", "loss", "fp_top1", "size_mb", "avg_bits", "gbitops"]
 STUDY_COLUMNS = [
@@ -39,7 +43,13 @@ STUDY_COLUMNS = [
     "solver_gap",
     "solver_seconds",
     "choice",
+    "top1_qat",
+    "loss_qat",
 ]
+FINETUNE_COLUMNS = [
+    "method", "target", "size_mb", "avg_bits", "gbitops", "top1_ptq", "loss_ptq", "top1_qat", "loss_qat", "fp_top1",
+    "epochs", "world_size", "distill", "seconds",
+]  # fmt: skip
 
 
 def uniform_table(paths: list[str], out_csv: str) -> pd.DataFrame:
@@ -50,13 +60,41 @@ def uniform_table(paths: list[str], out_csv: str) -> pd.DataFrame:
     return df
 
 
-def study_table(uniform_paths: list[str], eval_paths: list[str], out_csv: str) -> pd.DataFrame:
-    """Every uniform and searched decision's evaluation in one table (deterministic row order)."""
+def _target(r: dict) -> str:
+    """How a fine-tuned or evaluated decision is named in tables: set_4x0/avg_bits-2.5, or the uniform option."""
+    return r["option"] if r.get("method") == "uniform" else f"set_{r['set_size']}x{r['set_id']}/{r['budget']}"
+
+
+def study_table(uniform_paths: list[str], eval_paths: list[str], out_csv: str, finetuned_paths=()) -> pd.DataFrame:
+    """Every uniform and searched decision's evaluation in one table (deterministic row order), with
+    top1_qat / loss_qat of the decisions that were fine-tuned (empty elsewhere)."""
     rows = [{**load_json(p), "method": "uniform"} for p in uniform_paths]
     rows += [load_json(p) for p in eval_paths]
+    qat = {(r["method"], _target(r)): r for r in map(load_json, finetuned_paths)}
+    for r in rows:
+        q = qat.get((r["method"], _target(r)), {})
+        r.update(top1_qat=q.get("top1"), loss_qat=q.get("loss"))
     df = pd.DataFrame([{k: r.get(k) for k in STUDY_COLUMNS} for r in rows], columns=STUDY_COLUMNS)
     df = df.sort_values(["method", "set_size", "set_id", "budget", "option"], na_position="first")
     save_csv(out_csv, df.reset_index(drop=True))
+    return df
+
+
+def finetune_table(finetuned_paths: list[str], ptq_paths: list[str], out_csv: str) -> pd.DataFrame:
+    """One row per fine-tuned decision: its PTQ evaluation (eval/) beside the fine-tuned one."""
+    rows = []
+    for qp, pp in zip(finetuned_paths, ptq_paths, strict=True):
+        q, p = load_json(qp), load_json(pp)
+        if _target(q) != _target(p) or q["method"] != p.get("method", "uniform"):
+            raise ValueError(f"{qp} and {pp} evaluate different decisions ({_target(q)} vs {_target(p)})")
+        rows.append({
+            "method": q["method"], "target": _target(q), "size_mb": q["size_mb"], "avg_bits": q["avg_bits"],
+            "gbitops": q["gbitops"], "top1_ptq": p["top1"], "loss_ptq": p["loss"], "top1_qat": q["top1"],
+            "loss_qat": q["loss"], "fp_top1": q["fp_top1"], "epochs": q["epochs"], "world_size": q["world_size"],
+            "distill": q["distill"], "seconds": q["seconds"],
+        })  # fmt: skip
+    df = pd.DataFrame(rows, columns=FINETUNE_COLUMNS)
+    save_csv(out_csv, df, float_format=None)  # full precision: the table feeds the plot
     return df
 
 

@@ -7,6 +7,8 @@ Usage (what workflow_scripts/uniform_table.py, study_table.py and study_plots.py
                 {"accuracy": "...png", ...}, plots_cfg)
     write_ptq_table(["results/m/ptq/naive.json", ...], "results/m/ptq.csv")   # the PTQ study's table
     plot_ptq_table("results/m/ptq.csv", "results/m/plots/ptq.png", plots_cfg)  # and its plot
+    finetune_table(finetuned_jsons, ptq_jsons, "results/m/finetune.csv")   # PTQ vs fine-tuned
+    plot_finetune_table("results/m/finetune.csv", "results/m/plots/finetune.png", plots_cfg)
 
 No torch: the layer table comes from layers.json.
 """
@@ -21,6 +23,7 @@ from ..config import PlotsConfig
 from ..io import save_csv
 from ..methods import clado_matrix
 from ..plots import (
+    finetune_plot,
     first_set_choices,
     plot_accuracy_vs_size,
     plot_estimated_vs_measured,
@@ -29,9 +32,12 @@ from ..plots import (
     plot_pareto,
     ptq_plot,
 )
-from ..study import ptq_table, study_table, uniform_table
+from ..study import finetune_table, ptq_table, study_table, uniform_table
 
-__all__ = ["uniform_table", "study_table", "study_plots", "write_ptq_table", "plot_ptq_table"]
+__all__ = [
+    "uniform_table", "study_table", "study_plots", "write_ptq_table", "plot_ptq_table", "finetune_table",
+    "plot_finetune_table",
+]  # fmt: skip
 
 
 def study_plots(table_csv: str, clado_set: str | None, layers_path: str, out: dict, plots: PlotsConfig) -> None:
@@ -65,3 +71,8 @@ def write_ptq_table(results: list, csv: str) -> pd.DataFrame:
 def plot_ptq_table(csv: str, png: str, plots: PlotsConfig) -> None:
     """The PTQ study's bar chart of a table written by :func:`write_ptq_table`."""
     ptq_plot(pd.read_csv(csv), png, dpi=plots.dpi, width=1.2 * plots.panel_width)
+
+
+def plot_finetune_table(csv: str, png: str, plots: PlotsConfig) -> None:
+    """PTQ vs fine-tuned top-1 of a table written by :func:`mpqflow.study.finetune_table`."""
+    finetune_plot(pd.read_csv(csv), png, dpi=plots.dpi, width=1.2 * plots.panel_width)
