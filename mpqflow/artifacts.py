@@ -8,6 +8,7 @@ Usage:
     save_layer_table(path, table); load_layer_table(path)             # results/{model}/layers.json
     save_batch_file(path, payload, meta); pool_batch_files(paths)     # sensitivity/{est}/*.npz
     save_decision(path, decision); load_decision(path, table)         # decisions/.../{budget}.json
+    decision_assignment(decision, table)                              # its choices + the fixed layers
     set_of(path)                                                      # (n, s) of a set_{n}x{s} path
 
 Every write is atomic (:mod:`mpqflow.io`); every read checks what the file claims to be made from
@@ -52,6 +53,7 @@ __all__ = [
     "means",
     "save_decision",
     "load_decision",
+    "decision_assignment",
     "set_name",
     "set_of",
 ]
@@ -273,3 +275,10 @@ def load_decision(path, table: LayerTable | None = None) -> dict:
         if unknown:
             raise ValueError(f"{path}: options {unknown} are not in the option table {list(table.options)}")
     return decision
+
+
+def decision_assignment(decision: dict, table: LayerTable) -> dict:
+    """The full assignment of a decision loaded against `table`: its choices plus the fixed layers."""
+    return table.full_assignment(
+        {l: parse_option(o) for l, o in zip(table.candidates, decision["choice"], strict=True)}
+    )

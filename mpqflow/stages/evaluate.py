@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from ..artifacts import fp_metrics, load_decision
+from ..artifacts import decision_assignment, fp_metrics, load_decision
 from ..config import EvaluationConfig, ModelConfig, QuantConfig, Runtime, SamplePlanConfig
 from ..context import load_context
 from ..data import set_indices
@@ -71,8 +71,7 @@ def evaluate_decisions(
     results = []
     for decision_path, out_path in zip(decision_paths, out_paths, strict=True):
         decision = load_decision(decision_path, ctx.table)
-        options = [parse_option(o) for o in decision["choice"]]
-        assignment = ctx.table.full_assignment(dict(zip(ctx.table.candidates, options)))
+        assignment = decision_assignment(decision, ctx.table)
         metrics = evaluate_assignment(ctx, assignment, evaluation.batch_size)
         key = (decision["set_size"], decision["set_id"])
         idx = set_indices(len(ctx.train_set), plan, *key)

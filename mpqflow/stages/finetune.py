@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import fp_metrics, load_decision
+from ..artifacts import decision_assignment, fp_metrics, load_decision
 from ..checkpoints import torch_load
 from ..config import EvaluationConfig, ModelConfig, QuantConfig, Runtime, TrainSettings
 from ..context import load_context
@@ -75,9 +75,8 @@ def _assignment(ctx, target: dict) -> tuple[dict, dict]:
     """(full assignment, eval fields naming the target) of a decision file or a uniform option."""
     if "decision" in target:
         d = load_decision(target["decision"], ctx.table)
-        options = [parse_option(o) for o in d["choice"]]
         fields = {k: d[k] for k in ("method", "budget", "set_size", "set_id")} | {"choice": " ".join(d["choice"])}
-        return ctx.table.full_assignment(dict(zip(ctx.table.candidates, options))), fields
+        return decision_assignment(d, ctx.table), fields
     option = parse_option(target["option"])
     if option not in ctx.table.options:
         raise ValueError(f"finetune target option {target['option']!r} is not in the option table")
