@@ -49,9 +49,14 @@ def _entropy_bits(ctx, assignment: dict, first_inputs: dict) -> tuple[float, flo
     weighted = [
         (_weight_entropy_bits(ctx, l, w), ctx.table.numel[l]) for l, (w, _) in assignment.items() if w is not None
     ]
-    numel = sum(n for _, n in weighted)
     acts = [x for l, x in first_inputs.items() if assignment.get(l, (None, None))[1] is not None]
-    return (sum(h * n for h, n in weighted) / numel if numel else 0.0), mean_entropy_bits(acts, ch_axis=1)
+    return _element_weighted(weighted), mean_entropy_bits(acts, ch_axis=1)
+
+
+def _element_weighted(bits_and_numel: list[tuple[float, int]]) -> float:
+    """Mean bits/element of tensors given as (bits/element, elements); 0.0 when there are none."""
+    numel = sum(n for _, n in bits_and_numel)
+    return sum(h * n for h, n in bits_and_numel) / numel if numel else 0.0
 
 
 def evaluate_assignment(ctx, assignment: dict, batch_size: int) -> dict:
@@ -128,9 +133,8 @@ def evaluate_lsq_model(net, table, test_set, batch_size: int, device, workers: i
         for m in layers.values()
         if m.weight_quant is not None
     ]
-    numel = sum(n for _, n in weights)
-    w_entropy = sum(h * n for h, n in weights) / numel if numel else 0.0
-    return _with_size(metrics, table, assignment, w_entropy, mean_entropy_bits(list(first_inputs.values()), ch_axis=1))
+    a_entropy = mean_entropy_bits(list(first_inputs.values()), ch_axis=1)
+    return _with_size(metrics, table, assignment, _element_weighted(weights), a_entropy)
 
 
 @torch.no_grad()
