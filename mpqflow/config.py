@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .config_checks import finetune_target_name
 from .names import option_table
 from .validation import ConfigError, load_config, validate_config
 
@@ -36,6 +37,7 @@ __all__ = [
     "PlotsConfig",
     "EvaluationConfig",
     "PtqConfig",
+    "FinetuneConfig",
     "Config",
 ]
 
@@ -243,6 +245,39 @@ class PtqConfig(_Section):
 
 
 @dataclass(frozen=True)
+class FinetuneConfig(_Section):
+    """finetune: which decisions are fine-tuned (target dicts, canonical) and the LSQ fine-tuning's
+    settings: SGD as in `train`, plus knowledge distillation (`distill` weight of the KL from the FP
+    model's logits at `temperature`) and how the weight steps start (`weight_init`)."""
+
+    targets: tuple[dict, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    augment_shift: int
+    world_size: int
+    amp: bool
+    distill: float
+    temperature: float
+    weight_init: str
+
+    @property
+    def target_names(self) -> list[str]:
+        """Each target's path under results/<model>/finetuned/: 'clado/set_4x0/avg_bits-2.5', 'uniform/w2a4'."""
+        return [finetune_target_name(t) for t in self.targets]
+
+    def settings(self) -> dict:
+        """Everything but the targets: what one fine-tuning job depends on (its rule's params)."""
+        return {k: v for k, v in self.to_dict().items() if k != "targets"}
+
+    def train_settings(self) -> TrainSettings:
+        """The trainer's settings of the fine-tuning (SGD, schedule, batch, processes)."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated config, one typed section per key."""
 
@@ -257,6 +292,7 @@ class Config:
     study: StudyConfig
     solver: SolverConfig
     ptq: PtqConfig
+    finetune: FinetuneConfig
     plots: PlotsConfig
     evaluation: EvaluationConfig
 
@@ -275,6 +311,7 @@ class Config:
             study=StudyConfig.from_dict(cfg["study"]),
             solver=SolverConfig.from_dict(cfg["solver"]),
             ptq=PtqConfig.from_dict(cfg["ptq"]),
+            finetune=FinetuneConfig.from_dict(cfg["finetune"]),
             plots=PlotsConfig.from_dict(cfg["plots"]),
             evaluation=EvaluationConfig.from_dict(cfg["evaluation"]),
         )

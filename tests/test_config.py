@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import mpqflow.config_checks
 import mpqflow.validation
 from mpqflow.config import ConfigError, load_config, validate_config
 from mpqflow.names import option_table
@@ -329,7 +330,7 @@ def test_canonical_budget_agrees_with_budget_name():
     for name in names:
         assert canonical_budget(name) == Budget.parse(name).name, name
     for v in np.random.default_rng(0).uniform(0, 1e3, 200).tolist() + [1e-7, 1e22, 0.1 + 0.2]:
-        assert mpqflow.validation._fmt_number(v) == np.format_float_positional(v, trim="-"), v
+        assert mpqflow.config_checks._fmt_number(v) == np.format_float_positional(v, trim="-"), v
 
 
 def test_set_size_larger_than_the_pool():
