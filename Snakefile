@@ -17,6 +17,7 @@ include: "rules/optimize.smk"
 include: "rules/evaluate.smk"
 include: "rules/study.smk"
 include: "rules/ptq.smk"
+include: "rules/finetune.smk"
 
 
 rule all:

@@ -309,7 +309,7 @@ def _grouped_bars(acc: pd.DataFrame, fp: float, png: str, labels: dict, dpi: int
         for xi, val in zip(x + shift, acc[v].to_numpy()):
             ax.annotate(
                 f"{val:.1f}", (xi, val), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                fontsize=6, rotation=90,
+                fontsize=6, rotation=90, bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
             )  # fmt: skip
     ax.set_xticks(
         x, list(acc.index), rotation=30 if len(acc.index) > 4 else 0, ha="right" if len(acc.index) > 4 else "center"
@@ -335,10 +335,14 @@ def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> 
 
 def finetune_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
     """PTQ vs LSQ fine-tuned top-1 (%) of every fine-tuned decision: x = method / set / budget (size)."""
-    names = [
-        f"{r.method} {r.target}\n{r.size_mb * 1e3:.3g} kB"
-        if r.size_mb < 1
-        else f"{r.method} {r.target}\n{r.size_mb:.3g} MB"
+    names = [  # one line per part: method, set, budget (or option), size; long labels would overlap
+        "\n".join(
+            [
+                r.method,
+                *str(r.target).split("/"),
+                f"{r.size_mb * 1e3:.3g} kB" if r.size_mb < 1 else f"{r.size_mb:.3g} MB",
+            ]
+        )
         for r in df.itertuples()
     ]
     acc = pd.DataFrame(

@@ -48,7 +48,7 @@ STUDY_COLUMNS = [
 ]
 FINETUNE_COLUMNS = [
     "method", "target", "size_mb", "avg_bits", "gbitops", "top1_ptq", "loss_ptq", "top1_qat", "loss_qat", "fp_top1",
-    "epochs", "world_size", "distill", "seconds",
+    "epochs", "world_size", "distill", "train_seconds",
 ]  # fmt: skip
 
 
@@ -91,7 +91,7 @@ def finetune_table(finetuned_paths: list[str], ptq_paths: list[str], out_csv: st
             "method": q["method"], "target": _target(q), "size_mb": q["size_mb"], "avg_bits": q["avg_bits"],
             "gbitops": q["gbitops"], "top1_ptq": p["top1"], "loss_ptq": p["loss"], "top1_qat": q["top1"],
             "loss_qat": q["loss"], "fp_top1": q["fp_top1"], "epochs": q["epochs"], "world_size": q["world_size"],
-            "distill": q["distill"], "seconds": q["seconds"],
+            "distill": q["distill"], "train_seconds": q["train_seconds"],
         })  # fmt: skip
     df = pd.DataFrame(rows, columns=FINETUNE_COLUMNS)
     save_csv(out_csv, df, float_format=None)  # full precision: the table feeds the plot

@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -6,6 +7,7 @@ sys.path.insert(0, workflow.basedir)
 from mpqflow.codehash import code_hash
 from mpqflow.config import (
     ConfigError,
+    FinetuneConfig,
     SamplePlanConfig,
     SensitivityConfig,
     validate_config,
@@ -36,6 +38,9 @@ SETS = [
     for n in config["study"]["set_sizes"]
     for s in range(config["study"]["sets_per_size"])
 ]
+FINETUNE = FinetuneConfig.from_dict(config["finetune"])
+# 'clado/set_4x0/avg_bits-2.5' or 'uniform/w2a4': results/{model}/finetuned/<target>.pt, eval/<target>.json
+FINETUNE_TARGETS = FINETUNE.target_names
 
 
 wildcard_constraints:
@@ -104,6 +109,39 @@ def train_gpus(wildcards):
     return (world_size if trains else 1) if config["device"] == "cuda" else 0
 
 
+def finetune_threads(wildcards):
+    """A fine-tuning job's CPUs: `threads` per data-parallel process (finetune.world_size of them)."""
+    return config["threads"] * FINETUNE.world_size
+
+
+def finetune_gpus(wildcards):
+    """A fine-tuning job's GPUs with `device: cuda`: one per data-parallel process."""
+    return FINETUNE.world_size if config["device"] == "cuda" else 0
+
+
+def finetune_decision(wildcards):
+    """The decision a fine-tuning target starts from ({} for a uniform option: none)."""
+    if wildcards.target.startswith("uniform/"):
+        return {}
+    return {"decision": f"results/{wildcards.model}/decisions/{wildcards.target}.json"}
+
+
+def finetune_option(wildcards):
+    """The uniform option ('w2a4') of a uniform target, None for a searched decision."""
+    method, _, rest = wildcards.target.partition("/")
+    return rest if method == "uniform" else None
+
+
+def finetuned_evals(wildcards):
+    """The fine-tuned targets' evaluations, in config order."""
+    return [f"results/{wildcards.model}/finetuned/{t}.json" for t in FINETUNE_TARGETS]
+
+
+def finetuned_ptq_evals(wildcards):
+    """The PTQ evaluations of the same targets (eval/ holds decisions and uniform options alike)."""
+    return [f"results/{wildcards.model}/eval/{t}.json" for t in FINETUNE_TARGETS]
+
+
 def set_batch_files(wildcards):
     n, s = int(wildcards.n), int(wildcards.s)
     batches = sensitivity_set(
@@ -161,7 +199,8 @@ REPORTING = any(a == "--report" or a.startswith("--report=") for a in sys.argv)
 
 
 def all_targets():
-    """The study of every model, and its PTQ study unless `ptq.variants` is empty (or `ptq: null`)."""
+    """The study of every model, its PTQ study unless `ptq.variants` is empty (or `ptq: null`), and its
+    PTQ-vs-fine-tuned table and plot when `finetune.targets` names any."""
     targets = [
         "results/{model}/budgets.json",
         "results/{model}/eval/uniform.csv",
@@ -170,6 +209,11 @@ def all_targets():
     ]
     if config["ptq"]["variants"]:
         targets += ["results/{model}/ptq.csv", "results/{model}/plots/ptq.png"]
+    if FINETUNE_TARGETS:
+        targets += [
+            "results/{model}/finetune.csv",
+            "results/{model}/plots/finetune.png",
+        ]
     targets = expand(targets, model=MODELS)
     if REPORTING:
         missing = [t for t in targets if not os.path.exists(t)]

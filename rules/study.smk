@@ -2,6 +2,7 @@ rule study_table:
     input:
         uniform=uniform_evals,
         evals=decision_evals,
+        finetuned=finetuned_evals,
     output:
         table="results/{model}/study.csv",
     log:

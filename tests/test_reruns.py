@@ -116,6 +116,29 @@ def _eval_jobs(config, sets=None):
 
 STUDY = ["results/tiny/study.csv"]
 PLOTS = ["results/tiny/plots/accuracy_vs_size.png"]
+FT_TABLE = {"finetune_table": ["results/tiny/finetune.csv"], "finetune_plot": ["results/tiny/plots/finetune.png"]}
+
+
+def _finetuned(config, keep=lambda target: True):
+    """{finetune, evaluate_finetuned: first outputs} of the config's fine-tuning targets that `keep`
+    accepts, with the fine-tuning table and plot (empty if none is kept)."""
+    names = []
+    for t in config["finetune"]["targets"]:
+        name = f"uniform/{t['option']}" if t["method"] == "uniform" else f"{t['method']}/set_{t['set']}/{t['budget']}"
+        if keep(t):
+            names.append(name)
+    if not names:
+        return {}
+    return {
+        "finetune": sorted(f"results/tiny/finetuned/{n}.pt" for n in names),
+        "evaluate_finetuned": sorted(f"results/tiny/finetuned/{n}.json" for n in names),
+        **FT_TABLE,
+    }
+
+
+def _searched_target(sets=None):
+    """keep for _finetuned: the searched decisions (of `sets`, "NxS" names; all when None)."""
+    return lambda t: t["method"] != "uniform" and (sets is None or t["set"] in sets)
 
 
 def test_changed_budget_reruns_only_its_solves(tiny):
@@ -174,6 +197,7 @@ def test_larger_pool_computes_only_new_batches(tiny):
         "evaluate_decisions": _eval_jobs(config, changed_sets),
         "study_table": STUDY,
         "study_plots": PLOTS,
+        **_finetuned(config, _searched_target({f"{n}x{s}" for n, s in changed_sets})),
     }
     assert dry_run(workdir, bigger, "pool") == expected
     # The finished batch files the new sets reuse are there and are not recomputed.
@@ -193,12 +217,35 @@ def test_quantizer_change_invalidates_calibration_and_after(tiny, every_job):
     assert found == {rule: outs for rule, outs in every_job.items() if rule != "train_model"}
 
 
+def test_added_finetune_target_fine_tunes_only_it(tiny):
+    """A fine-tuning target added to the config: only it is fine-tuned and evaluated (the targets
+    list is no param of the others), then its tables."""
+    workdir, config = tiny
+    added = _copy(config)
+    new = {"method": "mpqco", "set": "1x0", "budget": "avg_bits-6"}
+    added["finetune"]["targets"] = config["finetune"]["targets"] + [new]
+    expected = {**_finetuned(added, lambda t: t == new), "study_table": STUDY, "study_plots": PLOTS}
+    assert dry_run(workdir, added, "ft_added") == expected
+
+
+def test_finetune_setting_reruns_fine_tuning_not_solves(tiny):
+    """A fine-tuning setting (epochs) reruns every fine-tuning and what follows: no solve, no PTQ evaluation."""
+    workdir, config = tiny
+    changed = _copy(config)
+    changed["finetune"]["epochs"] = config["finetune"]["epochs"] + 1
+    assert dry_run(workdir, changed, "ft_epochs") == {**_finetuned(config), "study_table": STUDY, "study_plots": PLOTS}
+
+
 def test_plot_settings_rerun_only_plots(tiny):
     """(d) Plot settings: only the plots (the study's and the PTQ study's), not their tables."""
     workdir, config = tiny
     changed = _copy(config)
     changed["plots"]["dpi"] = config["plots"]["dpi"] + 10
-    assert dry_run(workdir, changed, "plots") == {"study_plots": PLOTS, "ptq_plot": ["results/tiny/plots/ptq.png"]}
+    assert dry_run(workdir, changed, "plots") == {
+        "study_plots": PLOTS,
+        "ptq_plot": ["results/tiny/plots/ptq.png"],
+        "finetune_plot": FT_TABLE["finetune_plot"],
+    }
 
 
 def _sorted_keys(obj):
@@ -254,6 +301,7 @@ def test_solver_code_change_invalidates_solves(tiny, repo_copy, tmp_path):
         "evaluate_decisions": _eval_jobs(config),
         "study_table": STUDY,
         "study_plots": PLOTS,
+        **_finetuned(config, _searched_target()),  # a re-solved decision is fine-tuned again
     }
     assert not UPSTREAM & found.keys()
 
@@ -277,7 +325,9 @@ def test_sensitivity_code_change_invalidates_sensitivity(tiny, every_job, repo_c
         "ptq_table",
         "ptq_plot",
     }
-    assert found == {rule: outs for rule, outs in every_job.items() if rule not in keep}
+    expected = {rule: outs for rule, outs in every_job.items() if rule not in keep}
+    expected.update(_finetuned(config, _searched_target()))  # not the uniform option's fine-tuning
+    assert found == expected
 
 
 def _every_evaluation(config):
@@ -291,6 +341,8 @@ def _every_evaluation(config):
         "ptq_variant": sorted(f"results/tiny/ptq/{v}.json" for v in config["ptq"]["variants"]),
         "ptq_table": ["results/tiny/ptq.csv"],
         "ptq_plot": ["results/tiny/plots/ptq.png"],
+        # the fine-tuned models are evaluated again; their fine-tuning is not repeated
+        **{k: v for k, v in _finetuned(config).items() if k != "finetune"},
     }
 
 
@@ -345,4 +397,5 @@ def test_plot_code_change_redraws_only_plots(tiny, repo_copy, tmp_path):
         "study_plots": PLOTS,
         "ptq_table": ["results/tiny/ptq.csv"],
         "ptq_plot": ["results/tiny/plots/ptq.png"],
+        **FT_TABLE,
     }

@@ -129,6 +129,28 @@ def test_study_end_to_end(tiny_run):
 
 
 @pytest.mark.slow
+def test_finetune_end_to_end(tiny_run):
+    """The tiny config fine-tunes a decision and a uniform option on 2 gloo processes (torchrun)."""
+    res = tiny_run / "results" / "tiny"
+    ft = pd.read_csv(res / "finetune.csv")
+    assert list(ft.method) == ["clado", "uniform"] and list(ft.target) == ["set_2x0/avg_bits-4", "w2a8"]
+    assert (ft.world_size == 2).all() and (ft.epochs == 2).all()
+    # The tiny CNN at 2-bit weights loses much of its accuracy in PTQ; two epochs of LSQ win most of it back.
+    assert (ft.top1_qat > ft.top1_ptq + 0.1).all(), ft
+    study = pd.read_csv(res / "study.csv")
+    qat = study.dropna(subset=["top1_qat"])
+    assert sorted(zip(qat.method, qat.option.fillna(qat.budget))) == [("clado", "avg_bits-4"), ("uniform", "w2a8")]
+    assert qat.set_size.fillna(2).eq(2).all()
+    for name in ("clado/set_2x0/avg_bits-4", "uniform/w2a8"):
+        for suffix in (".pt", ".json", ".export.pt", ".export.json"):
+            assert (res / "finetuned" / f"{name}{suffix}").is_file(), name + suffix
+        log = (tiny_run / "logs" / "tiny" / "finetune" / f"{name}.log").read_text()
+        assert log.count("finetune epoch 2/2") == 1, log[-2000:]  # rank 0 alone logs
+    assert (res / "plots" / "finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((res / ".finetune_state").rglob("*.pt")), "epoch checkpoints outlive their job"
+
+
+@pytest.mark.slow
 def test_same_config_same_decisions(tiny_run):
     first = _decisions(tiny_run)
     assert len(first) == 20

@@ -4,4 +4,9 @@ setup_logging(snakemake.log[0])  # first: an import-time error below lands in th
 
 from mpqflow.stages.study import study_table  # noqa: E402
 
-study_table(list(snakemake.input.uniform), list(snakemake.input.evals), snakemake.output.table)
+study_table(
+    list(snakemake.input.uniform),
+    list(snakemake.input.evals),
+    snakemake.output.table,
+    list(snakemake.input.finetuned),
+)

@@ -5,6 +5,8 @@ Usage (what workflow_scripts/evaluate_uniform.py and evaluate_decisions.py call)
                      ["w8a8", "w4a8"], ["results/m/eval/uniform/w8a8.json", ...])
     evaluate_decisions(model_cfg, quant, plan, evaluation, runtime, model_pt, calibration_pt,
                        decision_jsons, eval_jsons)
+    evaluate_finetuned(model_cfg, quant, seed, evaluation, runtime, model_pt, calibration_pt,
+                       "results/m/finetuned/clado/set_4x0/avg_bits-2.5.pt", "results/m/finetuned/....json")
 
 One job evaluates several assignments on one loaded context: loading torch, the model and the data
 costs more than an evaluation of the default model, and each result is still its own file.
@@ -18,11 +20,12 @@ from ..artifacts import decision_assignment, fp_metrics, load_decision
 from ..config import EvaluationConfig, ModelConfig, QuantConfig, Runtime, SamplePlanConfig
 from ..context import load_context
 from ..data import set_indices
-from ..evaluate import assignment_loss, evaluate_assignment
+from ..evaluate import assignment_loss, evaluate_assignment, evaluate_lsq_model
+from ..finetuned import load_finetuned, read_finetuned
 from ..io import save_json
 from ..names import parse_option
 
-__all__ = ["evaluate_uniform", "evaluate_decisions"]
+__all__ = ["evaluate_uniform", "evaluate_decisions", "evaluate_finetuned"]
 log = logging.getLogger("mpqflow")
 
 
@@ -103,3 +106,29 @@ def evaluate_decisions(
         save_json(out_path, metrics)
         results.append(metrics)
     return results
+
+
+def evaluate_finetuned(
+    model: ModelConfig,
+    quant: QuantConfig,
+    seed: int,
+    evaluation: EvaluationConfig,
+    runtime: Runtime,
+    checkpoint: str,
+    calibration: str,
+    finetuned: str,
+    out_path: str,
+) -> dict:
+    """Held-out metrics of a fine-tuned model file (the eval/ schema, with its record: target, epochs,
+    processes, distillation, train_seconds), measured on the model rebuilt from the file alone."""
+    ctx = load_context(model, quant, seed, runtime, checkpoint, calibration)
+    ckpt = read_finetuned(finetuned)
+    if ckpt["checkpoint_sha256"] != ctx.checkpoint_sha256:
+        raise ValueError(f"{finetuned}: fine-tuned from another FP checkpoint than {checkpoint}; rerun its fine-tuning")
+    net = load_finetuned(ckpt, ctx.device)
+    metrics = evaluate_lsq_model(net, ctx.table, ctx.test_set, evaluation.batch_size, ctx.device, ctx.workers)
+    fp = fp_metrics(checkpoint)
+    metrics.update(ckpt["record"], fp_top1=fp["top1"], fp_loss=fp["loss"])
+    log.info("fine-tuned %s: top1 %.4f (FP %.4f)", finetuned, metrics["top1"], fp["top1"])
+    save_json(out_path, metrics)
+    return metrics
