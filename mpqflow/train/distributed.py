@@ -101,9 +101,19 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> DistEnv:
     return DistEnv(rank, world, local_rank, dev)
 
 
-def shutdown(env: DistEnv) -> None:
-    """Leave the process group (if any). No barrier: rank 0 may still be evaluating and saving."""
+def shutdown(env: DistEnv, *, wait: bool = False) -> None:
+    """Leave the process group (if any).
+
+    wait: first wait for every rank (after a success: rank 0 may still be writing its outputs). A rank
+    that destroyed its gloo group and exited while a peer still used it was seen to abort the peer
+    ("terminate called without an active exception"), failing a finished job. After a failure there is
+    no waiting: the peers fail on their own within the process-group timeout.
+    """
     if env.distributed and dist.is_initialized():
+        if wait and env.device.type == "cuda":
+            dist.barrier(device_ids=[env.local_rank])  # NCCL: name the GPU, or the barrier guesses
+        elif wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

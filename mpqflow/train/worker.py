@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:
         first = (str(err).strip().splitlines() or [""])[0][:300]
         log.exception("rank %d of %d failed: %s: %s", env.rank, env.world_size, type(err).__name__, first)
-        return 1
-    finally:
         shutdown(env)
+        return 1
+    shutdown(env, wait=True)
     return 0
 
 
