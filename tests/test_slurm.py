@@ -27,7 +27,7 @@ SCRIPT = REPO / "scripts" / "local_slurm.sh"
 PROFILE = REPO / "profiles" / "slurm"
 
 BRINGUP_TIMEOUT = 240  # s: apt install (about a minute on a fresh machine) and five daemons
-RUN_TIMEOUT = 420  # s: the SLURM run of the tiny config
+RUN_TIMEOUT = 600  # s: the SLURM run of the tiny config (fine-tuning included)
 # Jobs per sbatch job for the tiny DAG on the 2-CPU test node: train+calibrate, then 6 estimator
 # batches + 1 uniform evaluation job + 2 PTQ variants, 20 solves, 10 (method, set) evaluation jobs,
 # each group in two bundles that run side by side (a bundle runs its jobs one after another on its one CPU).
@@ -166,13 +166,19 @@ def test_jobs_ran_under_slurm(runs):
     submitted = set(re.findall(r"submitted with SLURM jobid (\d+)", output))
     jobs = _jobs(output)
     remote = [(rule, logs) for rule, is_local, logs in jobs if not is_local]
-    assert {"train_model", "calibrate", "evaluate_uniform"} <= {rule for rule, _ in remote}
+    assert {"train_model", "calibrate", "evaluate_uniform", "finetune", "evaluate_finetuned"} <= {r for r, _ in remote}
+    # Each fine-tuning job ran its 2 data-parallel processes (torchrun, gloo) inside its one SLURM job.
+    for rule, logs in remote:
+        if rule == "finetune":
+            text = (workdir / logs[0]).read_text()
+            assert "on 2 process(es)" in text and text.count("finetune epoch 2/2") == 1, text[-2000:]
     assert submitted, "the plugin reported no submission"
     logged = set()
     for rule, logs in remote:
         assert logs, f"rule {rule} has no log"
         for log in logs:
-            ids = re.findall(r"SLURM_JOB_ID=(\d+)", (workdir / log).read_text())
+            # a data-parallel job's torchrun worker logs the job id again: the same id, one job
+            ids = sorted(set(re.findall(r"SLURM_JOB_ID=(\d+)", (workdir / log).read_text())))
             assert len(ids) == 1, f"{log} ({rule}) records {len(ids)} SLURM job ids"
             assert ids[0] in submitted, f"{log} ({rule}) ran in SLURM job {ids[0]}, which this run did not submit"
             logged.add(ids[0])
