@@ -74,7 +74,7 @@ def _check_classes(name: str, m: dict) -> None:
         )
 
 
-BUDGET_KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel")  # as mpqflow.optimize.budgets.KINDS
+BUDGET_KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel", "cr")  # as mpqflow.optimize.budgets.KINDS
 
 
 def _fmt_number(v: float) -> str:
@@ -94,7 +94,7 @@ def canonical_budget(name: str) -> str:
 
 
 def check_budgets(cfg: dict, default: bool = False) -> list[str]:
-    """Canonical budget names, equivalent ones merged; refuse a zero budget or a certainly infeasible avg_bits.
+    """Canonical budget names, equivalent ones merged; refuse a zero budget or a certainly infeasible avg_bits or cr.
 
     `default`: the budgets are the schema's default (the config sets none), which the message says.
     """
@@ -116,10 +116,11 @@ def check_budgets(cfg: dict, default: bool = False) -> list[str]:
             raise ConfigError(
                 f"config key 'budgets[{i}]': {name!r} has value {value}; a budget's value must be greater than 0"
             )
-        if kind == "avg_bits" and v < floor:
+        avg = v if kind == "avg_bits" else 32.0 / v if kind == "cr" else None  # cr-r allows 32/r bits
+        if avg is not None and avg < floor:
             raise ConfigError(
                 f"config key 'budgets[{i}]': {name!r} cannot be met: the average weight bits are at least "
-                f"{floor}, {why}"
+                f"{floor} (a compression ratio of at most {32 / floor:g} against FP32), {why}"
                 + (f" (budgets is not set, so its default {cfg['budgets']} applies)" if default else "")
             )
         canon = canonical_budget(name)

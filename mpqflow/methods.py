@@ -11,6 +11,9 @@ method's estimated loss increase, as CLADO's G is (G[i,i] = 2(L(i) − L0)). So
     hawq:   linear = Ω = Tr(H_l)/numel(W_l) · ‖ΔW‖²      (the second-order term ΔWᵀHΔW with H ≈ Tr/numel·I)
     clado_naive / zeroq: linear = diag(G) (for binary x, xᵀdiag(G)x = diag(G)·x; no G given, so
     diagonal methods stay a multiple-choice knapsack for the solver)
+    limpq:  linear = 2 (Δs_a + α·Δs_w), LIMPQ's learned step sizes relative to the highest bit-width
+            (indicator units, not a loss: only its ranking compares with measured losses); options
+            that LIMPQ's outlier rule forbids are left out of the problem (:func:`method_allowed`)
 One estimator run serves several methods: clado, clado_raw, clado_naive, clado_kl and zeroq all read
 the same clado files.
 """
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .artifacts import means
+from .indicators import limpq_allowed, limpq_linear
 
 __all__ = [
     "Method",
@@ -32,6 +36,7 @@ __all__ = [
     "psd_project",
     "clado_matrix",
     "hawq_omega",
+    "method_allowed",
 ]
 
 
@@ -65,6 +70,7 @@ METHODS: dict[str, Method] = {
         Method("clado_naive", "clado", "diag", "ce", "diagonal of the CLADO cross-entropy matrix"),
         Method("clado_kl", "clado", "psd", "kl", "CLADO KL matrix projected on the PSD cone"),
         Method("zeroq", "clado", "diag", "kl", "diagonal of the CLADO KL matrix (ZeroQ-style)"),
+        Method("limpq", "limpq", "linear", None, "LIMPQ's learned per-bit step sizes, s_a + alpha * s_w"),
     )
 }
 
@@ -149,13 +155,16 @@ def _check_pooled(method: Method, pooled: dict, table) -> None:
             )
 
 
-def method_objective(method: str, pooled: dict, table) -> tuple[np.ndarray | None, np.ndarray | None]:
+def method_objective(
+    method: str, pooled: dict, table, *, alpha: float = 2.0
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(G (n, n) or None, linear (n,) or None): the method's objective xᵀGx + linear·x.
 
     Args:
         method: a key of METHODS.
         pooled: a pooled (or per-batch) sensitivity dict of the method's estimator (None for uniform).
         table: layers.LayerTable (candidates, options, numel).
+        alpha: LIMPQ's weight of the weight indicators against the activation ones (limpq only).
     """
     m = _method(method)
     if m.estimator is None:
@@ -167,12 +176,22 @@ def method_objective(method: str, pooled: dict, table) -> tuple[np.ndarray | Non
         return None, means(pooled)["sq"]
     if m.estimator == "hawq":
         return None, hawq_omega(pooled, [table.numel[l] for l in table.candidates])
+    if m.estimator == "limpq":
+        return None, limpq_linear(pooled, table, alpha)
     G = clado_matrix(pooled, m.loss, layer_of)
     if m.form == "diag":
         return None, np.diag(G).copy()
     if m.form == "psd":
         return psd_project(G), None
     return G, None
+
+
+def method_allowed(method: str, pooled: dict | None, table) -> np.ndarray | None:
+    """(n,) bool of the options the method may choose, or None when all are allowed (LIMPQ's outlier
+    rule, :mod:`mpqflow.sensitivity.limpq_io`, is the only restriction so far)."""
+    if _method(method).estimator != "limpq":
+        return None
+    return limpq_allowed(pooled, table)
 
 
 def estimated_loss_increase(method: str, objective: tuple, x) -> float:

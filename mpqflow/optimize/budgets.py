@@ -12,6 +12,10 @@ Kinds (all caps are totals over the whole quantized model, fixed first/last laye
     size_rel    fraction of the all-8-bit model size (candidate layers at W8, fixed layers as fixed)
     gbitops     BitOPs in units of 10^9
     bitops_rel  fraction of the all-W8A8 model's BitOPs
+    cr          compression ratio against the FP32 model (LIMPQ's constraint): total weight bits, fixed
+                layers at their fixed bits and unreached weights at 32, <= 32 * total weights / value.
+                So cr-12.2 = avg_bits-(32/12.2); weights are those of Conv2d/Linear layers (no biases,
+                no BatchNorm), as LIMPQ counts them.
 """
 
 from __future__ import annotations
@@ -24,14 +28,15 @@ import numpy as np
 __all__ = ["KINDS", "BITS_PER_MB", "UNITS", "Budget", "InfeasibleBudget", "parse_budgets", "caps_of"]
 
 BITS_PER_MB = 8e6
-KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel")
-_SIZE_KINDS = ("avg_bits", "size_mb", "size_rel")
+KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel", "cr")
+_SIZE_KINDS = ("avg_bits", "size_mb", "size_rel", "cr")
 UNITS = {
     "avg_bits": "average bits",
     "size_mb": "MB",
     "size_rel": "of the all-8-bit size",
     "gbitops": "GBitOPs",
     "bitops_rel": "of the all-W8A8 BitOPs",
+    "cr": "x compression against FP32",
 }  # how Budget.in_unit's values read
 
 
@@ -77,7 +82,7 @@ class Budget:
 
     @property
     def is_size(self) -> bool:
-        """True for size budgets (avg_bits, size_mb, size_rel), False for BitOPs budgets."""
+        """True for size budgets (avg_bits, size_mb, size_rel, cr), False for BitOPs budgets."""
         return self.kind in _SIZE_KINDS
 
     @classmethod
@@ -109,6 +114,8 @@ class Budget:
             return self.value * BITS_PER_MB
         if self.kind == "size_rel":
             return self.value * problem.reference_size_bits
+        if self.kind == "cr":
+            return 32.0 * problem.total_numel / self.value
         if self.kind == "gbitops":
             return self.value * 1e9
         return self.value * problem.reference_bitops
@@ -121,6 +128,8 @@ class Budget:
             return amount / BITS_PER_MB
         if self.kind == "size_rel":
             return amount / problem.reference_size_bits
+        if self.kind == "cr":
+            return 32.0 * problem.total_numel / amount  # the ratio this amount achieves
         if self.kind == "gbitops":
             return amount / 1e9
         return amount / problem.reference_bitops
@@ -136,6 +145,11 @@ class Budget:
     def _infeasible_message(self, problem, least: float) -> str:
         unit = UNITS[self.kind]
         head = f"budget {self.name} is infeasible: the smallest achievable "
+        if self.kind == "cr":
+            return (
+                f"budget {self.name} is infeasible: the highest achievable compression ratio is "
+                f"{self.in_unit(problem, least):.6g} ({least / BITS_PER_MB:.6g} MB, {least:.0f} bits)"
+            )
         if self.is_size:
             return (
                 head + f"size is {self.in_unit(problem, least):.6g} {unit} "

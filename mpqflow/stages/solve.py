@@ -18,7 +18,7 @@ from ..artifacts import load_batch_file, load_layer_table, save_decision, set_of
 from ..config import SolverConfig
 from ..io import save_json
 from ..layers import LayerTable
-from ..methods import estimated_loss_increase, method_objective
+from ..methods import estimated_loss_increase, method_allowed, method_objective
 from ..names import option_name
 from ..optimize import Budget, Problem, solve
 
@@ -26,18 +26,23 @@ __all__ = ["build_problem", "check_budgets", "solve_budget"]
 log = logging.getLogger("mpqflow")
 
 
-def build_problem(table: LayerTable, G=None, linear=None) -> Problem:
+def build_problem(table: LayerTable, G=None, linear=None, allowed=None) -> Problem:
     """The integer program of an objective xᵀGx + linear·x over a layer table: one option per
-    candidate layer, each option's size and BitOPs, the fixed layers' totals."""
+    candidate layer, each option's size and BitOPs, the fixed layers' totals.
+
+    `allowed`: (n,) bool over the table's options (option i = l*K + k); the others are left out of the
+    problem (G, linear and the problem's options are then over the allowed ones only)."""
     K = len(table.options)
+    keep = np.ones(len(table.candidates) * K, bool) if allowed is None else np.asarray(allowed, bool)
+    sub = (lambda a: a) if allowed is None else (lambda a: None if a is None else np.asarray(a)[keep])
     return Problem(
-        G=G,
-        linear=linear,
-        layer_of=np.repeat(np.arange(len(table.candidates)), K),
+        G=None if G is None else (G if allowed is None else np.asarray(G)[np.ix_(keep, keep)]),
+        linear=sub(linear),
+        layer_of=np.repeat(np.arange(len(table.candidates)), K)[keep],
         layer_names=list(table.candidates),
-        options=[tuple(o) for o in table.options] * len(table.candidates),
-        size_bits=np.array([table.numel[l] * w for l in table.candidates for w, _ in table.options], float),
-        bitops=np.array([table.macs[l] * w * a for l in table.candidates for w, a in table.options], float),
+        options=[o for o, k in zip([tuple(o) for o in table.options] * len(table.candidates), keep) if k],
+        size_bits=np.array([table.numel[l] * w for l in table.candidates for w, _ in table.options], float)[keep],
+        bitops=np.array([table.macs[l] * w * a for l in table.candidates for w, a in table.options], float)[keep],
         # unreached weights stay FP: 32 bits each, in every size and average-bits budget
         fixed_size_bits=float(
             sum(table.numel[l] * w for l, (w, _) in table.fixed.items()) + 32 * table.unreached_numel
@@ -67,12 +72,23 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
 
 
 def solve_budget(
-    layers_path: str, pooled_path: str, method: str, budget: str, solver: SolverConfig, out_path: str
+    layers_path: str,
+    pooled_path: str,
+    method: str,
+    budget: str,
+    solver: SolverConfig,
+    out_path: str,
+    *,
+    alpha: float = 2.0,
 ) -> dict:
-    """Form the method's objective from the pooled set, solve exactly under the budget, write the decision."""
+    """Form the method's objective from the pooled set, solve exactly under the budget, write the decision.
+
+    `alpha`: LIMPQ's weight of the weight indicators (method limpq only)."""
     table = load_layer_table(layers_path)
-    G, linear = method_objective(method, load_batch_file(pooled_path), table)
-    problem = build_problem(table, G, linear)
+    pooled = load_batch_file(pooled_path)
+    G, linear = method_objective(method, pooled, table, alpha=alpha)
+    allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
+    problem = build_problem(table, G, linear, allowed)
     sol = solve(
         problem,
         Budget.parse(budget),
@@ -89,12 +105,17 @@ def solve_budget(
         "set_id": s,
         "candidates": list(table.candidates),
         "choice": [option_name(problem.options[i]) for i in sol.choice],
-        "estimated_loss_increase": float(estimated_loss_increase(method, (G, linear), sol.x)),
+        "estimated_loss_increase": float(estimated_loss_increase(method, (problem.G, problem.linear), sol.x)),
         "size_mb": problem.total_size_bits(sol.x) / 8e6,
         "avg_bits": problem.avg_bits(sol.x),
         "gbitops": problem.total_bitops(sol.x) / 1e9,
         "solver": sol.to_dict(),
     }
+    if allowed is not None:  # what the method ruled out, so a surprising choice can be traced
+        K = len(table.options)
+        decision["forbidden"] = [
+            f"{table.candidates[i // K]}:{option_name(table.options[i % K])}" for i in np.flatnonzero(~allowed)
+        ]
     log.info(
         "%s %s set_%dx%d: %s, objective %.6g, %s in %.2f s",
         method,
