@@ -64,7 +64,7 @@ def test_cr_budget_against_a_hand_count():
     # cr-r is avg_bits-(32/r): the same cap
     assert Budget.parse("cr-8").cap(p) == pytest.approx(Budget("avg_bits", 4.0).cap(p))
     with pytest.raises(
-        InfeasibleBudget, match="cr-12 is infeasible: the highest achievable compression ratio is 11.45"
+        InfeasibleBudget, match="cr-12 is infeasible: the highest achievable compression ratio is 11.448"
     ):
         Budget.parse("cr-12").to_caps(p)  # smallest model: 400 + 2000 + 6000 + 3200 bits = ratio 11.448
 
