@@ -60,6 +60,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mpqflow.metrics",
             "mpqflow.evaluate",
             "mpqflow.finetuned",
+            "mpqflow.indicators",  # LIMPQ indicator files and the LIMPQ objective (torch-free)
         ),
     ),
     ("model-aware", ("mpqflow.methods", "mpqflow.context")),

@@ -38,6 +38,7 @@ __all__ = [
     "EvaluationConfig",
     "PtqConfig",
     "FinetuneConfig",
+    "LimpqConfig",
     "Config",
 ]
 
@@ -278,6 +279,32 @@ class FinetuneConfig(_Section):
 
 
 @dataclass(frozen=True)
+class LimpqConfig(_Section):
+    """limpq: the indicator pretraining (SGD as in `train`, on `data`: a set's batches or the whole
+    training split), or an imported LIMPQ pickle (`indicators`), and the search's `alpha`."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    augment_shift: int
+    world_size: int
+    amp: bool
+    data: str
+    alpha: float
+    indicators: str | None
+
+    def settings(self) -> dict:
+        """What an indicator file depends on (its rule's params): everything but alpha (the search's)."""
+        return {k: v for k, v in self.to_dict().items() if k != "alpha"}
+
+    def train_settings(self) -> TrainSettings:
+        """The trainer's settings of the indicator pretraining."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated config, one typed section per key."""
 
@@ -293,6 +320,7 @@ class Config:
     solver: SolverConfig
     ptq: PtqConfig
     finetune: FinetuneConfig
+    limpq: LimpqConfig
     plots: PlotsConfig
     evaluation: EvaluationConfig
 
@@ -312,6 +340,7 @@ class Config:
             solver=SolverConfig.from_dict(cfg["solver"]),
             ptq=PtqConfig.from_dict(cfg["ptq"]),
             finetune=FinetuneConfig.from_dict(cfg["finetune"]),
+            limpq=LimpqConfig.from_dict(cfg["limpq"]),
             plots=PlotsConfig.from_dict(cfg["plots"]),
             evaluation=EvaluationConfig.from_dict(cfg["evaluation"]),
         )

@@ -2,7 +2,7 @@
 
 Usage (what :func:`mpqflow.validation.validate_config` runs after the schema, in this order):
     check_paths(cfg); cfg["budgets"] = check_budgets(cfg); check_ptq_options(cfg); check_samples(cfg)
-    check_set_sizes(cfg); check_world_size(cfg); cfg["finetune"] = check_finetune(cfg)
+    check_set_sizes(cfg); check_world_size(cfg); check_limpq(cfg); cfg["finetune"] = check_finetune(cfg)
 
 Weights files are torch.save files, dataset roots exist with their class folders, the training split
 holds the calibration samples and the pool, set sizes fit the pool, budgets are positive and not
@@ -22,6 +22,8 @@ from pathlib import Path
 from .checkpoints import EXPECTED as _CHECKPOINT_EXPECTED
 from .checkpoints import looks_like_torch_save
 from .names import option_name, option_table, parse_option
+
+MAX_LSQ_BITS = 8  # mpqflow.quant.lsq.MAX_LSQ_BITS (not imported: this module stays torch-free)
 
 
 class ConfigError(ValueError):
@@ -197,6 +199,29 @@ def check_world_size(cfg: dict) -> None:
                 f"config key 'models.{name}.train.world_size': {world} processes need a batch_size of at least "
                 f"{world} (models.{name}.train.batch_size is {batch}, the global batch split over the processes)"
             )
+
+
+def check_limpq(cfg: dict) -> None:
+    """With method limpq: an imported indicator file exists; a pretraining fits LSQ's bits and its processes."""
+    if "limpq" not in cfg["methods"]:
+        return
+    lp, q = cfg["limpq"], cfg["quant"]
+    if lp["indicators"] is not None:
+        if not Path(lp["indicators"]).is_file():
+            raise ConfigError(f"config key 'limpq.indicators': {lp['indicators']!r} is not an existing file")
+        return
+    top = max(q["w_bits"] + q["a_bits"])
+    if top > MAX_LSQ_BITS:
+        raise ConfigError(
+            f"config key 'quant': LIMPQ's indicator pretraining learns LSQ steps of at most {MAX_LSQ_BITS} bits, "
+            f"but quant.w_bits {q['w_bits']} / quant.a_bits {q['a_bits']} reach {top}; narrow them or set "
+            "limpq.indicators"
+        )
+    if lp["world_size"] > lp["batch_size"]:
+        raise ConfigError(
+            f"config key 'limpq.world_size': {lp['world_size']} processes need a batch_size of at least "
+            f"{lp['world_size']} (limpq.batch_size is {lp['batch_size']}, the global batch split over the processes)"
+        )
 
 
 def finetune_target_name(target: dict) -> str:

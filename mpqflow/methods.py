@@ -188,7 +188,7 @@ def method_objective(
 
 def method_allowed(method: str, pooled: dict | None, table) -> np.ndarray | None:
     """(n,) bool of the options the method may choose, or None when all are allowed (LIMPQ's outlier
-    rule, :mod:`mpqflow.sensitivity.limpq_io`, is the only restriction so far)."""
+    rule, :mod:`mpqflow.indicators`, is the only restriction so far)."""
     if _method(method).estimator != "limpq":
         return None
     return limpq_allowed(pooled, table)

@@ -166,14 +166,18 @@ def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width
     return auc
 
 
+INDICATOR_UNITS = ("limpq",)  # methods whose estimate is a score (learned step sizes), not a loss
+
+
 def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, width: float = 5.0) -> None:
     """Each method's estimated loss increase for its decisions against the measured one (the sanity check)."""
     searched = df[df.method != "uniform"].dropna(subset=["estimated_loss_increase", "measured_loss_increase"])
     colors = _colors(searched.method.unique())
     fig, ax = plt.subplots(figsize=(width * 1.3, width))
     for method, g in searched.groupby("method"):
+        label = f"{method} (indicator units, not nats)" if method in INDICATOR_UNITS else method
         ax.scatter(
-            g.measured_loss_increase, g.estimated_loss_increase, s=18, alpha=0.8, color=colors[method], label=method
+            g.measured_loss_increase, g.estimated_loss_increase, s=18, alpha=0.8, color=colors[method], label=label
         )
     if not searched.empty:
         lo = min(searched.measured_loss_increase.min(), searched.estimated_loss_increase.min(), 0.0)

@@ -8,6 +8,7 @@ from mpqflow.codehash import code_hash
 from mpqflow.config import (
     ConfigError,
     FinetuneConfig,
+    LimpqConfig,
     SamplePlanConfig,
     SensitivityConfig,
     validate_config,
@@ -33,6 +34,9 @@ OPTIONS = [
 ]
 SEARCH_METHODS = [m for m in config["methods"] if method_estimator(m) is not None]
 ESTIMATORS = sorted({method_estimator(m) for m in SEARCH_METHODS})
+# estimators whose set file is the sum of per-batch files (limpq's comes from a training run)
+ADDITIVE_ESTIMATORS = [e for e in ESTIMATORS if e != "limpq"]
+LIMPQ = LimpqConfig.from_dict(config["limpq"])
 SETS = [
     (n, s)
     for n in config["study"]["set_sizes"]
@@ -117,6 +121,43 @@ def finetune_threads(wildcards):
 def finetune_gpus(wildcards):
     """A fine-tuning job's GPUs with `device: cuda`: one per data-parallel process."""
     return FINETUNE.world_size if config["device"] == "cuda" else 0
+
+
+def limpq_threads(wildcards):
+    """An indicator run's CPUs: `threads` per data-parallel process (limpq.world_size of them; one
+    process reads an imported file)."""
+    return config["threads"] * (LIMPQ.world_size if LIMPQ.indicators is None else 1)
+
+
+def limpq_gpus(wildcards):
+    """An indicator run's GPUs with `device: cuda`: one per data-parallel process (none to import)."""
+    if config["device"] != "cuda" or LIMPQ.indicators is not None:
+        return 0
+    return LIMPQ.world_size
+
+
+def limpq_imported(wildcards):
+    """The imported LIMPQ pickle (limpq.indicators) as an input: editing it redoes the import."""
+    return {} if LIMPQ.indicators is None else {"imported": LIMPQ.indicators}
+
+
+def limpq_batches(wildcards):
+    """The pool batches set NxS's indicator run trains on (limpq.data: set), None for the whole
+    training split: a param, so growing the pool retrains exactly the sets whose batches changed.
+    """
+    if LIMPQ.data != "set" or LIMPQ.indicators is not None:
+        return None
+    return sensitivity_set(
+        int(wildcards.n),
+        int(wildcards.s),
+        config["sensitivity"]["pool_batches"],
+        config["seed"],
+    )
+
+
+def solve_alpha(wildcards):
+    """LIMPQ's alpha for method limpq, None for the others (retuning it re-solves limpq only)."""
+    return LIMPQ.alpha if wildcards.method == "limpq" else None
 
 
 def finetune_decision(wildcards):

@@ -34,6 +34,7 @@ rule solve_budget:
         runtime=lambda wildcards: int(config["solver"]["time_limit"] / 60) + 5,
     params:
         solver=config["solver"],
+        alpha=solve_alpha,
         code=stage_code("solve"),
     script:
         "../workflow_scripts/solve_budget.py"

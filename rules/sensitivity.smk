@@ -6,6 +6,8 @@ rule sensitivity_batch:
         batch="results/{model}/sensitivity/{estimator}/batch_{batch}.npz",
     log:
         "logs/{model}/sensitivity/{estimator}/batch_{batch}.log",
+    wildcard_constraints:
+        estimator="|".join(ADDITIVE_ESTIMATORS) or "none",
     conda:
         "../envs/mpqflow.yaml"
     threads: config["threads"]
@@ -30,6 +32,8 @@ rule pool_set:
         pooled="results/{model}/sensitivity/{estimator}/set_{n}x{s}.npz",
     log:
         "logs/{model}/sensitivity/{estimator}/set_{n}x{s}.log",
+    wildcard_constraints:
+        estimator="|".join(ADDITIVE_ESTIMATORS) or "none",
     localrule: True
     conda:
         "../envs/mpqflow.yaml"
@@ -37,3 +41,36 @@ rule pool_set:
         code=stage_code("sensitivity"),
     script:
         "../workflow_scripts/pool_set.py"
+
+
+# LIMPQ's indicators of one set: a training run (or an imported LIMPQ pickle), not a sum over
+# batches, so the set file comes from this rule and not from sensitivity_batch + pool_set.
+rule limpq_indicators:
+    input:
+        unpack(limpq_imported),
+        model="results/{model}/model.pt",
+        calibration="results/{model}/calibration.pt",
+    output:
+        indicators="results/{model}/sensitivity/limpq/set_{n}x{s}.npz",
+    log:
+        "logs/{model}/sensitivity/limpq/set_{n}x{s}.log",
+    conda:
+        "../envs/mpqflow.yaml"
+    threads: limpq_threads
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=limpq_gpus,
+    params:
+        model=model_config,
+        seed=config["seed"],
+        quant=config["quant"],
+        plan=sample_plan(with_pool=False),
+        batches=limpq_batches,
+        # without alpha: retuning the search's alpha re-solves, it does not retrain the indicators
+        settings=LIMPQ.settings(),
+        code=stage_code("limpq"),
+        # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
+        state_dir="results/{model}/.limpq_state/set_{n}x{s}",
+    script:
+        "../workflow_scripts/limpq_indicators.py"

@@ -275,8 +275,8 @@ def test_ptq_options(options, expected):
         (
             {"budgets": ["avg_bits-1.5"]},
             (
-                "config key 'budgets[0]': 'avg_bits-1.5' cannot be met: the average weight bits are at least 2, the "
-                "smallest of quant.w_bits [2, 4, 8]"
+                "config key 'budgets[0]': 'avg_bits-1.5' cannot be met: the average weight bits are at least 2 (a "
+                "compression ratio of at most 16 against FP32), the smallest of quant.w_bits [2, 4, 8]"
             ),
         ),
         (
@@ -356,7 +356,7 @@ def test_set_size_larger_than_the_pool():
             _with(budgets=["bits-3"]),
             (
                 "config key 'budgets[0]': 'bits-3' is not a budget; expected kind-value with kind one of avg_bits, "
-                "size_mb, size_rel, gbitops, bitops_rel and a number, e.g. avg_bits-3.5"
+                "size_mb, size_rel, gbitops, bitops_rel, cr and a number, e.g. avg_bits-3.5"
             ),
         ),
         (_with(budgets=["avg_bits-3", "avg_bits-x"]), "config key 'budgets[1]': 'avg_bits-x' is not a budget"),

@@ -27,7 +27,9 @@ def pooled():
 
 
 def test_registry():
-    assert set(METHODS) == {"uniform", "mpqco", "hawq", "clado", "clado_raw", "clado_naive", "clado_kl", "zeroq"}
+    assert set(METHODS) == {
+        *("uniform", "mpqco", "hawq", "clado", "clado_raw", "clado_naive", "clado_kl", "zeroq", "limpq")
+    }
     assert method_estimator("uniform") is None
     assert {m: method_estimator(m) for m in ("clado_kl", "zeroq", "mpqco", "hawq")} == {
         "clado_kl": "clado",

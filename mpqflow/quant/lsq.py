@@ -29,7 +29,7 @@ from .qparams import QParams
 from .quantizer import ModelQuantizer
 
 __all__ = ["MAX_LSQ_BITS", "WEIGHT_INITS", "lsq_range", "lsq_quantize", "LsqQuantizer", "QuantConv2d", "QuantLinear"]
-__all__ += ["prepare_lsq", "init_activations", "lsq_layers", "lsq_assignment"]
+__all__ += ["prepare_lsq", "init_activations", "lsq_layers", "lsq_assignment", "calibrated_step"]
 
 MAX_LSQ_BITS = 8  # integer codes fit int8 / uint8
 WEIGHT_INITS = ("calibrated", "lsq", "limpq", None)  # None: steps left for load_state_dict
@@ -249,7 +249,7 @@ def _swap(m: nn.Module, wq: LsqQuantizer | None, aq: LsqQuantizer | None) -> nn.
     return new.train(m.training)
 
 
-def _calibrated_step(qp: QParams, qn: int, qpos: int) -> torch.Tensor:
+def calibrated_step(qp: QParams, qn: int, qpos: int) -> torch.Tensor:
     """The calibrated scale if its grid is LSQ's (zero point 0, range [Qn, Qp]); else, LSQ having no zero
     point, the step of the symmetric grid covering the calibrated grid's range (choose_qparams' rule)."""
     if bool((qp.zero_point == 0).all()) and (qp.quant_min, qp.quant_max) == (qn, qpos):
@@ -298,7 +298,7 @@ def _weight_quant(name, m, bits, quantizer, weight_init, per_channel) -> LsqQuan
             raise ValueError(f"layer {name!r}: weights differ from the quantizer's model; calibrate again")
         if qp.ch_axis not in (None, 0) or (qp.scale.numel() > 1 and not per_channel):
             raise ValueError(f"layer {name!r}: calibrated weight scales along axis {qp.ch_axis} do not fit")
-        wq.init_scale(_calibrated_step(qp, wq.qn, wq.qp))
+        wq.init_scale(calibrated_step(qp, wq.qn, wq.qp))
     elif weight_init is not None:
         getattr(wq, f"init_{weight_init}")(m.weight)  # init_lsq or init_limpq
     return wq
@@ -310,7 +310,7 @@ def _act_quant(name, m, bits, quantizer, signed) -> LsqQuantizer:
         signed = qp.quant_min < 0  # the observer saw negative inputs
     aq = LsqQuantizer(bits, signed, per_sample=True).to(m.weight.device)
     if qp is not None:
-        aq.init_scale(_calibrated_step(qp, aq.qn, aq.qp))
+        aq.init_scale(calibrated_step(qp, aq.qn, aq.qp))
     return aq
 
 

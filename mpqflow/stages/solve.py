@@ -111,6 +111,8 @@ def solve_budget(
         "gbitops": problem.total_bitops(sol.x) / 1e9,
         "solver": sol.to_dict(),
     }
+    if method == "limpq":
+        decision["alpha"] = float(alpha)
     if allowed is not None:  # what the method ruled out, so a surprising choice can be traced
         K = len(table.options)
         decision["forbidden"] = [

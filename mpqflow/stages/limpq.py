@@ -1,0 +1,155 @@
+"""Stage `limpq`: LIMPQ's importance indicators of one sensitivity set, pretrained or imported.
+
+Usage (workflow_scripts/limpq_indicators.py; `job` holds limpq_indicators()'s arguments but `env`, all
+JSON-able so torchrun's workers get them too):
+    run_limpq_indicators(dict(model=model_dict, quant=quant_dict, seed=0, plan=plan_dict,
+                              settings=limpq_settings, checkpoint="results/m/model.pt",
+                              calibration="results/m/calibration.pt", set_size=4, set_id=0,
+                              batches=[1, 3, 5, 6],          # the set's pool batches; None: data train
+                              out_path="results/m/sensitivity/limpq/set_4x0.npz",
+                              state_dir="results/m/.limpq_state/set_4x0"),
+                         Runtime("cpu", threads=2))
+
+With `settings["indicators"]` (a LIMPQ-format pickle) the file is imported onto the layer table and no
+training runs: every set then holds the same indicators. Otherwise `settings["world_size"]` ranks
+(:func:`mpqflow.train.launch`) pretrain the switchable LSQ model of
+:mod:`mpqflow.sensitivity.limpq` on the set's data and rank 0 writes the learned step sizes.
+
+What a set means for a trained estimator: set NxS's indicators come from a run seeded by
+(seed, N, S) on the set's N pool batches (`data: set`, the samples CLADO, MPQCO and HAWQ measure on
+for the same set), or on the whole training split (`data: train`: then N and S only vary the seed).
+The variance study across sets is therefore the indicator training's variance over data subsets and
+seeds, not a sampling error of a sum over batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from ..artifacts import load_calibration, save_batch_file
+from ..codehash import code_hash
+from ..config import LimpqConfig, ModelConfig, QuantConfig, Runtime, SamplePlanConfig
+from ..context import load_context
+from ..data import pool_batch_indices
+from ..indicators import read_limpq_pickle
+from ..io import file_sha256
+from ..sensitivity.common import FORMAT_VERSION
+from ..sensitivity.limpq import indicator_payload, limpq_loss, limpq_param_groups, limpq_supernet
+from ..train import fit, launch
+from ..train.state import clear_state
+
+__all__ = ["run_limpq_indicators", "limpq_indicators", "limpq_run_seed", "limpq_meta"]
+log = logging.getLogger("mpqflow")
+
+
+def limpq_run_seed(seed: int, set_size: int, set_id: int) -> int:
+    """The indicator run's seed of set NxS: distinct for every (seed, N, S) of a study."""
+    return int(seed) * 1_000_003 + int(set_size) * 1_009 + int(set_id)
+
+
+def limpq_meta(table, quant: dict, checkpoint_sha256: str, settings: dict) -> dict:
+    """The meta fields of a limpq indicator file (mpqflow.artifacts' sensitivity-file contract)."""
+    return {
+        "format": FORMAT_VERSION,
+        "estimator": "limpq",
+        "layers": list(table.candidates),
+        "options": np.asarray(table.options, dtype=np.int64).reshape(-1, 2),
+        "quant": json.dumps(quant, sort_keys=True),
+        "checkpoint_sha256": str(checkpoint_sha256),
+        "settings": json.dumps(settings, sort_keys=True),
+    }
+
+
+def run_limpq_indicators(job: dict, runtime: Runtime) -> None:
+    """Import the configured indicator file, or pretrain on `settings["world_size"]` processes sharing
+    `runtime.threads`; writes `job["out_path"]`."""
+    settings = LimpqConfig.from_dict({"alpha": 2.0, **job["settings"]}).settings()  # every key checked
+    if settings["indicators"] is not None:
+        import_indicators(job, settings)
+        return
+    job = {"tag": code_hash(__name__), **job}  # an epoch checkpoint of other indicator code is not resumed
+    launch(f"{__name__}:limpq_indicators", job, settings["world_size"], threads=runtime.threads, device=runtime.device)
+
+
+def import_indicators(job: dict, settings: dict) -> None:
+    """A LIMPQ-format pickle mapped onto the calibration's layer table, as this set's indicator file."""
+    sha = file_sha256(job["checkpoint"])
+    _, table = load_calibration(job["calibration"], sha, job["quant"])  # refuses another model's calibration
+    payload = read_limpq_pickle(settings["indicators"], table)
+    meta = limpq_meta(table, job["quant"], sha, settings)
+    save_batch_file(job["out_path"], payload, meta)
+    log.info("imported LIMPQ indicators of %d layers from %s", len(table.candidates), settings["indicators"])
+
+
+def limpq_indicators(
+    *,
+    model: dict,
+    quant: dict,
+    seed: int,
+    plan: dict,
+    settings: dict,
+    checkpoint: str,
+    calibration: str,
+    set_size: int,
+    set_id: int,
+    batches: list[int] | None,
+    out_path: str,
+    state_dir: str | None,
+    tag: str = "",
+    env,
+) -> None:
+    """Pretrain the indicators of set `set_size`x`set_id` on this rank; rank 0 writes `out_path`.
+
+    Args:
+        plan: :class:`SamplePlanConfig` fields (which training samples a pool batch holds).
+        batches: the pool batches to train on (the set's, `data: set`), None for the whole training
+            split (`data: train`).
+        settings: :meth:`LimpqConfig.settings` (the validated `limpq` section without alpha).
+        state_dir: the epoch checkpoints (resume after a kill); removed once the file exists.
+        tag: what else identifies the run for resuming (the stage's code hash).
+    """
+    t0 = time.perf_counter()
+    lp = LimpqConfig.from_dict({"alpha": 2.0, **settings})
+    model_cfg, quant_cfg, sample_plan = (
+        ModelConfig.from_dict(model),
+        QuantConfig.from_dict(quant),
+        SamplePlanConfig(**plan),
+    )
+    runtime = Runtime(str(env.device), torch.get_num_threads())
+    ctx = load_context(model_cfg, quant_cfg, seed, runtime, checkpoint, calibration)
+    data = ctx.train_set
+    if batches is not None:
+        indices = np.concatenate([pool_batch_indices(len(data), sample_plan, b) for b in batches])
+        data = Subset(data, indices.tolist())
+    run_seed = limpq_run_seed(seed, set_size, set_id)
+    net = limpq_supernet(ctx.net, ctx.table, ctx.quantizer, seed=run_seed)
+    if env.is_main:
+        log.info(
+            "LIMPQ indicators of set %dx%d: %d samples, %d candidate layers, %d bit modes, on %d process(es)",
+            set_size, set_id, len(data), len(ctx.table.candidates), net.modes, env.world_size,
+        )  # fmt: skip
+    train = lp.train_settings()
+    fit(
+        net,
+        data,
+        train,
+        seed=run_seed,
+        env=env,
+        loss_fn=limpq_loss,
+        state_dir=state_dir,
+        desc="limpq",
+        param_groups=limpq_param_groups(net, train.weight_decay),
+        tag=f"{tag} set {set_size}x{set_id}",
+    )
+    if not env.is_main:
+        return
+    payload = indicator_payload(net, ctx.table, samples=len(data))
+    save_batch_file(out_path, payload, limpq_meta(ctx.table, quant, ctx.checkpoint_sha256, lp.settings()))
+    log.info("LIMPQ indicators of set %dx%d in %.0f s", set_size, set_id, time.perf_counter() - t0)
+    clear_state(state_dir)

@@ -1,0 +1,186 @@
+"""LIMPQ's training half: the switchable LSQ model (mpqflow/sensitivity/limpq.py), the indicator
+stage (mpqflow/stages/limpq.py) and its config, on a small digits CNN trained and calibrated once.
+
+The workflow rule (2 gloo processes, the limpq decisions fine-tuned) runs in the tiny study of
+test_workflow.py."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mpqflow.artifacts import load_batch_file, load_layer_table
+from mpqflow.config import Config, ConfigError, SolverConfig, validate_config
+from mpqflow.config_checks import MAX_LSQ_BITS as CHECKED_MAX_BITS
+from mpqflow.context import load_context
+from mpqflow.data import sensitivity_set
+from mpqflow.indicators import limpq_allowed, limpq_forbidden_bits, write_limpq_pickle
+from mpqflow.quant.lsq import MAX_LSQ_BITS
+from mpqflow.sensitivity.limpq import SwitchableBatchNorm2d, indicator_payload, limpq_loss, limpq_supernet
+from mpqflow.stages import calibrate, train
+from mpqflow.stages.limpq import run_limpq_indicators
+from mpqflow.stages.solve import solve_budget
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RAW = {
+    "seed": 0,
+    "device": "cpu",
+    "threads": 1,
+    "models": {"m": {"arch": "digits_cnn", "dataset": {"name": "digits"}, "train": {"epochs": 4, "lr": 0.1}}},
+    "quant": {"w_bits": [2, 4, 8], "a_bits": [4, 8], "calibration_samples": 64, "calibration_batch_size": 32},
+    "sensitivity": {"batch_size": 32, "pool_batches": 4},
+    "methods": ["uniform", "limpq"],
+    "budgets": ["avg_bits-4"],
+    "study": {"set_sizes": [2], "sets_per_size": 1},
+    "limpq": {"epochs": 4, "batch_size": 32},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(cfg, dir) with the model trained and calibrated."""
+    cfg = Config.from_dict(validate_config(RAW))
+    d = tmp_path_factory.mktemp("limpq")
+    m = cfg.models["m"]
+    train.train_or_load(m, cfg.seed, cfg.evaluation, cfg.runtime, str(d / "model.pt"))
+    calibrate.calibrate(m, cfg.quant, cfg.seed, cfg.runtime, str(d / "model.pt"), str(d / "calibration.pt"),
+                        str(d / "layers.json"), plan=cfg.sample_plan)  # fmt: skip
+    return cfg, d
+
+
+def _context(cfg, d):
+    return load_context(
+        cfg.models["m"], cfg.quant, cfg.seed, cfg.runtime, str(d / "model.pt"), str(d / "calibration.pt")
+    )
+
+
+def _job(cfg, d, out, **settings):
+    data = {**cfg.limpq.settings(), **settings}["data"]
+    batches = sensitivity_set(2, 0, cfg.sample_plan.pool_batches, cfg.seed) if data == "set" else None
+    return dict(model=cfg.models["m"].to_dict(), quant=cfg.quant.to_dict(), seed=cfg.seed,
+                plan=cfg.sample_plan.to_dict(), settings={**cfg.limpq.settings(), **settings},
+                checkpoint=str(d / "model.pt"), calibration=str(d / "calibration.pt"), set_size=2, set_id=0,
+                batches=batches, out_path=str(out), state_dir=str(out) + ".state")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    """The indicator file of set 2x0 trained on the whole training split, and the steps it started from."""
+    cfg, d = run
+    ctx = _context(cfg, d)
+    initial = indicator_payload(limpq_supernet(ctx.net, ctx.table, ctx.quantizer, seed=0), ctx.table, samples=0)
+    out = d / "limpq_train.npz"
+    run_limpq_indicators(_job(cfg, d, out, data="train"), cfg.runtime)
+    return load_batch_file(out), initial
+
+
+def test_supernet_runs_every_bit_mode_with_its_own_batchnorm_and_one_random_assignment(run):
+    cfg, d = run
+    ctx = _context(cfg, d)
+    net = limpq_supernet(ctx.net, ctx.table, ctx.quantizer, seed=3)
+    assert net.modes == 3 and [net.mode_bits(k) for k in range(3)] == [(8, 8), (4, 4), (2, 4)]
+    bns = {n: m for n, m in net.net.named_modules() if isinstance(m, SwitchableBatchNorm2d)}
+    assert sorted(bns) == ["bn2", "bn3"]  # after the candidates conv2, conv3; bn1 follows the fixed conv1
+    x = torch.randn(5, 1, 8, 8)
+    net.train()
+    out = net(x)
+    assert out.shape == (4, 5, 10)  # 3 modes + 1 random assignment
+    assert int(net.draws) == 1
+    # each mode trained its own BatchNorm copy: their running statistics differ
+    means = [c.running_mean.clone() for c in bns["bn3"].copies]
+    assert not torch.allclose(means[0], means[2])
+    # the random assignment is a function of (seed, draws): the same again after a reset
+    a = net.random_assignment()
+    assert a == net.random_assignment() and set(a.values()) <= set(ctx.table.options)
+    # eval: one forward of the current setting; W2A4 moves the logits more from W8A8 than W4A4 does
+    net.eval()
+    evals = []
+    for k in range(3):
+        net.set_mode(k)
+        evals.append(net(x))
+    assert evals[0].shape == (5, 10)
+    assert (evals[2] - evals[0]).abs().mean() > (evals[1] - evals[0]).abs().mean() > 0
+    loss, logits = limpq_loss(net.train(), x, torch.arange(5))
+    assert logits.shape == (5, 10) and loss.requires_grad
+
+
+def test_indicator_training_moves_the_steps_monotone_in_bits(trained, run):
+    """The steps move from their initial values; lower bits learn larger steps (LIMPQ's premise)
+    except where the outlier rule says so: the forbidden options are exactly the non-monotone ones."""
+    payload, initial = trained
+    for key in ("w_indicator", "a_indicator"):
+        moved = np.abs(payload[key] - initial[key]) / initial[key]
+        assert moved.max() > 1e-3, (key, moved)
+        s = payload[key]  # (L, K) columns in descending bits
+        non_monotone = s[:, 1:] < s[:, :-1]
+        assert (limpq_forbidden_bits(s)[:, 1:] == non_monotone).all()
+    assert payload["w_indicator"].shape == (2, 3) and payload["a_indicator"].shape == (2, 2)
+    assert list(payload["w_bits"]) == [8, 4, 2] and list(payload["a_bits"]) == [8, 4]
+    # on this model every step is monotone: a regression here means the training broke the premise
+    assert not limpq_forbidden_bits(payload["w_indicator"]).any()
+    assert not limpq_forbidden_bits(payload["a_indicator"]).any()
+    cfg, d = run
+    table = load_layer_table(d / "layers.json")
+    assert limpq_allowed(payload, table).all()
+    assert payload["estimator"] == "limpq" and payload["layers"] == list(table.candidates)
+    assert json.loads(payload["settings"])["data"] == "train" and int(payload["count"]) > 1000
+
+
+def test_same_config_same_indicators_and_set_data_differs(run, trained, tmp_path):
+    cfg, d = run
+    payload, _ = trained
+    again = tmp_path / "again.npz"
+    run_limpq_indicators(_job(cfg, d, again, data="train"), cfg.runtime)
+    np.testing.assert_array_equal(load_batch_file(again)["w_indicator"], payload["w_indicator"])
+    np.testing.assert_array_equal(load_batch_file(again)["a_indicator"], payload["a_indicator"])
+    on_set = tmp_path / "set.npz"
+    run_limpq_indicators(_job(cfg, d, on_set, data="set"), cfg.runtime)
+    set_payload = load_batch_file(on_set)
+    assert int(set_payload["count"]) == 2 * 32  # the set's two pool batches
+    assert not np.array_equal(set_payload["w_indicator"], payload["w_indicator"])
+    assert not (d / "again.npz.state").exists()  # the epoch checkpoints go once the file exists
+
+
+def test_imported_pickle_becomes_the_set_file_and_the_search_reads_it(run, trained, tmp_path):
+    cfg, d = run
+    payload, _ = trained
+    table = load_layer_table(d / "layers.json")
+    edited = {**payload, "w_indicator": payload["w_indicator"].copy()}
+    edited["w_indicator"][0, 2] = edited["w_indicator"][0, 1] / 2  # conv2's 2-bit step below its 4-bit one
+    pkl = tmp_path / "indicators.pkl"
+    write_limpq_pickle(pkl, edited, ["module." + l for l in table.candidates])  # DataParallel names
+    out = tmp_path / "set_2x0.npz"
+    run_limpq_indicators(_job(cfg, d, out, indicators=str(pkl)), cfg.runtime)
+    got = load_batch_file(out)
+    np.testing.assert_allclose(got["w_indicator"], edited["w_indicator"])
+    assert int(got["count"]) == 0
+    solver = SolverConfig.from_dict(cfg.solver.to_dict())
+    decision = solve_budget(str(d / "layers.json"), str(out), "limpq", "avg_bits-4", solver, str(tmp_path / "d.json"),
+                            alpha=1.5)  # fmt: skip
+    assert decision["alpha"] == 1.5
+    assert sorted(decision["forbidden"]) == ["conv2:w2a4", "conv2:w2a8"]
+    assert not decision["choice"][0].startswith("w2")
+
+
+def test_config_checks_of_the_limpq_section(tmp_path):
+    assert MAX_LSQ_BITS == CHECKED_MAX_BITS
+    raw = copy.deepcopy(RAW)
+    raw["limpq"] = {"indicators": str(tmp_path / "nope.pkl")}
+    with pytest.raises(ConfigError, match=r"config key 'limpq.indicators': '.*nope.pkl' is not an existing file"):
+        validate_config(raw)
+    raw["limpq"] = {"world_size": 4, "batch_size": 2}
+    with pytest.raises(ConfigError, match="config key 'limpq.world_size': 4 processes need a batch_size of at least 4"):
+        validate_config(raw)
+    raw["limpq"] = {}
+    raw["quant"] = {**raw["quant"], "w_bits": [4, 16]}
+    with pytest.raises(ConfigError, match=r"LSQ steps of at most 8 bits, .* reach 16"):
+        validate_config(raw)
+    raw["methods"] = ["uniform", "mpqco"]  # no limpq: its section is not checked
+    validate_config(raw)
+    raw = copy.deepcopy(RAW)
+    raw["limpq"] = {"data": "pool"}
+    with pytest.raises(ConfigError, match="limpq.data"):
+        validate_config(raw)
