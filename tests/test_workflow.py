@@ -111,10 +111,10 @@ def _decisions(workdir):
 def test_study_end_to_end(tiny_run):
     res = tiny_run / "results" / "tiny"
     study = pd.read_csv(res / "study.csv")
-    methods = ["clado", "clado_naive", "clado_raw", "hawq", "mpqco"]
+    methods = ["clado", "clado_naive", "clado_raw", "hawq", "limpq", "mpqco"]
     searched = study[study.method != "uniform"]
-    # One row per (method, set, budget): 5 methods x 2 sets (sizes 1 and 2) x 2 budgets, plus 2 uniform rows.
-    assert sorted(searched.method.unique()) == methods and len(searched) == 5 * 2 * 2
+    # One row per (method, set, budget): 6 methods x 2 sets (sizes 1 and 2) x 2 budgets, plus 2 uniform rows.
+    assert sorted(searched.method.unique()) == methods and len(searched) == 6 * 2 * 2
     assert (study.method == "uniform").sum() == 2
     for row in searched.itertuples():
         cap = float(row.budget.split("-")[1])
@@ -134,18 +134,22 @@ def test_study_end_to_end(tiny_run):
 
 @pytest.mark.slow
 def test_finetune_end_to_end(tiny_run):
-    """The tiny config fine-tunes a decision and a uniform option on 2 gloo processes (torchrun)."""
+    """The tiny config fine-tunes two decisions (one LIMPQ's) and a uniform option on 2 gloo processes (torchrun)."""
     res = tiny_run / "results" / "tiny"
     ft = pd.read_csv(res / "finetune.csv")
-    assert list(ft.method) == ["clado", "uniform"] and list(ft.target) == ["set_2x0/avg_bits-4", "w2a8"]
+    assert list(ft.method) == ["clado", "limpq", "uniform"]
+    assert list(ft.target) == ["set_2x0/avg_bits-4", "set_1x0/avg_bits-4", "w2a8"]
     assert (ft.world_size == 2).all() and (ft.epochs == 2).all()
     # The tiny CNN at 2-bit weights loses much of its accuracy in PTQ; two epochs of LSQ win most of it back.
     assert (ft.top1_qat > ft.top1_ptq + 0.1).all(), ft
     study = pd.read_csv(res / "study.csv")
     qat = study.dropna(subset=["top1_qat"])
-    assert sorted(zip(qat.method, qat.option.fillna(qat.budget))) == [("clado", "avg_bits-4"), ("uniform", "w2a8")]
-    assert qat.set_size.fillna(2).eq(2).all()
-    for name in ("clado/set_2x0/avg_bits-4", "uniform/w2a8"):
+    assert sorted(zip(qat.method, qat.option.fillna(qat.budget), qat.set_size.fillna(0))) == [
+        ("clado", "avg_bits-4", 2),
+        ("limpq", "avg_bits-4", 1),
+        ("uniform", "w2a8", 0),
+    ]
+    for name in ("clado/set_2x0/avg_bits-4", "limpq/set_1x0/avg_bits-4", "uniform/w2a8"):
         for suffix in (".pt", ".json", ".export.pt", ".export.json"):
             assert (res / "finetuned" / f"{name}{suffix}").is_file(), name + suffix
         log = (tiny_run / "logs" / "tiny" / "finetune" / f"{name}.log").read_text()
@@ -157,9 +161,30 @@ def test_finetune_end_to_end(tiny_run):
 @pytest.mark.slow
 def test_same_config_same_decisions(tiny_run):
     first = _decisions(tiny_run)
-    assert len(first) == 20
+    assert len(first) == 24
     study = (tiny_run / "results" / "tiny" / "study.csv").read_text()
     snakemake(tiny_run, "--forcerun", "solve_budget")
     assert _decisions(tiny_run) == first
     cols = lambda text: pd.read_csv(io.StringIO(text)).drop(columns=["solver_seconds"])  # noqa: E731
     pd.testing.assert_frame_equal(cols(study), cols((tiny_run / "results" / "tiny" / "study.csv").read_text()))
+
+
+@pytest.mark.slow
+def test_limpq_indicators_on_two_processes_are_reproducible(tiny_run):
+    """Rule limpq_indicators trains each set's indicators on 2 gloo processes; a forced rerun gives
+    the same arrays, byte for byte (seeded draws, deterministic data order)."""
+    sens = tiny_run / "results" / "tiny" / "sensitivity" / "limpq"
+    files = sorted(sens.glob("set_*.npz"))
+    assert [f.name for f in files] == ["set_1x0.npz", "set_2x0.npz"]
+    before = {f.name: np.load(f) for f in files}
+    before = {k: {a: v[a].copy() for a in ("w_indicator", "a_indicator", "count")} for k, v in before.items()}
+    for f in files:
+        log = (tiny_run / "logs" / "tiny" / "sensitivity" / "limpq" / f"{f.stem}.log").read_text()
+        assert "on 2 process(es)" in log and log.count("limpq epoch 3/3") == 1, log[-2000:]
+    assert int(before["set_1x0.npz"]["count"]) == 32 and int(before["set_2x0.npz"]["count"]) == 64
+    assert not list((tiny_run / "results" / "tiny" / ".limpq_state").rglob("*.pt"))
+    snakemake(tiny_run, "--forcerun", "limpq_indicators")
+    for name, arrays in before.items():
+        again = np.load(sens / name)
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(again[key], value, err_msg=f"{name}: {key}")
