@@ -184,3 +184,33 @@ def test_config_checks_of_the_limpq_section(tmp_path):
     raw["limpq"] = {"data": "pool"}
     with pytest.raises(ConfigError, match="limpq.data"):
         validate_config(raw)
+
+
+def test_interrupted_indicator_run_resumes_to_the_same_indicators(run, tmp_path, monkeypatch, caplog):
+    """Killed in its third epoch, the run resumes from the second epoch's checkpoint (weights, steps,
+    BatchNorm copies, optimizer and the random-assignment counter) to the uninterrupted indicators."""
+    import mpqflow.stages.limpq as stage
+    from mpqflow.sensitivity.limpq import limpq_loss as real_loss
+
+    cfg, d = run
+    reference = tmp_path / "reference.npz"
+    run_limpq_indicators(_job(cfg, d, reference), cfg.runtime)  # data: set, 2 steps per epoch
+    calls = {"n": 0}
+
+    def dies_in_epoch_3(model, x, y):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the first step of epoch 3
+            raise KeyboardInterrupt("killed")
+        return real_loss(model, x, y)
+
+    out = tmp_path / "resumed.npz"
+    monkeypatch.setattr(stage, "limpq_loss", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_limpq_indicators(_job(cfg, d, out), cfg.runtime)
+    assert not out.exists() and (tmp_path / "resumed.npz.state" / "epoch.pt").is_file()
+    monkeypatch.setattr(stage, "limpq_loss", real_loss)
+    with caplog.at_level("INFO", logger="mpqflow"):
+        run_limpq_indicators(_job(cfg, d, out), cfg.runtime)
+    assert "2 of 4 epochs done" in caplog.text
+    for key in ("w_indicator", "a_indicator"):
+        np.testing.assert_array_equal(load_batch_file(out)[key], load_batch_file(reference)[key])
