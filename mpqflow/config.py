@@ -281,7 +281,8 @@ class FinetuneConfig(_Section):
 @dataclass(frozen=True)
 class LimpqConfig(_Section):
     """limpq: the indicator pretraining (SGD as in `train`, on `data`: a set's batches or the whole
-    training split), or an imported LIMPQ pickle (`indicators`), and the search's `alpha`."""
+    training split; `prune`: LIMPQP's iterative pruning with rewinding, or None), or an imported LIMPQ
+    pickle (`indicators`), and the search's `alpha`."""
 
     epochs: int
     batch_size: int
@@ -294,6 +295,7 @@ class LimpqConfig(_Section):
     data: str
     alpha: float
     indicators: str | None
+    prune: dict | None
 
     def settings(self) -> dict:
         """What an indicator file depends on (its rule's params): everything but alpha (the search's)."""

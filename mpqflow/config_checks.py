@@ -209,7 +209,17 @@ def check_limpq(cfg: dict) -> None:
     if lp["indicators"] is not None:
         if not Path(lp["indicators"]).is_file():
             raise ConfigError(f"config key 'limpq.indicators': {lp['indicators']!r} is not an existing file")
+        if lp["prune"] is not None:
+            raise ConfigError(
+                "config key 'limpq.prune': pruning happens during the indicator pretraining, which imported "
+                "indicators (limpq.indicators) replace; set one of them to null"
+            )
         return
+    if lp["prune"] is not None and lp["prune"]["rewind_epoch"] >= lp["epochs"]:
+        raise ConfigError(
+            f"config key 'limpq.prune.rewind_epoch': {lp['prune']['rewind_epoch']} is not an epoch of the first "
+            f"round; expected 0..{lp['epochs'] - 1} (limpq.epochs is {lp['epochs']})"
+        )
     top = max(q["w_bits"] + q["a_bits"])
     if top > MAX_LSQ_BITS:
         raise ConfigError(

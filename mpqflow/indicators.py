@@ -29,10 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import load_batch_file
 from .io import atomic_path
 
 __all__ = ["read_limpq_pickle", "write_limpq_pickle", "limpq_forbidden_bits", "limpq_allowed", "limpq_linear"]
-__all__ += ["bit_lists"]
+__all__ += ["bit_lists", "MASK_PREFIX", "prune_masks", "read_prune_masks"]
+
+MASK_PREFIX = "prune_mask."  # payload keys of LIMPQP's pruning masks: prune_mask.<layer> (bool, weight shape)
 
 
 def bit_lists(table) -> tuple[list[int], list[int]]:
@@ -139,6 +142,19 @@ def write_limpq_pickle(path: str | Path, payload: dict, layers) -> None:
     }
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(pickle.dumps(data, protocol=4))
+
+
+def prune_masks(payload: dict) -> dict[str, np.ndarray]:
+    """{layer: bool mask, True = kept} of an indicator payload ({} when the run pruned nothing)."""
+    return {k[len(MASK_PREFIX) :]: np.asarray(v, dtype=bool) for k, v in payload.items() if k.startswith(MASK_PREFIX)}
+
+
+def read_prune_masks(path: str | Path) -> dict[str, np.ndarray]:
+    """The pruning masks of a limpq set file (results/<model>/sensitivity/limpq/set_NxS.npz)."""
+    data = load_batch_file(path)
+    if data["estimator"] != "limpq":
+        raise ValueError(f"{path}: expected a limpq indicator file, got estimator {data['estimator']!r}")
+    return prune_masks(data)
 
 
 def limpq_forbidden_bits(indicators) -> np.ndarray:

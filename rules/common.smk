@@ -155,16 +155,35 @@ def limpq_batches(wildcards):
     )
 
 
+def limpq_masks(model, method, set_name):
+    """{"masks": the limpq set file} when a limpq decision of set_name ('2x0') is pruned (limpq.prune)."""
+    if method != "limpq" or LIMPQ.prune is None:
+        return {}
+    return {"masks": f"results/{model}/sensitivity/limpq/set_{set_name}.npz"}
+
+
+def decision_masks(wildcards):
+    """The pruning masks an evaluate_decisions job applies (LIMPQP decisions only)."""
+    return limpq_masks(
+        wildcards.model, wildcards.method, f"{wildcards.n}x{wildcards.s}"
+    )
+
+
 def solve_alpha(wildcards):
     """LIMPQ's alpha for method limpq, None for the others (retuning it re-solves limpq only)."""
     return LIMPQ.alpha if wildcards.method == "limpq" else None
 
 
 def finetune_decision(wildcards):
-    """The decision a fine-tuning target starts from ({} for a uniform option: none)."""
+    """The decision a fine-tuning target starts from ({} for a uniform option: none), and the
+    pruning masks it keeps (LIMPQP decisions)."""
     if wildcards.target.startswith("uniform/"):
         return {}
-    return {"decision": f"results/{wildcards.model}/decisions/{wildcards.target}.json"}
+    method, set_dir, _ = wildcards.target.split("/")
+    return {
+        "decision": f"results/{wildcards.model}/decisions/{wildcards.target}.json",
+        **limpq_masks(wildcards.model, method, set_dir.removeprefix("set_")),
+    }
 
 
 def finetune_option(wildcards):

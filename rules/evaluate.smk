@@ -44,6 +44,7 @@ rule uniform_table:
 # job instead of once per decision, and every decision still gets its own file.
 rule evaluate_decisions:
     input:
+        unpack(decision_masks),
         model="results/{model}/model.pt",
         calibration="results/{model}/calibration.pt",
         decisions=set_decisions,

@@ -184,6 +184,22 @@ def test_config_checks_of_the_limpq_section(tmp_path):
     raw["limpq"] = {"data": "pool"}
     with pytest.raises(ConfigError, match="limpq.data"):
         validate_config(raw)
+    raw["limpq"] = {"epochs": 4, "prune": {"method": "l1_unstructured", "amount": 0.5, "rewind_epoch": 4}}
+    with pytest.raises(
+        ConfigError, match=r"'limpq.prune.rewind_epoch': 4 is not an epoch of the first round; expected 0..3"
+    ):
+        validate_config(raw)
+    raw["limpq"] = {"prune": {"method": "l1_unstructured", "amount": 1.0}}
+    with pytest.raises(ConfigError, match="limpq.prune.amount"):
+        validate_config(raw)
+    pkl = tmp_path / "i.pkl"
+    pkl.write_bytes(b"")
+    raw["limpq"] = {"indicators": str(pkl), "prune": {"method": "ln_structured", "amount": 0.3}}
+    with pytest.raises(ConfigError, match="'limpq.prune': pruning happens during the indicator pretraining"):
+        validate_config(raw)
+    raw["limpq"] = {"prune": {"method": "ln_structured", "amount": 0.3}}
+    assert validate_config(raw)["limpq"]["prune"] == {"amount": 0.3, "iterations": 1, "method": "ln_structured",
+                                                      "rewind_epoch": 0}  # fmt: skip
 
 
 def test_interrupted_indicator_run_resumes_to_the_same_indicators(run, tmp_path, monkeypatch, caplog):
@@ -214,3 +230,122 @@ def test_interrupted_indicator_run_resumes_to_the_same_indicators(run, tmp_path,
     assert "2 of 4 epochs done" in caplog.text
     for key in ("w_indicator", "a_indicator"):
         np.testing.assert_array_equal(load_batch_file(out)[key], load_batch_file(reference)[key])
+
+
+# ---- LIMPQP: iterative magnitude pruning with rewinding ----
+
+
+def test_prune_helpers_iterate_rewind_and_bake():
+    from torch.nn.utils import prune as torch_prune
+
+    from mpqflow.quant.prune import bake_masks, mask_weights, prune_layers, rewind, sparsity, weight_masks
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Conv2d(8, 6, 1))
+    snapshot = copy.deepcopy(net.state_dict())
+    layers = {"0": net[0], "1": net[1]}
+    for _ in range(2):
+        prune_layers(layers, "l1_unstructured", 0.5)  # each round half of what is left
+    masks = weight_masks(layers)
+    assert [int(m.sum()) for m in masks.values()] == [72, 12]  # 288 -> 144 -> 72, 48 -> 24 -> 12
+    assert sparsity(masks) == pytest.approx(0.75)
+    w = net[0].weight_orig.detach().abs()
+    assert w[torch.from_numpy(masks["0"])].min() >= w[~torch.from_numpy(masks["0"])].max()  # the largest survive
+    with torch.no_grad():
+        net[0].weight_orig.add_(1.0)  # "training"
+    rewind(net, snapshot)
+    np.testing.assert_array_equal(net[0].weight_orig.detach(), snapshot["0.weight"])
+    assert (net[0].weight.detach()[~torch.from_numpy(masks["0"])] == 0).all()
+    bake_masks(net)
+    assert not torch_prune.is_pruned(net) and int((net[0].weight != 0).sum()) == 72
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
+    prune_layers({"0": fresh[0]}, "ln_structured", 0.5)
+    channel_kept = weight_masks({"0": fresh[0]})["0"].reshape(8, -1)
+    assert sorted(channel_kept.all(1).tolist()) == [False] * 4 + [True] * 4  # whole output channels
+    dense = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
+    mask_weights(dense, {"0": channel_kept.reshape(8, 4, 3, 3)})
+    assert int((dense[0].weight.detach().reshape(8, -1).abs().sum(1) == 0).sum()) == 4
+    with pytest.raises(ValueError, match="pruning mask of shape"):
+        mask_weights(dense, {"0": np.ones((2, 2), bool)})
+    with pytest.raises(ValueError, match="unknown pruning method 'random'"):
+        prune_layers(layers, "random", 0.5)
+
+
+PRUNE = {"method": "l1_unstructured", "amount": 0.5, "iterations": 2, "rewind_epoch": 1}
+
+
+@pytest.fixture(scope="module")
+def pruned(run, tmp_path_factory):
+    """A LIMPQP indicator file of set 2x0 (2 prune-and-rewind rounds of 4 epochs, then the final one)."""
+    cfg, d = run
+    out = tmp_path_factory.mktemp("pruned") / "set_2x0.npz"
+    run_limpq_indicators(_job(cfg, d, out, prune=PRUNE), cfg.runtime)
+    return out
+
+
+def test_pruned_indicator_run_stores_masks_and_resumes_between_rounds(run, pruned, tmp_path, monkeypatch):
+    """The file holds each candidate's mask (a quarter kept after two halvings); a run killed in its
+    second round resumes from the first pruning's checkpoint to the same masks and indicators."""
+    import mpqflow.stages.limpq as stage
+    from mpqflow.indicators import prune_masks
+    from mpqflow.sensitivity.limpq import limpq_loss as real_loss
+
+    cfg, d = run
+    got = load_batch_file(pruned)
+    masks = prune_masks(got)
+    assert sorted(masks) == ["conv2", "conv3"]
+    for m in masks.values():
+        assert m.mean() == pytest.approx(0.25, abs=1e-3)
+    assert json.loads(got["settings"])["prune"] == PRUNE
+    calls = {"n": 0}
+
+    def dies_in_round_2(model, x, y):
+        calls["n"] += 1
+        if calls["n"] == 4 * 2 + 3:  # round 0: 4 epochs x 2 steps; then the 3rd step of round 1
+            raise KeyboardInterrupt("killed")
+        return real_loss(model, x, y)
+
+    out = tmp_path / "set_2x0.npz"
+    monkeypatch.setattr(stage, "limpq_loss", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_limpq_indicators(_job(cfg, d, out, prune=PRUNE), cfg.runtime)
+    state = tmp_path / "set_2x0.npz.state"
+    assert (state / "prune.pt").is_file() and (state / "round_1" / "epoch.pt").is_file()
+    monkeypatch.setattr(stage, "limpq_loss", real_loss)
+    run_limpq_indicators(_job(cfg, d, out, prune=PRUNE), cfg.runtime)
+    again = load_batch_file(out)
+    for key in ("w_indicator", "a_indicator", "prune_mask.conv2", "prune_mask.conv3"):
+        np.testing.assert_array_equal(again[key], got[key], err_msg=key)
+    assert not state.exists()
+
+
+def test_pruned_decision_is_evaluated_and_fine_tuned_with_its_masks(run, pruned, tmp_path):
+    """Evaluation zeroes the pruned weights; fine-tuning keeps them 0 and saves them baked in."""
+    from mpqflow.finetuned import read_finetuned
+    from mpqflow.indicators import read_prune_masks
+    from mpqflow.stages.evaluate import evaluate_decisions
+    from mpqflow.stages.finetune import run_finetune
+
+    cfg, d = run
+    solver = SolverConfig.from_dict(cfg.solver.to_dict())
+    decision = tmp_path / "decisions" / "limpq" / "set_2x0" / "avg_bits-4.json"
+    solve_budget(str(d / "layers.json"), str(pruned), "limpq", "avg_bits-4", solver, str(decision))
+    args = (cfg.models["m"], cfg.quant, cfg.sample_plan, cfg.evaluation, cfg.runtime, str(d / "model.pt"),
+            str(d / "calibration.pt"), [str(decision)])  # fmt: skip
+    dense = evaluate_decisions(*args, [str(tmp_path / "dense.json")])[0]
+    sparse = evaluate_decisions(*args, [str(tmp_path / "sparse.json")], masks=str(pruned))[0]
+    assert "pruned_fraction" not in dense and sparse["pruned_fraction"] == pytest.approx(0.75, abs=1e-3)
+    assert sparse["loss"] != dense["loss"]
+    out = tmp_path / "ft"
+    outputs = {"model": f"{out}.pt", "export": f"{out}.export.pt", "export_meta": f"{out}.export.json"}
+    settings = {**cfg.finetune.settings(), "epochs": 1}
+    job = dict(model=cfg.models["m"].to_dict(), quant=cfg.quant.to_dict(), seed=cfg.seed, settings=settings,
+               checkpoint=str(d / "model.pt"), calibration=str(d / "calibration.pt"),
+               target={"decision": str(decision)}, outputs=outputs, state_dir=str(tmp_path / "ft_state"),
+               masks=str(pruned))  # fmt: skip
+    record = run_finetune(job, cfg.runtime)
+    assert record["pruned_fraction"] == pytest.approx(0.75, abs=1e-3)
+    state = read_finetuned(outputs["model"])["state_dict"]
+    for layer, mask in read_prune_masks(pruned).items():
+        w = state[f"{layer}.weight"]
+        assert (w[~torch.from_numpy(mask)] == 0).all() and (w[torch.from_numpy(mask)] != 0).all()

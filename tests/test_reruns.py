@@ -246,6 +246,27 @@ def test_finetune_setting_reruns_fine_tuning_not_solves(tiny):
     assert dry_run(workdir, changed, "ft_epochs") == {**_finetuned(config), "study_table": STUDY, "study_plots": PLOTS}
 
 
+def test_limpq_pruning_reruns_only_limpq(tiny):
+    """Turning on LIMPQP's pruning retrains LIMPQ's indicators and redoes its solves, its (pruned)
+    evaluations and its fine-tuning; no other method's work, and changing alpha only re-solves."""
+    workdir, config = tiny
+    changed = _copy(config)
+    changed["limpq"] = {**config["limpq"], "prune": {"method": "l1_unstructured", "amount": 0.5}}
+    only_limpq = {**config, "methods": ["limpq"]}
+    expected = {
+        "limpq_indicators": sorted(f"results/tiny/sensitivity/limpq/set_{n}x{s}.npz" for n, s in _sets(config)),
+        "solve_budget": _decisions(only_limpq, config["budgets"]),
+        "evaluate_decisions": _eval_jobs(only_limpq),
+        "study_table": STUDY,
+        "study_plots": PLOTS,
+        **_finetuned(config, lambda t: t["method"] == "limpq"),
+    }
+    assert dry_run(workdir, changed, "limpq_prune") == expected
+    alpha = _copy(config)
+    alpha["limpq"] = {**config["limpq"], "alpha": 1.0}
+    assert dry_run(workdir, alpha, "limpq_alpha") == {k: v for k, v in expected.items() if k != "limpq_indicators"}
+
+
 def test_plot_settings_rerun_only_plots(tiny):
     """(d) Plot settings: only the plots (the study's and the PTQ study's), not their tables."""
     workdir, config = tiny

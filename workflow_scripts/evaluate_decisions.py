@@ -16,4 +16,5 @@ evaluate_decisions(
     snakemake.input.calibration,
     list(snakemake.input.decisions),
     list(snakemake.output),
+    masks=snakemake.input.get("masks"),  # a limpq set file when limpq.prune is on
 )

@@ -17,6 +17,7 @@ job = dict(
     target=target,
     outputs={"model": out.model, "export": out.export, "export_meta": out.export_meta},
     state_dir=p.state_dir,
+    masks=snakemake.input.get("masks"),  # a limpq set file when limpq.prune is on
 )
 # threads: the whole job's (finetune_threads: world_size x config threads); each rank gets its share
 run_finetune(job, Runtime(snakemake.config["device"], snakemake.threads))

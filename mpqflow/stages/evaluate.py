@@ -22,8 +22,10 @@ from ..context import load_context
 from ..data import set_indices
 from ..evaluate import assignment_loss, evaluate_assignment, evaluate_lsq_model
 from ..finetuned import load_finetuned, read_finetuned
+from ..indicators import read_prune_masks
 from ..io import save_json
 from ..names import parse_option
+from ..quant.prune import mask_weights, sparsity
 
 __all__ = ["evaluate_uniform", "evaluate_decisions", "evaluate_finetuned"]
 log = logging.getLogger("mpqflow")
@@ -66,10 +68,20 @@ def evaluate_decisions(
     calibration: str,
     decision_paths: list[str],
     out_paths: list[str],
+    masks: str | None = None,
 ) -> list[dict]:
-    """Held-out metrics of each decision, and the loss increase it causes on its own sensitivity set."""
+    """Held-out metrics of each decision, and the loss increase it causes on its own sensitivity set.
+
+    `masks`: a limpq set file whose LIMPQP pruning masks zero the FP weights first (its decisions are
+    evaluated pruned; the loss increase is then against the pruned model with fixed layers only)."""
     ctx = load_context(model, quant, plan.seed, runtime, checkpoint, calibration)
     fp = fp_metrics(checkpoint)
+    pruned = {}
+    if masks is not None:
+        layer_masks = read_prune_masks(masks)
+        mask_weights(ctx.net, layer_masks)
+        pruned = {"pruned_fraction": sparsity(layer_masks)}
+        log.info("pruned with the masks of %s: %.1f %% of the masked weights", masks, 100 * pruned["pruned_fraction"])
     base_loss: dict = {}  # (n, s) -> loss of the base model (fixed layers only) on that set
     results = []
     for decision_path, out_path in zip(decision_paths, out_paths, strict=True):
@@ -93,6 +105,7 @@ def evaluate_decisions(
             solver_status=decision["solver"]["status"],
             solver_gap=decision["solver"]["gap"],
             solver_seconds=decision["solver"]["seconds"],
+            **pruned,
         )
         log.info(
             "%s %s: top1 %.4f, size %.4f MB, loss increase estimated %.4g measured %.4g",

@@ -36,8 +36,10 @@ from ..codehash import code_hash
 from ..config import FinetuneConfig, ModelConfig, QuantConfig, Runtime
 from ..context import load_context
 from ..finetuned import read_finetuned, save_finetuned
+from ..indicators import read_prune_masks
 from ..names import parse_option
 from ..quant import prepare_lsq, save_export
+from ..quant.prune import bake_masks, keep_masks, sparsity
 from ..train import fit, launch
 from ..train.state import clear_state
 
@@ -101,6 +103,7 @@ def finetune(
     target: dict,
     outputs: dict,
     state_dir: str | None,
+    masks: str | None = None,
     tag: str = "",
     env,
 ) -> dict | None:
@@ -112,6 +115,7 @@ def finetune(
             weight_init: the validated `finetune` section without its targets).
         target: {"decision": path of a decision JSON} or {"option": "w2a4"} (uniform).
         state_dir: the epoch checkpoints (resume after a kill); removed once the outputs exist.
+        masks: a limpq set file whose LIMPQP pruning masks the fine-tuning keeps (pruned weights stay 0).
         tag: what else identifies the run for resuming (the stage's code hash).
     """
     t0 = time.perf_counter()
@@ -126,6 +130,10 @@ def finetune(
     teacher = copy.deepcopy(ctx.net).eval() if ft.distill > 0 else None
     per_channel = quant_cfg.weight["granularity"] == "per_channel"
     net = prepare_lsq(ctx.net, assignment, quantizer=ctx.quantizer, weight_init=ft.weight_init, per_channel=per_channel)
+    if masks is not None:
+        layer_masks = read_prune_masks(masks)
+        keep_masks(net, layer_masks)  # torch's reparametrisation: the optimizer updates weight_orig only
+        fields["pruned_fraction"] = sparsity(layer_masks)
     train = ft.train_settings()
     fit(
         net,
@@ -141,6 +149,7 @@ def finetune(
     )
     if not env.is_main:
         return None
+    bake_masks(net)  # plain weights with the zeros in: the saved model rebuilds without the masks
     spec = ctx.spec
     build = {"arch": model_cfg.arch, "in_channels": spec.in_channels, "image_size": spec.input_size,
              "num_classes": model_cfg.num_classes or spec.num_classes}  # fmt: skip

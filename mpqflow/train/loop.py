@@ -125,6 +125,7 @@ def fit(
     desc: str = "train",
     param_groups: list[dict] | None = None,
     tag: str = "",
+    epoch_hook=None,
 ) -> torch.nn.Module:
     """Train `model` in place (SGD, Nesterov momentum, one-cycle learning rate, random shifts); returns it in eval mode.
 
@@ -144,6 +145,8 @@ def fit(
         param_groups: torch optimizer groups (None: all parameters with settings.weight_decay), e.g.
             LSQ step sizes without weight decay.
         tag: anything else that identifies the run for resuming (e.g. the stage's code version).
+        epoch_hook: called on every rank as `epoch_hook(epochs_done)` after each epoch (and its
+            checkpoint), e.g. to keep a rewind point for pruning.
     """
     gen = seed_everything(seed)  # the same draws on every rank: permutation, then one shift per batch
     loss_fn = loss_fn or cross_entropy_loss
@@ -178,6 +181,8 @@ def fit(
             rng = _rng_states(env)  # a collective: every rank takes part
             if env.is_main:
                 save_state(state_dir, _state(model, opt, sched, gen, rng, epoch + 1, fp))
+        if epoch_hook is not None:
+            epoch_hook(epoch + 1)
     return model.eval()
 
 
