@@ -127,6 +127,10 @@ class TrainSettings(_Section):
     world_size: int
     amp: bool
 
+    def train_settings(self) -> TrainSettings:
+        """The trainer's settings alone (a section that extends them drops its own keys)."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
+
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
@@ -246,20 +250,12 @@ class PtqConfig(_Section):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(_Section):
+class FinetuneConfig(TrainSettings):
     """finetune: which decisions are fine-tuned (target dicts, canonical) and the LSQ fine-tuning's
     settings: SGD as in `train`, plus knowledge distillation (`distill` weight of the KL from the FP
     model's logits at `temperature`) and how the weight steps start (`weight_init`)."""
 
     targets: tuple[dict, ...]
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    augment_shift: int
-    world_size: int
-    amp: bool
     distill: float
     temperature: float
     weight_init: str
@@ -273,25 +269,13 @@ class FinetuneConfig(_Section):
         """Everything but the targets: what one fine-tuning job depends on (its rule's params)."""
         return {k: v for k, v in self.to_dict().items() if k != "targets"}
 
-    def train_settings(self) -> TrainSettings:
-        """The trainer's settings of the fine-tuning (SGD, schedule, batch, processes)."""
-        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
-
 
 @dataclass(frozen=True)
-class LimpqConfig(_Section):
+class LimpqConfig(TrainSettings):
     """limpq: the indicator pretraining (SGD as in `train`, on `data`: a set's batches or the whole
     training split; `prune`: LIMPQP's iterative pruning with rewinding, or None), or an imported LIMPQ
     pickle (`indicators`), and the search's `alpha`."""
 
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    augment_shift: int
-    world_size: int
-    amp: bool
     data: str
     alpha: float
     indicators: str | None
@@ -300,10 +284,6 @@ class LimpqConfig(_Section):
     def settings(self) -> dict:
         """What an indicator file depends on (its rule's params): everything but alpha (the search's)."""
         return {k: v for k, v in self.to_dict().items() if k != "alpha"}
-
-    def train_settings(self) -> TrainSettings:
-        """The trainer's settings of the indicator pretraining."""
-        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
 
 
 @dataclass(frozen=True)

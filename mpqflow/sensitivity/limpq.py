@@ -4,7 +4,7 @@ for the input activation, learned jointly; the learned steps are the layers' imp
 
 Usage:
     net = limpq_supernet(fp_net, ctx.table, ctx.quantizer, seed=0)  # FP model -> switchable LSQ model
-    fit(net, train_set, settings, seed=0, env=env, loss_fn=limpq_loss, param_groups=limpq_param_groups(net, wd))
+    fit(net, train_set, settings, seed=0, env=env, loss_fn=limpq_loss, param_groups=step_sizes_without_decay(net, wd))
     payload = indicator_payload(net, ctx.table, samples=len(train_set))   # mpqflow.indicators' payload
 
 One training step (:class:`LimpqSupernet.forward` + :func:`limpq_loss`), as LIMPQ trains:
@@ -36,7 +36,7 @@ from ..indicators import bit_lists
 from ..quant.lsq import LsqQuantizer, calibrated_step, lsq_layers, prepare_lsq
 
 __all__ = ["SwitchableQuantizer", "SwitchableBatchNorm2d", "LimpqSupernet", "limpq_supernet", "limpq_loss"]
-__all__ += ["limpq_param_groups", "indicator_payload"]
+__all__ += ["indicator_payload"]
 
 
 class SwitchableQuantizer(nn.Module):
@@ -172,13 +172,6 @@ def limpq_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
     for out in outs[1:]:
         loss = loss + torch.sum(-target * F.log_softmax(out, dim=1), dim=1).mean()
     return loss, top
-
-
-def limpq_param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
-    """Weights and BatchNorms with weight decay, the step sizes (the indicators) without."""
-    steps = [p for n, p in net.named_parameters() if n.endswith(".step")]
-    others = [p for n, p in net.named_parameters() if not n.endswith(".step")]
-    return [{"params": others, "weight_decay": weight_decay}, {"params": steps, "weight_decay": 0.0}]
 
 
 def indicator_payload(supernet: LimpqSupernet, table, samples: int) -> dict:

@@ -40,7 +40,7 @@ from ..indicators import read_prune_masks
 from ..names import parse_option
 from ..quant import prepare_lsq, save_export
 from ..quant.prune import bake_masks, keep_masks, sparsity
-from ..train import fit, launch
+from ..train import fit, launch, step_sizes_without_decay
 from ..train.state import clear_state
 
 __all__ = ["run_finetune", "finetune", "distillation_loss"]
@@ -62,13 +62,6 @@ def distillation_loss(teacher: torch.nn.Module, weight: float, temperature: floa
         return (1 - weight) * loss + weight * temperature**2 * kl, logits
 
     return loss_fn
-
-
-def _param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weights with weight decay, LSQ step sizes without (decay would pull every step to zero)."""
-    steps = [p for n, p in net.named_parameters() if n.endswith(".step")]
-    others = [p for n, p in net.named_parameters() if not n.endswith(".step")]
-    return [{"params": others, "weight_decay": weight_decay}, {"params": steps, "weight_decay": 0.0}]
 
 
 def _assignment(ctx, target: dict) -> tuple[dict, dict]:
@@ -144,7 +137,7 @@ def finetune(
         loss_fn=distillation_loss(teacher, ft.distill, ft.temperature),
         state_dir=state_dir,
         desc="finetune",
-        param_groups=_param_groups(net, train.weight_decay),
+        param_groups=step_sizes_without_decay(net, train.weight_decay),
         tag=f"{tag} {sorted(assignment.items())}",
     )
     if not env.is_main:

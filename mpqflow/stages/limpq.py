@@ -46,8 +46,8 @@ from ..io import file_sha256, save_torch
 from ..quant.lsq import lsq_layers
 from ..quant.prune import keep_masks, prune_layers, rewind, sparsity, weight_masks
 from ..sensitivity.common import FORMAT_VERSION
-from ..sensitivity.limpq import indicator_payload, limpq_loss, limpq_param_groups, limpq_supernet
-from ..train import fit, launch
+from ..sensitivity.limpq import indicator_payload, limpq_loss, limpq_supernet
+from ..train import fit, launch, step_sizes_without_decay
 from ..train.state import clear_state
 
 __all__ = ["run_limpq_indicators", "limpq_indicators", "limpq_run_seed", "limpq_meta"]
@@ -170,7 +170,7 @@ def _train_round(net, data, train, *, seed, env, tag, state_dir, epoch_hook=None
         loss_fn=limpq_loss,
         state_dir=state_dir,
         desc="limpq",
-        param_groups=limpq_param_groups(net, train.weight_decay),  # after pruning: weight_orig
+        param_groups=step_sizes_without_decay(net, train.weight_decay),  # after pruning: weight_orig
         tag=tag,
         epoch_hook=epoch_hook,
     )

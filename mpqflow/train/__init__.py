@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .distributed import DistEnv, init_distributed, shutdown
 from .launch import LaunchError, launch
-from .loop import cross_entropy_loss, fit
+from .loop import cross_entropy_loss, fit, step_sizes_without_decay
 from .state import clear_state
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "init_distributed",
     "launch",
     "shutdown",
+    "step_sizes_without_decay",
     "train_model",
 ]
 

@@ -40,7 +40,7 @@ from ..runtime import seed_everything
 from .distributed import DistEnv, all_reduce_sum
 from .state import fingerprint, load_state, save_state
 
-__all__ = ["fit", "cross_entropy_loss", "shard_bounds", "steps_per_epoch"]
+__all__ = ["fit", "cross_entropy_loss", "shard_bounds", "steps_per_epoch", "step_sizes_without_decay"]
 log = logging.getLogger("mpqflow")
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -50,6 +50,14 @@ def cross_entropy_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor)
     """The default loss: (mean cross-entropy over the batch, logits (B, classes))."""
     logits = model(x)
     return F.cross_entropy(logits, y), logits
+
+
+def step_sizes_without_decay(net: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """fit's param_groups for a model with LSQ quantizers: weights with weight decay, the step sizes
+    (parameters named *.step) without (decay would pull every step to zero)."""
+    steps = [p for n, p in net.named_parameters() if n.endswith(".step")]
+    others = [p for n, p in net.named_parameters() if not n.endswith(".step")]
+    return [{"params": others, "weight_decay": weight_decay}, {"params": steps, "weight_decay": 0.0}]
 
 
 def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
