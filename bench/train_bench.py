@@ -47,7 +47,7 @@ def bench_job(out: str, epochs: int, batch_size: int, world_size: int, amp: bool
     model = build_model("resnet20", 1, 10, image_size=8)
     settings = TrainSettings(
         epochs=epochs, batch_size=batch_size, lr=0.05, momentum=0.9, weight_decay=5e-4, augment_shift=1,
-        world_size=world_size, amp=amp,
+        world_size=world_size, amp=amp, grad_quant=None,
     )  # fmt: skip
     t0 = time.perf_counter()
     fit(model, train, settings, seed=0, env=env, desc=f"bench w{world_size}")

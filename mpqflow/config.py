@@ -115,7 +115,8 @@ class TrainSettings(_Section):
     """models.<m>.train: SGD with Nesterov momentum, one-cycle learning rate, random shifts.
 
     batch_size is the global batch, split over `world_size` data-parallel processes; `amp` turns on
-    bf16 autocast on CUDA (no effect on the CPU).
+    bf16 autocast on CUDA (no effect on the CPU); `grad_quant` (method, bits, bucket_size, norm,
+    update_iters) exchanges quantized gradients between the processes.
     """
 
     epochs: int
@@ -126,6 +127,7 @@ class TrainSettings(_Section):
     augment_shift: int
     world_size: int
     amp: bool
+    grad_quant: dict | None  # quantized gradient exchange (mpqflow.comm), None = float all-reduce
 
     def train_settings(self) -> TrainSettings:
         """The trainer's settings alone (a section that extends them drops its own keys)."""

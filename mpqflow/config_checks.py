@@ -191,7 +191,16 @@ def check_set_sizes(cfg: dict) -> None:
 
 
 def check_world_size(cfg: dict) -> None:
-    """Every data-parallel process of a trained model gets a share of each batch: batch_size >= world_size."""
+    """Every data-parallel process of a trained model gets a share of each batch: batch_size >= world_size;
+    quantized gradient exchange (grad_quant) needs processes to exchange gradients between."""
+    sections = {f"models.{name}.train": m["train"] for name, m in cfg["models"].items()}
+    sections.update(finetune=cfg["finetune"], limpq=cfg["limpq"])
+    for key, section in sections.items():
+        if section.get("grad_quant") is not None and section["world_size"] < 2:
+            raise ConfigError(
+                f"config key '{key}.grad_quant': quantized gradient exchange needs {key}.world_size >= 2 "
+                f"(it is {section['world_size']}: one process exchanges no gradients)"
+            )
     for name, m in cfg["models"].items():
         world, batch = m["train"]["world_size"], m["train"]["batch_size"]
         if m.get("weights") is None and world > batch:

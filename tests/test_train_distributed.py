@@ -41,7 +41,7 @@ LAUNCH_LIMIT_S = 120  # a failing launch must be over well within this
 def _settings(world_size: int, lr: float = 0.05) -> TrainSettings:
     return TrainSettings(
         epochs=EPOCHS, batch_size=BATCH, lr=lr, momentum=0.9, weight_decay=5e-4, augment_shift=1,
-        world_size=world_size, amp=False,
+        world_size=world_size, amp=False, grad_quant=None,
     )  # fmt: skip
 
 

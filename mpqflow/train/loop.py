@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..comm import GradQuantState, quantized_allgather_hook
 from ..data import stack
 from ..runtime import seed_everything
 from .distributed import DistEnv, all_reduce_sum
@@ -83,14 +84,18 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
 
 
-def _wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    """DistributedDataParallel around `model` when there are several ranks (it syncs the initial weights)."""
+def _wrap(model: torch.nn.Module, env: DistEnv, comm_hook=None) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when there are several ranks (it syncs the initial
+    weights), with `comm_hook` = (state, hook) registered on it."""
     if not env.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    ddp = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    if comm_hook is not None:
+        ddp.register_comm_hook(*comm_hook)
+    return ddp
 
 
 def _resume(state_dir, fp: str, env: DistEnv, model, opt, sched, gen: torch.Generator, epochs: int) -> int:
@@ -134,6 +139,7 @@ def fit(
     param_groups: list[dict] | None = None,
     tag: str = "",
     epoch_hook=None,
+    comm_hook=None,
 ) -> torch.nn.Module:
     """Train `model` in place (SGD, Nesterov momentum, one-cycle learning rate, random shifts); returns it in eval mode.
 
@@ -155,6 +161,8 @@ def fit(
         tag: anything else that identifies the run for resuming (e.g. the stage's code version).
         epoch_hook: called on every rank as `epoch_hook(epochs_done)` after each epoch (and its
             checkpoint), e.g. to keep a rewind point for pruning.
+        comm_hook: (state, hook) for DDP's register_comm_hook when world_size > 1; default: the
+            quantized gradient exchange of settings.grad_quant (:mod:`mpqflow.comm`), if any.
     """
     gen = seed_everything(seed)  # the same draws on every rank: permutation, then one shift per batch
     loss_fn = loss_fn or cross_entropy_loss
@@ -167,7 +175,10 @@ def fit(
     steps = settings.epochs * steps_per_epoch(n, bs, world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=steps, pct_start=0.15)
     start = _resume(state_dir, fp, env, model, opt, sched, gen, settings.epochs)
-    net = _wrap(model, env)
+    grad_quant = getattr(settings, "grad_quant", None)
+    if comm_hook is None and grad_quant is not None and env.distributed:
+        comm_hook = (GradQuantState(**grad_quant, seed=seed, rank=env.rank, world_size=world), quantized_allgather_hook)
+    net = _wrap(model, env, comm_hook)
     amp = getattr(settings, "amp", False) and env.device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     bar = tqdm(
@@ -191,6 +202,12 @@ def fit(
                 save_state(state_dir, _state(model, opt, sched, gen, rng, epoch + 1, fp))
         if epoch_hook is not None:
             epoch_hook(epoch + 1)
+    if comm_hook is not None and isinstance(comm_hook[0], GradQuantState) and env.is_main:
+        q = comm_hook[0]
+        log.info(
+            "%s gradient exchange (%s, %d bits): %d steps, %d level refits, %d bytes sent per process, %.4f of float32",
+            desc, q.method, q.bits, q.step, q.updates, q.bytes_sent, q.bytes_sent / max(q.bytes_full_precision, 1),
+        )  # fmt: skip
     return model.eval()
 
 

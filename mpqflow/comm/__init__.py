@@ -1,0 +1,21 @@
+"""Quantized gradient exchange for data-parallel SGD (ALQ/AMQ, Faghri et al. 2020; QSGD; NUQSGD).
+
+:mod:`.codes` turns a gradient into bucket norms and packed `bits`-bit codes and back; :mod:`.hook`
+is the DistributedDataParallel communication hook that all-gathers those codes instead of
+all-reducing floats, with the levels of :mod:`mpqflow.quant.levels` refitted during training.
+"""
+
+from .codes import decode, encode, pack_codes, packed_bytes, unpack_codes
+from .hook import GRAD_QUANT_METHODS, GradQuantState, initial_levels, quantized_allgather_hook
+
+__all__ = [
+    "GRAD_QUANT_METHODS",
+    "GradQuantState",
+    "decode",
+    "encode",
+    "initial_levels",
+    "pack_codes",
+    "packed_bytes",
+    "quantized_allgather_hook",
+    "unpack_codes",
+]
