@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.level_quant import normalized_magnitudes
+from .level_quant import normalized_magnitudes
 
 __all__ = ["encode", "decode", "pack_codes", "unpack_codes", "packed_bytes"]
 

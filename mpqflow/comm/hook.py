@@ -22,8 +22,8 @@ by the hook itself (a step ends with DDP's last bucket).
 import torch
 import torch.distributed as dist
 
-from ..quant.levels import exponential_levels, fit_levels, levels_for_bits, uniform_levels
 from .codes import decode, encode, pack_codes, unpack_codes
+from .levels import exponential_levels, fit_levels, levels_for_bits, uniform_levels
 
 __all__ = ["GRAD_QUANT_METHODS", "GradQuantState", "quantized_allgather_hook", "initial_levels"]
 
@@ -48,7 +48,8 @@ class GradQuantState:
         self.update_iters = {int(i) for i in update_iters}
         self.levels = initial_levels(method, self.bits)
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rank))
+        self.seed = int(seed) * 1_000_003 + int(rank)
+        self.generator = None  # on the gradients' device, made at the first bucket
         self.step = 0  # optimizer steps seen (completed backward passes)
         self.updates = 0  # level refits done
         self.bytes_sent = 0  # this rank's packed codes + norms, all buckets, all steps
@@ -56,12 +57,14 @@ class GradQuantState:
         self._pending = []  # gradients of an update step, for the refit
 
     def refit(self, grad: torch.Tensor) -> None:
-        """New levels from one step's full gradient on rank 0, broadcast to every rank."""
-        levels = torch.empty(levels_for_bits(self.bits), dtype=torch.float64)
+        """New levels from one step's full gradient on rank 0, broadcast to every rank (the tensor on
+        the gradient's device: NCCL broadcasts CUDA tensors only)."""
+        levels = torch.empty(levels_for_bits(self.bits), dtype=torch.float64, device=grad.device)
         if self.rank == 0:
             method = self.method.removesuffix("_nb")
-            levels = fit_levels(grad, levels.numel(), method, bucket_size=self.bucket_size, norm=self.norm,
-                                mixture=self.method.endswith("_nb")).double()  # fmt: skip
+            fitted = fit_levels(grad.cpu(), levels.numel(), method, bucket_size=self.bucket_size, norm=self.norm,
+                                mixture=self.method.endswith("_nb"))  # fmt: skip
+            levels.copy_(fitted.double())
         if self.world_size > 1:
             dist.broadcast(levels, src=0)
         self.levels, self.updates = levels, self.updates + 1
@@ -71,9 +74,10 @@ class GradQuantState:
 # and accepts only the real objects (bucket: GradBucket, return: Future[Tensor]).
 def quantized_allgather_hook(state: GradQuantState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the mean over ranks of every rank's quantized gradient bucket."""
-    grad = bucket.buffer()  # (numel,) this rank's flat gradient of the bucket
-    cpu = grad.detach().cpu()
-    codes, norms = encode(cpu, state.levels, state.bucket_size, state.generator, norm=state.norm)
+    grad = bucket.buffer().detach()  # (numel,) this rank's flat gradient of the bucket, on its device
+    if state.generator is None:
+        state.generator = torch.Generator(device=grad.device).manual_seed(state.seed)
+    codes, norms = encode(grad, state.levels, state.bucket_size, state.generator, norm=state.norm)
     packed = pack_codes(codes, state.bits)  # (ceil(numel * bits / 8),) uint8
     world = state.world_size
     all_packed, all_norms = (
@@ -96,7 +100,7 @@ def quantized_allgather_hook(state: GradQuantState, bucket: dist.GradBucket) -> 
 
     state.bytes_full_precision += grad.numel() * 4
     if state.method in ADAPTIVE and state.step + 1 in state.update_iters:
-        state._pending.append(cpu.clone())
+        state._pending.append(grad.clone())
     if bucket.is_last():
         state.step += 1
         if state._pending:
