@@ -80,15 +80,12 @@ def quantized_allgather_hook(state: GradQuantState, bucket: dist.GradBucket) -> 
     codes, norms = encode(grad, state.levels, state.bucket_size, state.generator, norm=state.norm)
     packed = pack_codes(codes, state.bits)  # (ceil(numel * bits / 8),) uint8
     world = state.world_size
-    all_packed, all_norms = (
-        [torch.empty_like(packed) for _ in range(world)],
-        [torch.empty_like(norms) for _ in range(world)],
-    )
+    all_packed, all_norms = [packed], [norms]
     if world > 1:
+        all_packed = [torch.empty_like(packed) for _ in range(world)]
+        all_norms = [torch.empty_like(norms) for _ in range(world)]
         dist.all_gather(all_packed, packed)
         dist.all_gather(all_norms, norms)
-    else:
-        all_packed, all_norms = [packed], [norms]
     mean = (
         sum(
             decode(unpack_codes(p, state.bits, grad.numel()), n, state.levels, state.bucket_size)
@@ -97,7 +94,6 @@ def quantized_allgather_hook(state: GradQuantState, bucket: dist.GradBucket) -> 
         / world
     )
     state.bytes_sent += packed.nbytes + norms.nbytes  # what this rank hands to all_gather
-
     state.bytes_full_precision += grad.numel() * 4
     if state.method in ADAPTIVE and state.step + 1 in state.update_iters:
         state._pending.append(grad.clone())

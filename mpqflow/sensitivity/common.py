@@ -41,6 +41,7 @@ __all__ = [
     "OptionIndex",
     "estimator_settings",
     "batch_meta",
+    "sensitivity_meta",
     "split_meta",
     "is_additive",
     "save_batch_file",
@@ -122,17 +123,25 @@ def estimator_settings(estimator: str, settings: dict | None) -> dict:
     return out
 
 
-def batch_meta(ctx, estimator: str, settings: dict | None = None) -> dict:
-    """The meta fields of a per-batch file computed on `ctx` (a context.Context)."""
+def sensitivity_meta(table, quant: dict, checkpoint_sha256: str, estimator: str, settings: dict) -> dict:
+    """The meta fields of a sensitivity file: its estimator and `settings` (as recorded), the layer
+    table's candidates and options, the quant section and the checkpoint hash it was made from."""
     return {
         "format": FORMAT_VERSION,
         "estimator": estimator,
-        "layers": list(ctx.table.candidates),
-        "options": np.asarray(ctx.table.options, dtype=np.int64).reshape(-1, 2),
-        "quant": json.dumps(ctx.quant.to_dict(), sort_keys=True),
-        "checkpoint_sha256": str(ctx.checkpoint_sha256),
-        "settings": json.dumps(estimator_settings(estimator, settings), sort_keys=True),
+        "layers": list(table.candidates),
+        "options": np.asarray(table.options, dtype=np.int64).reshape(-1, 2),
+        "quant": json.dumps(quant, sort_keys=True),
+        "checkpoint_sha256": str(checkpoint_sha256),
+        "settings": json.dumps(settings, sort_keys=True),
     }
+
+
+def batch_meta(ctx, estimator: str, settings: dict | None = None) -> dict:
+    """The meta fields of a per-batch file computed on `ctx` (a context.Context)."""
+    return sensitivity_meta(
+        ctx.table, ctx.quant.to_dict(), ctx.checkpoint_sha256, estimator, estimator_settings(estimator, settings)
+    )
 
 
 def make_context(

@@ -25,7 +25,6 @@ seeds, not a sampling error of a sum over batches.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import time
@@ -45,7 +44,7 @@ from ..indicators import MASK_PREFIX, read_limpq_pickle
 from ..io import file_sha256, save_torch
 from ..quant.lsq import lsq_layers
 from ..quant.prune import keep_masks, prune_layers, rewind, sparsity, weight_masks
-from ..sensitivity.common import FORMAT_VERSION
+from ..sensitivity.common import sensitivity_meta
 from ..sensitivity.limpq import indicator_payload, limpq_loss, limpq_supernet
 from ..train import fit, launch, step_sizes_without_decay
 from ..train.state import clear_state
@@ -60,16 +59,8 @@ def limpq_run_seed(seed: int, set_size: int, set_id: int) -> int:
 
 
 def limpq_meta(table, quant: dict, checkpoint_sha256: str, settings: dict) -> dict:
-    """The meta fields of a limpq indicator file (mpqflow.artifacts' sensitivity-file contract)."""
-    return {
-        "format": FORMAT_VERSION,
-        "estimator": "limpq",
-        "layers": list(table.candidates),
-        "options": np.asarray(table.options, dtype=np.int64).reshape(-1, 2),
-        "quant": json.dumps(quant, sort_keys=True),
-        "checkpoint_sha256": str(checkpoint_sha256),
-        "settings": json.dumps(settings, sort_keys=True),
-    }
+    """The meta fields of a limpq indicator file (the sensitivity-file contract, its limpq settings)."""
+    return sensitivity_meta(table, quant, checkpoint_sha256, "limpq", settings)
 
 
 def run_limpq_indicators(job: dict, runtime: Runtime) -> None:
