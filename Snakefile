@@ -18,6 +18,7 @@ include: "rules/evaluate.smk"
 include: "rules/study.smk"
 include: "rules/ptq.smk"
 include: "rules/finetune.smk"
+include: "rules/gradquant.smk"
 
 
 rule all:

@@ -64,7 +64,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("model-aware", ("mpqflow.methods", "mpqflow.context")),
-    ("estimators and reports", ("mpqflow.sensitivity.*", "mpqflow.study", "mpqflow.plots")),
+    ("estimators and reports", ("mpqflow.sensitivity.*", "mpqflow.study", "mpqflow.plots", "mpqflow.gradquant_study")),
     ("stages", ("mpqflow.stages.*",)),
 )
 STAGES = "mpqflow.stages"

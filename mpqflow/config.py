@@ -34,6 +34,7 @@ __all__ = [
     "SensitivityConfig",
     "SolverConfig",
     "StudyConfig",
+    "GradQuantStudyConfig",
     "PlotsConfig",
     "EvaluationConfig",
     "PtqConfig",
@@ -252,6 +253,41 @@ class PtqConfig(_Section):
 
 
 @dataclass(frozen=True)
+class GradQuantStudyConfig(_Section):
+    """gradquant: the gradient-quantization study's models, exchange methods x bits and run settings."""
+
+    models: tuple[str, ...] | None
+    methods: tuple[str, ...]
+    bits: tuple[int, ...]
+    world_size: int
+    epochs: int | None
+    bucket_size: int
+    norm: str
+    update_iters: tuple[int, ...]
+
+    def runs(self) -> list[str]:
+        """The study's run names: 'none' (float all-reduce, once) and '<method>-<bits>bit' for the others."""
+        return [m if m == "none" else f"{m}-{b}bit" for m in self.methods for b in (self.bits if m != "none" else [0])]
+
+    def run_spec(self, run: str) -> dict:
+        """What one run depends on (its rule's params): processes, epochs and its exchange (grad_quant,
+        None for 'none'); not the lists of models, methods and bits, so adding a run reruns no other."""
+        if run not in self.runs():
+            raise ValueError(f"unknown gradquant run {run!r}; expected one of {self.runs()}")
+        spec = {"world_size": self.world_size, "epochs": self.epochs, "grad_quant": None}
+        if run != "none":
+            method, bits = run.rsplit("-", 1)
+            spec["grad_quant"] = {"method": method, "bits": int(bits.removesuffix("bit")),
+                                  "bucket_size": self.bucket_size, "norm": self.norm,
+                                  "update_iters": list(self.update_iters)}  # fmt: skip
+        return spec
+
+    def study_models(self, configured) -> list[str]:
+        """The models the study trains: `models`, or every configured one."""
+        return list(configured) if self.models is None else list(self.models)
+
+
+@dataclass(frozen=True)
 class FinetuneConfig(TrainSettings):
     """finetune: which decisions are fine-tuned (target dicts, canonical) and the LSQ fine-tuning's
     settings: SGD as in `train`, plus knowledge distillation (`distill` weight of the KL from the FP
@@ -303,6 +339,7 @@ class Config:
     study: StudyConfig
     solver: SolverConfig
     ptq: PtqConfig
+    gradquant: GradQuantStudyConfig
     finetune: FinetuneConfig
     limpq: LimpqConfig
     plots: PlotsConfig
@@ -323,6 +360,7 @@ class Config:
             study=StudyConfig.from_dict(cfg["study"]),
             solver=SolverConfig.from_dict(cfg["solver"]),
             ptq=PtqConfig.from_dict(cfg["ptq"]),
+            gradquant=GradQuantStudyConfig.from_dict(cfg["gradquant"]),
             finetune=FinetuneConfig.from_dict(cfg["finetune"]),
             limpq=LimpqConfig.from_dict(cfg["limpq"]),
             plots=PlotsConfig.from_dict(cfg["plots"]),

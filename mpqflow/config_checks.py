@@ -2,7 +2,8 @@
 
 Usage (what :func:`mpqflow.validation.validate_config` runs after the schema, in this order):
     check_paths(cfg); cfg["budgets"] = check_budgets(cfg); check_ptq_options(cfg); check_samples(cfg)
-    check_set_sizes(cfg); check_world_size(cfg); check_limpq(cfg); cfg["finetune"] = check_finetune(cfg)
+    check_set_sizes(cfg); check_world_size(cfg); check_gradquant(cfg); check_limpq(cfg)
+    cfg["finetune"] = check_finetune(cfg)
 
 Weights files are torch.save files, dataset roots exist with their class folders, the training split
 holds the calibration samples and the pool, set sizes fit the pool, budgets are positive and not
@@ -207,6 +208,24 @@ def check_world_size(cfg: dict) -> None:
             raise ConfigError(
                 f"config key 'models.{name}.train.world_size': {world} processes need a batch_size of at least "
                 f"{world} (models.{name}.train.batch_size is {batch}, the global batch split over the processes)"
+            )
+
+
+def check_gradquant(cfg: dict) -> None:
+    """The gradient-quantization study names configured models whose batches feed every process."""
+    study = cfg["gradquant"]
+    for i, name in enumerate(study["models"] or []):
+        if name not in cfg["models"]:
+            raise ConfigError(
+                f"config key 'gradquant.models[{i}]': {name!r} is not a configured model; expected one of "
+                f"{sorted(cfg['models'])}"
+            )
+    for name in study["models"] or cfg["models"]:
+        batch = cfg["models"][name]["train"]["batch_size"]
+        if study["world_size"] > batch:
+            raise ConfigError(
+                f"config key 'gradquant.world_size': {study['world_size']} processes need a batch_size of at least "
+                f"{study['world_size']} (models.{name}.train.batch_size is {batch})"
             )
 
 

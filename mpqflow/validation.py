@@ -124,6 +124,7 @@ def validate_config(config: Mapping, *, local: bool = True) -> dict:
     checks.check_samples(cfg)
     checks.check_set_sizes(cfg)
     checks.check_world_size(cfg)
+    checks.check_gradquant(cfg)
     checks.check_limpq(cfg)
     cfg["finetune"] = checks.check_finetune(cfg)
     if local:

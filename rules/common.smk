@@ -8,6 +8,7 @@ from mpqflow.codehash import code_hash
 from mpqflow.config import (
     ConfigError,
     FinetuneConfig,
+    GradQuantStudyConfig,
     LimpqConfig,
     SamplePlanConfig,
     SensitivityConfig,
@@ -45,6 +46,7 @@ SETS = [
 FINETUNE = FinetuneConfig.from_dict(config["finetune"])
 # 'clado/set_4x0/avg_bits-2.5' or 'uniform/w2a4': results/{model}/finetuned/<target>.pt, eval/<target>.json
 FINETUNE_TARGETS = FINETUNE.target_names
+GRADQUANT = GradQuantStudyConfig.from_dict(config["gradquant"])
 
 
 wildcard_constraints:
@@ -121,6 +123,21 @@ def finetune_threads(wildcards):
 def finetune_gpus(wildcards):
     """A fine-tuning job's GPUs with `device: cuda`: one per data-parallel process."""
     return FINETUNE.world_size if config["device"] == "cuda" else 0
+
+
+def gradquant_threads(wildcards):
+    """A gradient-quantization run's CPUs: `threads` per data-parallel process."""
+    return config["threads"] * GRADQUANT.world_size
+
+
+def gradquant_gpus(wildcards):
+    """A gradient-quantization run's GPUs with `device: cuda`: one per data-parallel process."""
+    return GRADQUANT.world_size if config["device"] == "cuda" else 0
+
+
+def gradquant_run_spec(wildcards):
+    """The {run}'s settings: processes, epochs and its gradient exchange."""
+    return GRADQUANT.run_spec(wildcards.run)
 
 
 def limpq_threads(wildcards):

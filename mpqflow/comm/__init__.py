@@ -5,17 +5,29 @@ is the DistributedDataParallel communication hook that all-gathers those codes i
 all-reducing floats, with the levels of :mod:`mpqflow.quant.levels` refitted during training.
 """
 
-from .codes import decode, encode, pack_codes, packed_bytes, unpack_codes
-from .hook import GRAD_QUANT_METHODS, GradQuantState, initial_levels, quantized_allgather_hook
+from .codes import decode, encode, encode_with_variance, pack_codes, packed_bytes, unpack_codes
+from .hook import (
+    GRAD_QUANT_METHODS,
+    ExchangeState,
+    GradQuantState,
+    float_allreduce_hook,
+    initial_levels,
+    quantized_allgather_hook,
+    wire_bytes_written,
+)
 
 __all__ = [
     "GRAD_QUANT_METHODS",
+    "ExchangeState",
     "GradQuantState",
     "decode",
     "encode",
+    "encode_with_variance",
+    "float_allreduce_hook",
     "initial_levels",
     "pack_codes",
     "packed_bytes",
     "quantized_allgather_hook",
     "unpack_codes",
+    "wire_bytes_written",
 ]

@@ -17,7 +17,7 @@ import torch
 
 from .level_quant import normalized_magnitudes
 
-__all__ = ["encode", "decode", "pack_codes", "unpack_codes", "packed_bytes"]
+__all__ = ["encode", "encode_with_variance", "decode", "pack_codes", "unpack_codes", "packed_bytes"]
 
 
 def _levels(levels, device) -> torch.Tensor:
@@ -31,14 +31,25 @@ def encode(
     v: torch.Tensor, levels, bucket_size: int, generator: torch.Generator | None = None, *, norm: str = "l2"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (numel,) int64 in [0, 2n), norms (B,) float32) of v's unbiased stochastic quantization."""
+    codes, norms, _ = encode_with_variance(v, levels, bucket_size, generator, norm=norm)
+    return codes, norms
+
+
+def encode_with_variance(
+    v: torch.Tensor, levels, bucket_size: int, generator: torch.Generator | None = None, *, norm: str = "l2"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`encode` and the exact E||decode(encode(v)) - v||^2 over the rounding draws:
+    sum over coordinates of ||v_b||^2 (l_{j+1} - r)(r - l_j) (no sampling; what ALQ/AMQ minimise)."""
     lv = _levels(levels, v.device)
     r, norms, numel = normalized_magnitudes(v.double(), bucket_size, norm)  # (B, d), (B,)
-    r = r.clamp(0, 1).reshape(-1)[:numel]
-    j = torch.clamp(torch.searchsorted(lv, r.contiguous(), right=True) - 1, 0, lv.numel() - 2)  # (numel,)
-    frac = (r - lv[j]) / (lv[j + 1] - lv[j])
-    up = torch.rand(r.shape, generator=generator, dtype=r.dtype, device=r.device) < frac
+    r = r.clamp(0, 1)
+    j = torch.clamp(torch.searchsorted(lv, r.contiguous(), right=True) - 1, 0, lv.numel() - 2)  # (B, d)
+    lo, hi = lv[j], lv[j + 1]
+    variance = float((norms[:, None] ** 2 * (hi - r) * (r - lo)).sum())
+    r, j, lo, hi = (t.reshape(-1)[:numel] for t in (r, j, lo, hi))  # drop the padding
+    up = torch.rand(r.shape, generator=generator, dtype=r.dtype, device=r.device) < (r - lo) / (hi - lo)
     negative = v.reshape(-1) < 0
-    return (j + up.long()) + lv.numel() * negative.long(), norms.float()
+    return (j + up.long()) + lv.numel() * negative.long(), norms.float(), variance
 
 
 def decode(codes: torch.Tensor, norms: torch.Tensor, levels, bucket_size: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ Usage (what workflow_scripts/uniform_table.py, study_table.py and study_plots.py
     plot_ptq_table("results/m/ptq.csv", "results/m/plots/ptq.png", plots_cfg)  # and its plot
     finetune_table(finetuned_jsons, ptq_jsons, "results/m/finetune.csv")   # PTQ vs fine-tuned
     plot_finetune_table("results/m/finetune.csv", "results/m/plots/finetune.png", plots_cfg)
+    write_gradquant_study(["results/m/gradquant/none.json", ...], outputs, plots_cfg)  # gradient quantization
 
 No torch: the layer table comes from layers.json.
 """
@@ -20,7 +21,8 @@ import pandas as pd
 
 from ..artifacts import load_batch_file, load_layer_table
 from ..config import PlotsConfig
-from ..io import save_csv
+from ..gradquant_study import gradquant_report, gradquant_tables, plot_gradquant
+from ..io import atomic_path, load_json, save_csv
 from ..methods import clado_matrix
 from ..plots import (
     finetune_plot,
@@ -36,7 +38,7 @@ from ..study import finetune_table, ptq_table, study_table, uniform_table
 
 __all__ = [
     "uniform_table", "study_table", "study_plots", "write_ptq_table", "plot_ptq_table", "finetune_table",
-    "plot_finetune_table",
+    "plot_finetune_table", "write_gradquant_study",
 ]  # fmt: skip
 
 
@@ -76,3 +78,14 @@ def plot_ptq_table(csv: str, png: str, plots: PlotsConfig) -> None:
 def plot_finetune_table(csv: str, png: str, plots: PlotsConfig) -> None:
     """PTQ vs fine-tuned top-1 of a table written by :func:`mpqflow.study.finetune_table`."""
     finetune_plot(pd.read_csv(csv), png, dpi=plots.dpi, width=1.2 * plots.panel_width)
+
+
+def write_gradquant_study(run_paths: list[str], outputs: dict, plots: PlotsConfig) -> None:
+    """The gradient-quantization study's table (`outputs["table"]`), variance curves (`variance`), plots
+    (`variance_plot`, `accuracy_plot`) and markdown report (`report`) from its runs' JSON files."""
+    table, curves = gradquant_tables([load_json(p) for p in run_paths])
+    save_csv(outputs["table"], table, float_format=None)
+    save_csv(outputs["variance"], curves, float_format=None)
+    plot_gradquant(table, curves, outputs["variance_plot"], outputs["accuracy_plot"], plots.dpi, plots.panel_width)
+    with atomic_path(outputs["report"]) as tmp:
+        tmp.write_text(gradquant_report(table))

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..comm import GradQuantState, quantized_allgather_hook
+from ..comm import ExchangeState, GradQuantState, quantized_allgather_hook
 from ..data import stack
 from ..runtime import seed_everything
 from .distributed import DistEnv, all_reduce_sum
@@ -98,7 +98,7 @@ def _wrap(model: torch.nn.Module, env: DistEnv, comm_hook=None) -> torch.nn.Modu
     return ddp
 
 
-def _resume(state_dir, fp: str, env: DistEnv, model, opt, sched, gen: torch.Generator, epochs: int) -> int:
+def _resume(state_dir, fp: str, env: DistEnv, model, opt, sched, gen: torch.Generator, epochs: int, exchange) -> int:
     """Load a matching epoch checkpoint into the run; the number of epochs already done (0 if none)."""
     state = load_state(state_dir, fp, verbose=env.is_main)
     start = 0
@@ -107,7 +107,7 @@ def _resume(state_dir, fp: str, env: DistEnv, model, opt, sched, gen: torch.Gene
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
-        _set_rng_state(state["torch_rng"][env.rank], env)
+        _set_rng_state(state["torch_rng"][env.rank], env, exchange)
         start = int(state["epoch"])
         if env.is_main:
             log.info("resumed from %s/epoch.pt: %d of %d epochs done", state_dir, start, epochs)
@@ -140,6 +140,7 @@ def fit(
     tag: str = "",
     epoch_hook=None,
     comm_hook=None,
+    history: list | None = None,
 ) -> torch.nn.Module:
     """Train `model` in place (SGD, Nesterov momentum, one-cycle learning rate, random shifts); returns it in eval mode.
 
@@ -162,7 +163,10 @@ def fit(
         epoch_hook: called on every rank as `epoch_hook(epochs_done)` after each epoch (and its
             checkpoint), e.g. to keep a rewind point for pruning.
         comm_hook: (state, hook) for DDP's register_comm_hook when world_size > 1; default: the
-            quantized gradient exchange of settings.grad_quant (:mod:`mpqflow.comm`), if any.
+            quantized gradient exchange of settings.grad_quant (:mod:`mpqflow.comm`), if any. A state
+            that is an ExchangeState is checkpointed with the epoch and its summary logged at the end.
+        history: a list that gets, on every rank, {epoch, loss, accuracy, step} per epoch (training loss
+            and accuracy over all ranks; step: the exchange's step count, None without one).
     """
     gen = seed_everything(seed)  # the same draws on every rank: permutation, then one shift per batch
     loss_fn = loss_fn or cross_entropy_loss
@@ -174,10 +178,12 @@ def fit(
     opt = _optimizer(model, settings, param_groups)
     steps = settings.epochs * steps_per_epoch(n, bs, world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=steps, pct_start=0.15)
-    start = _resume(state_dir, fp, env, model, opt, sched, gen, settings.epochs)
     grad_quant = getattr(settings, "grad_quant", None)
     if comm_hook is None and grad_quant is not None and env.distributed:
-        comm_hook = (GradQuantState(**grad_quant, seed=seed, rank=env.rank, world_size=world), quantized_allgather_hook)
+        gq = GradQuantState(**grad_quant, seed=seed, rank=env.rank, world_size=world, device=env.device)
+        comm_hook = (gq, quantized_allgather_hook)
+    exchange = comm_hook[0] if comm_hook is not None and isinstance(comm_hook[0], ExchangeState) else None
+    start = _resume(state_dir, fp, env, model, opt, sched, gen, settings.epochs, exchange)
     net = _wrap(model, env, comm_hook)
     amp = getattr(settings, "amp", False) and env.device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
@@ -196,18 +202,18 @@ def fit(
                 "%s epoch %d/%d loss %.4f train-acc %.4f %.0f samples/s",
                 desc, epoch + 1, settings.epochs, loss_sum / total, correct / total, rate,
             )  # fmt: skip
+        if history is not None:
+            history.append(
+                {"epoch": epoch + 1, "loss": loss_sum / total, "accuracy": correct / total, "step": _steps(exchange)}
+            )
         if state_dir is not None:
-            rng = _rng_states(env)  # a collective: every rank takes part
+            rng = _rng_states(env, exchange)  # a collective: every rank takes part
             if env.is_main:
                 save_state(state_dir, _state(model, opt, sched, gen, rng, epoch + 1, fp))
         if epoch_hook is not None:
             epoch_hook(epoch + 1)
-    if comm_hook is not None and isinstance(comm_hook[0], GradQuantState) and env.is_main:
-        q = comm_hook[0]
-        log.info(
-            "%s gradient exchange (%s, %d bits): %d steps, %d level refits, %d bytes sent per process, %.4f of float32",
-            desc, q.method, q.bits, q.step, q.updates, q.bytes_sent, q.bytes_sent / max(q.bytes_full_precision, 1),
-        )  # fmt: skip
+    if exchange is not None and env.is_main:
+        log.info("%s gradient exchange (%s)", desc, exchange.summary())
     return model.eval()
 
 
@@ -237,12 +243,15 @@ def _epoch(net, train_set, settings, gen, env: DistEnv, loss_fn, opt, sched, aut
     return loss_sum, correct, total
 
 
-def _rng_states(env: DistEnv) -> list[dict]:
-    """Every rank's global torch RNG state (CPU, and its GPU's), in rank order: the ranks' dropout
-    draws differ (their shards differ), so each resumes its own."""
+def _rng_states(env: DistEnv, exchange: ExchangeState | None = None) -> list[dict]:
+    """Every rank's global torch RNG state (CPU, and its GPU's) and gradient-exchange state (its
+    rounding generator and counters), in rank order: the ranks' dropout and rounding draws differ, so
+    each resumes its own."""
     mine = {"cpu": torch.get_rng_state()}
     if env.device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(env.device)
+    if exchange is not None:
+        mine["exchange"] = exchange.state_dict()
     if not env.distributed:
         return [mine]
     every: list = [None] * env.world_size
@@ -250,10 +259,16 @@ def _rng_states(env: DistEnv) -> list[dict]:
     return every
 
 
-def _set_rng_state(rng: dict, env: DistEnv) -> None:
+def _set_rng_state(rng: dict, env: DistEnv, exchange: ExchangeState | None) -> None:
     torch.set_rng_state(rng["cpu"])
     if env.device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], env.device)
+    if exchange is not None:
+        exchange.load_state_dict(rng["exchange"])
+
+
+def _steps(exchange: ExchangeState | None) -> int | None:
+    return None if exchange is None else exchange.step
 
 
 def _state(model, opt, sched, gen: torch.Generator, rng: list[dict], epoch: int, fp: str) -> dict:

@@ -1,0 +1,74 @@
+# The gradient-quantization study (ALQ / AMQ vs QSGD / NUQSGD vs float32): `snakemake gradquant`.
+# Not part of `all`: 1 + 6 x 3 data-parallel trainings per model.
+
+
+rule gradquant_run:
+    output:
+        run="results/{model}/gradquant/{run}.json",
+    log:
+        "logs/{model}/gradquant/{run}.log",
+    wildcard_constraints:
+        run="|".join(re.escape(r) for r in GRADQUANT.runs()),
+    conda:
+        "../envs/mpqflow.yaml"
+    threads: gradquant_threads
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=gradquant_gpus,
+    params:
+        model=model_config,
+        seed=config["seed"],
+        evaluation=config["evaluation"],
+        # the run's own settings; the methods / bits / models lists are not params: adding a run
+        # reruns no other
+        spec=gradquant_run_spec,
+        code=stage_code("gradquant"),
+        # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
+        state_dir="results/{model}/.gradquant_state/{run}",
+    script:
+        "../workflow_scripts/gradquant_run.py"
+
+
+rule gradquant_study:
+    input:
+        runs=expand("results/{{model}}/gradquant/{run}.json", run=GRADQUANT.runs()),
+    output:
+        table="results/{model}/gradquant.csv",
+        variance="results/{model}/gradquant_variance.csv",
+        report="results/{model}/gradquant.md",
+        variance_plot=report(
+            "results/{model}/plots/gradquant_variance.png",
+            caption="../report/gradquant_variance.rst",
+            category="{model}",
+        ),
+        accuracy_plot=report(
+            "results/{model}/plots/gradquant_accuracy.png",
+            caption="../report/gradquant_accuracy.rst",
+            category="{model}",
+        ),
+    log:
+        "logs/{model}/gradquant_study.log",
+    localrule: True
+    conda:
+        "../envs/mpqflow.yaml"
+    params:
+        plots=config["plots"],
+        code=stage_code("study"),
+    script:
+        "../workflow_scripts/gradquant_study.py"
+
+
+rule gradquant:
+    input:
+        expand(
+            "results/{model}/{out}",
+            model=GRADQUANT.study_models(MODELS),
+            out=[
+                "gradquant.csv",
+                "gradquant.md",
+                "plots/gradquant_variance.png",
+                "plots/gradquant_accuracy.png",
+            ],
+        ),
+    localrule: True
