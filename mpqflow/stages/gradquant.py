@@ -1,7 +1,8 @@
 """Stage `gradquant`: one run of the gradient-quantization study (its table, plots and report: stage `study`).
 
 Usage (workflow_scripts/gradquant_run.py):
-    run_gradquant(model_dict, GradQuantStudyConfig.from_dict(cfg["gradquant"]).run_spec("alq-3bit"), "alq-3bit", seed=0, evaluation=ev_dict, runtime=Runtime("cpu", 2),
+    spec = GradQuantStudyConfig.from_dict(cfg["gradquant"]).run_spec("alq-3bit")   # processes, epochs, exchange
+    run_gradquant(model_dict, spec, "alq-3bit", seed=0, evaluation=ev_dict, runtime=Runtime("cpu", 2),
                   out_path="results/m/gradquant/alq-3bit.json", state_dir="results/m/.gradquant_state/alq-3bit")
 
 A run trains the model from scratch (its arch, data and train settings; the study's epochs) on
