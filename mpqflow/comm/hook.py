@@ -74,6 +74,7 @@ class ExchangeState:
     """Counters of a gradient exchange: steps, bytes handed to collectives, bytes measured on the wire."""
 
     method = "none"
+    layout_dependent = False  # an element-wise exchange: DDP's bucket layout does not change the result
     _SAVED = ("step", "bytes_sent", "bytes_full_precision", "wire_bytes")
 
     def __init__(self, *, rank: int, world_size: int):
@@ -111,6 +112,7 @@ class GradQuantState(ExchangeState):
     """What the quantizing hook keeps between calls: levels, the rounding generator, counters, variance."""
 
     _SAVED = ExchangeState._SAVED + ("levels", "updates", "variance", "generator_state")
+    layout_dependent = True  # which coordinates share a bucket norm depends on DDP's bucket layout
 
     def __init__(self, *, method, bits, bucket_size, norm, update_iters, seed, rank, world_size, device="cpu"):
         super().__init__(rank=rank, world_size=world_size)

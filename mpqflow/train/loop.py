@@ -92,7 +92,12 @@ def _wrap(model: torch.nn.Module, env: DistEnv, comm_hook=None) -> torch.nn.Modu
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [env.device.index] if env.device.type == "cuda" else None
-    ddp = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    # DDP re-orders its buckets after the first step (by when gradients become ready), except with
+    # find_unused_parameters. A float all-reduce does not care; a bucketed quantizer does (which
+    # coordinates share a norm), and a resumed run's first step would see the initial order where the
+    # uninterrupted run saw the re-ordered one. So a layout-dependent exchange keeps the initial order.
+    keep_layout = comm_hook is not None and getattr(comm_hook[0], "layout_dependent", False)
+    ddp = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=keep_layout)
     if comm_hook is not None:
         ddp.register_comm_hook(*comm_hook)
     return ddp
