@@ -314,11 +314,15 @@ def check_local_device():
 
 
 def report_where():
-    """Tell the user where the study's table, plots and (how to build) the report are."""
+    """Tell the user where the study's (and the gradient-quantization study's) tables and plots are."""
     for model in MODELS:
-        print(
-            f"mpqflow: {model}: results/{model}/study.csv, results/{model}/plots/*.png"
-        )
+        made = [
+            f"results/{model}/{f}"
+            for f in ("study.csv", "gradquant.csv", "gradquant.md")
+            if os.path.exists(f"results/{model}/{f}")
+        ]
+        if made:
+            print(f"mpqflow: {model}: {', '.join(made)}, results/{model}/plots/*.png")
     print(
         "mpqflow: build the browsable report with: snakemake --report results/report.html"
     )
