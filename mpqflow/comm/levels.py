@@ -265,12 +265,13 @@ def _quantile_levels(dist: TruncNormMixture, n: int) -> np.ndarray:
 def _strict(lv: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Project onto strictly increasing levels 0 = l_0 < ... < l_{n-1} = 1 (gaps >= eps): ties can
     come from the CDF inversion where the distribution has no mass."""
-    y = np.clip(lv, 0.0, 1.0)
+    shift = eps * np.arange(lv.size)
+    # l_i in [i eps, 1 - (n-1-i) eps] first: a running max then never lifts the top level above 1
+    y = np.clip(lv, shift, 1.0 - shift[::-1])
     y[0], y[-1] = 0.0, 1.0
-    shift = eps * np.arange(y.size)
-    y = np.maximum.accumulate(y - shift)  # y_i >= y_{i-1}  <=>  l_i >= l_{i-1} + eps
-    y = np.minimum.accumulate((y)[::-1])[::-1]
-    return y + shift
+    y = np.maximum.accumulate(y - shift) + shift  # y_i - i eps non-decreasing <=> gaps >= eps
+    y[-1] = 1.0  # exactly, whatever (1 - k eps) + k eps rounds to
+    return y
 
 
 def alq_levels(dist: TruncNormMixture, num_levels: int, *, iters: int = 500, tol: float = 1e-13) -> torch.Tensor:
