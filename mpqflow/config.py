@@ -195,8 +195,9 @@ class SensitivityConfig(_Section):
     pool_batches: int
     clado_engine: str
     clado_stack: bool
+    hawq_rel_se: float
+    hawq_min_probes: int
     hawq_max_probes: int
-    hawq_tol: float
     hawq_seed: int
 
     def of_estimator(self, estimator: str) -> dict:

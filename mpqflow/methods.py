@@ -36,6 +36,7 @@ __all__ = [
     "psd_project",
     "clado_matrix",
     "hawq_omega",
+    "hawq_omega_se",
     "method_allowed",
 ]
 
@@ -136,6 +137,25 @@ def hawq_omega(pooled: dict, numel) -> np.ndarray:
     err = np.asarray(pooled["weight_err"], dtype=np.float64)
     K = err.shape[0] // trace.shape[0]
     return np.repeat(trace / numel, K) * err
+
+
+def hawq_omega_se(pooled: dict, numel) -> np.ndarray:
+    """Standard error (n,) of :func:`hawq_omega` from the Hutchinson probes' noise: √trace_var_sum/count
+    in place of the trace (the weight errors are exact).
+
+    Args:
+        pooled: per-batch or pooled HAWQ dict with trace_var_sum (files written since issue 15).
+        numel: (L,) weights per candidate layer (execution order).
+    """
+    if "trace_var_sum" not in pooled:
+        raise ValueError(
+            "HAWQ sensitivities without trace_var_sum (written before traces carried a standard error): "
+            "recompute them (snakemake reruns the hawq sensitivity jobs)"
+        )
+    se = np.sqrt(np.asarray(pooled["trace_var_sum"], dtype=np.float64)) / float(pooled["count"])
+    numel = np.asarray(numel, dtype=np.float64)
+    err = np.asarray(pooled["weight_err"], dtype=np.float64)
+    return np.repeat(se / numel, err.shape[0] // se.shape[0]) * err
 
 
 def _check_pooled(method: Method, pooled: dict, table) -> None:

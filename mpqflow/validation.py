@@ -66,13 +66,20 @@ def _key(path) -> str:
     return out or "<top level>"
 
 
+# keys that older configs carry, and what replaced them
+_REPLACED_KEYS = {
+    "hawq_tol": "hawq_rel_se (stop at a relative standard error, not at a small change of the running mean)",
+}
+
+
 def _message(err: jsonschema.ValidationError) -> str:
     key = _key(err.absolute_path)
     if err.validator == "additionalProperties":
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
         allowed = sorted(err.schema.get("properties", {}))
         where = "" if key == "<top level>" else f" under {key!r}"
-        return f"unknown config key(s) {extra}{where}; allowed: {allowed}"
+        hints = "".join(f"; {k} was replaced by {_REPLACED_KEYS[k]}" for k in extra if k in _REPLACED_KEYS)
+        return f"unknown config key(s) {extra}{where}; allowed: {allowed}{hints}"
     items = [e for e in err.context or () if e.validator in ("oneOf", "anyOf") and e.schema.get("description")]
     if err.validator in ("oneOf", "anyOf") and items:  # the list branch fits but an item does not: name the item
         return _message(items[0])

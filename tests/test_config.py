@@ -48,6 +48,8 @@ def test_defaults_filled_and_default_config_valid():
         (_with(seed="zero"), "config key 'seed': 'zero' is not of type 'integer'"),
         (_with(quant={"weight": {"observer": "max"}}), "config key 'quant.weight.observer': 'max' is not one of"),
         (_with(quant={"weight": {"gran": "x"}}), "unknown config key(s) ['gran'] under 'quant.weight'"),
+        (_with(sensitivity={"hawq_tol": 1e-3}), "hawq_tol was replaced by hawq_rel_se"),
+        (_with(sensitivity={"hawq_rel_se": 0}), "config key 'sensitivity.hawq_rel_se': 0 is less than or equal"),
         (
             _with(solver={"node_limit": {"cplex": 5}}),
             "config key 'solver.node_limit': {'cplex': 5} is not valid; expected null, an integer >= 1, or a mapping",

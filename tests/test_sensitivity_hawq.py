@@ -1,4 +1,5 @@
-"""HAWQ: Hutchinson traces agree with the exact (autograd) Hessian trace; weight errors and Ω."""
+"""HAWQ: Hutchinson traces agree with the exact (autograd) Hessian trace and stop at a stated
+relative standard error, which they report truthfully; weight errors, Ω and its standard error."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpqflow.models import DigitsCNN
-from mpqflow.sensitivity import OptionIndex, compute_batch, hawq_omega
+from mpqflow.sensitivity import OptionIndex, compute_batch, hawq_omega, hawq_omega_se
 from mpqflow.sensitivity.common import make_context
 from mpqflow.sensitivity.hawq import hutchinson_traces
 
@@ -40,7 +41,9 @@ def _exact_block(ctx, x, y, layer):
     return H.reshape(P, P).double()
 
 
-def test_hutchinson_trace_within_5_percent_of_exact():
+@pytest.fixture(scope="module")
+def mlp():
+    """A 4-layer tanh MLP (two candidate layers) and a batch of 64, with their exact Hessian blocks."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 10)
@@ -49,29 +52,69 @@ def test_hutchinson_trace_within_5_percent_of_exact():
     ctx = make_context(net, x[:32], w_bits=(2, 4), a_bits=(8,))
     x, y = x[32:], torch.randint(0, 10, (64,))
     assert ctx.table.candidates == ("2", "4")
-    probes = 1500
-    payload = compute_batch("hawq", ctx, x, y, {"hawq_max_probes": probes, "hawq_tol": 1e-12, "hawq_seed": 1})
-    for l, layer in enumerate(ctx.table.candidates):
-        H = _exact_block(ctx, x, y, layer)
+    return ctx, x, y, [_exact_block(ctx, x, y, layer) for layer in ctx.table.candidates]
+
+
+def _probe_sd(H: torch.Tensor) -> float:
+    """Standard deviation of one Rademacher probe vᵀHv: sqrt(2 Σ_{a≠b} H_ab²) (H symmetric)."""
+    return float((2 * ((H**2).sum() - (H.diagonal() ** 2).sum())).sqrt())
+
+
+def test_hutchinson_trace_within_5_percent_of_exact(mlp):
+    ctx, x, y, blocks = mlp
+    probes = 1500  # forced: min = max
+    settings = {"hawq_max_probes": probes, "hawq_min_probes": probes, "hawq_seed": 1}
+    payload = compute_batch("hawq", ctx, x, y, settings)
+    assert list(payload["probes_sum"]) == [probes, probes]
+    for l, H in enumerate(blocks):
         exact = float(H.trace())
-        # the estimator's own standard error: sqrt(2 Σ_{a≠b} H_ab² / probes); 5% must be > 3 of them
-        stderr = float(((2 * ((H**2).sum() - (H.diagonal() ** 2).sum())) / probes).sqrt())
+        stderr = _probe_sd(H) / probes**0.5  # 5% must be > 3 of them
         assert 3 * stderr < 0.05 * abs(exact)
-        assert payload["trace_sum"][l] == pytest.approx(exact, rel=0.05), layer
+        assert payload["trace_sum"][l] == pytest.approx(exact, rel=0.05), l
+        # the reported SE is the sample estimate of that standard error
+        assert payload["trace_var_sum"][l] ** 0.5 == pytest.approx(stderr, rel=0.15), l
 
 
-def test_hutchinson_stops_at_tolerance_and_is_seeded():
+@pytest.mark.parametrize("seed", range(4))
+def test_stopping_rule_reaches_the_stated_precision(mlp, seed):
+    """With hawq_rel_se = 2 %, every layer stops on the rule (not the guard) with a reported SE at
+    most 2 % of its trace; that SE is the true one (sd/√probes from the exact block, within 25 %) and
+    the trace is within 4 true SEs (< 9 %) of the exact trace."""
+    ctx, x, y, blocks = mlp
+    settings = {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 20000, "hawq_seed": seed}
+    payload = compute_batch("hawq", ctx, x, y, settings)
+    for l, H in enumerate(blocks):
+        exact, probes = float(H.trace()), int(payload["probes_sum"][l])
+        est, se = float(payload["trace_sum"][l]), float(payload["trace_var_sum"][l]) ** 0.5
+        true_se = _probe_sd(H) / probes**0.5
+        assert 30 <= probes < 20000 and se <= 0.02 * abs(est), (l, probes, se / abs(est))
+        assert se == pytest.approx(true_se, rel=0.25), (l, probes)
+        assert abs(est - exact) <= 4 * true_se, (l, est, exact, true_se)
+
+
+def test_hutchinson_minimum_guard_and_seed():
     torch.manual_seed(0)
     A = torch.randn(30, 30, dtype=torch.float64)
     H = A @ A.T + 30 * torch.eye(30, dtype=torch.float64)  # diagonally dominant: low probe variance
     w = torch.zeros(30, dtype=torch.float64, requires_grad=True)
     loss = 0.5 * w @ H @ w + w.sum()
-    t1, p1 = hutchinson_traces(loss, [w], max_probes=500, tol=1e-3, seed=3)
-    t2, p2 = hutchinson_traces(0.5 * w @ H @ w + w.sum(), [w], max_probes=500, tol=1e-3, seed=3)
-    assert p1 == p2 and p1[0] < 500 and torch.equal(t1, t2)
+    t1, s1, p1 = hutchinson_traces(loss, [w], max_probes=5000, rel_se=0.02, min_probes=30, seed=3)
+    t2, s2, p2 = hutchinson_traces(0.5 * w @ H @ w + w.sum(), [w], max_probes=5000, rel_se=0.02, seed=3)
+    assert p1 == p2 and torch.equal(t1, t2) and torch.equal(s1, s2)
+    assert 30 <= p1[0] < 5000 and float(s1[0]) <= 0.02 * float(t1[0])
+    # the rule needs (sd / (0.02 tr))^2 probes, give or take the sampling noise of sd
+    need = (_probe_sd(H) / (0.02 * float(H.trace()))) ** 2
+    assert max(30, 0.5 * need) <= p1[0] <= max(31, 2 * need), (p1, need)
     assert float(t1[0]) == pytest.approx(float(H.trace()), rel=0.1)
-    _, p3 = hutchinson_traces(0.5 * w @ H @ w, [w], max_probes=7, tol=1e-12, seed=3)
-    assert p3 == [7]
+    _, _, p3 = hutchinson_traces(0.5 * w @ H @ w, [w], max_probes=7, rel_se=1e-9, seed=3)
+    assert p3 == [7]  # the guard
+    _, _, p4 = hutchinson_traces(0.5 * w @ H @ w, [w], max_probes=500, rel_se=10.0, min_probes=40, seed=3)
+    assert p4 == [40]  # the minimum, however loose the target
+    # a block with trace 0 but noisy probes (H = [[0, 1], [1, 0]]: vᵀHv = ±2) never reaches a
+    # relative SE: the guard stops it; a block the loss is linear in is exactly 0 at the minimum
+    u, w0 = (torch.zeros(2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    t5, s5, p5 = hutchinson_traces(u[0] * u[1] + w0.sum(), [u, w0], max_probes=60, min_probes=30, seed=3)
+    assert p5 == [60, 30] and float(s5[0]) > 0 and float(t5[1]) == 0 and float(s5[1]) == 0
 
 
 def test_weight_err_and_omega(small):
@@ -88,6 +131,11 @@ def test_weight_err_and_omega(small):
     omega = hawq_omega(payload, numel)
     want = np.repeat(payload["trace_sum"] / 16 / np.asarray(numel), idx.K) * payload["weight_err"]
     np.testing.assert_allclose(omega, want)
+    se = hawq_omega_se(payload, numel)
+    np.testing.assert_allclose(se, omega * np.repeat(np.sqrt(payload["trace_var_sum"]) / payload["trace_sum"], idx.K))
+    assert np.all(se > 0)
+    with pytest.raises(ValueError, match="trace_var_sum"):
+        hawq_omega_se({k: v for k, v in payload.items() if k != "trace_var_sum"}, numel)
     # same batch, same probes: reproducible
     again = compute_batch("hawq", ctx, x, y, {"hawq_max_probes": 20})
     np.testing.assert_array_equal(again["trace_sum"], payload["trace_sum"])

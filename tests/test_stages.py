@@ -70,9 +70,10 @@ def test_config_sections_round_trip_and_refuse_partial_dicts():
     assert cfg.solver.node_limit_for("highs") is None
     assert cfg.sensitivity.of_estimator("hawq") == {
         "batch_size": 16,
-        "hawq_max_probes": 100,
+        "hawq_max_probes": 1000,
+        "hawq_min_probes": 30,
+        "hawq_rel_se": raw["sensitivity"]["hawq_rel_se"],
         "hawq_seed": 0,
-        "hawq_tol": raw["sensitivity"]["hawq_tol"],
     }
     with pytest.raises(ConfigError, match=r"missing key\(s\) \['a_bits'"):
         QuantConfig.from_dict({k: v for k, v in raw["quant"].items() if k != "a_bits"})

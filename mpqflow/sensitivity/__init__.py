@@ -33,7 +33,7 @@ from .common import (
     save_batch_file,
     split_meta,
 )
-from .hawq import hawq_batch, hawq_omega
+from .hawq import hawq_batch, hawq_omega, hawq_omega_se
 from .mpqco import mpqco_batch
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "means",
     "clado_matrix",
     "hawq_omega",
+    "hawq_omega_se",
 ]
 
 log = logging.getLogger("mpqflow")
