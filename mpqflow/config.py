@@ -223,6 +223,13 @@ class SolverConfig(_Section):
 
 
 @dataclass(frozen=True)
+class CladoNaConfig(_Section):
+    """clado_na: noise-aware CLADO's threshold `k` (entries within k standard errors of 0 are noise)."""
+
+    k: float
+
+
+@dataclass(frozen=True)
 class StudyConfig(_Section):
     """study: sensitivity-set sizes and how many sets of each size."""
 
@@ -336,6 +343,7 @@ class Config:
     quant: QuantConfig
     sensitivity: SensitivityConfig
     methods: tuple[str, ...]
+    clado_na: CladoNaConfig
     budgets: tuple[str, ...]
     study: StudyConfig
     solver: SolverConfig
@@ -357,6 +365,7 @@ class Config:
             quant=QuantConfig.from_dict(cfg["quant"]),
             sensitivity=SensitivityConfig.from_dict(cfg["sensitivity"]),
             methods=tuple(cfg["methods"]),
+            clado_na=CladoNaConfig.from_dict(cfg["clado_na"]),
             budgets=tuple(cfg["budgets"]),
             study=StudyConfig.from_dict(cfg["study"]),
             solver=SolverConfig.from_dict(cfg["solver"]),

@@ -11,11 +11,17 @@ method's estimated loss increase, as CLADO's G is (G[i,i] = 2(L(i) − L0)). So
     hawq:   linear = Ω = Tr(H_l)/numel(W_l) · ‖ΔW‖²      (the second-order term ΔWᵀHΔW with H ≈ Tr/numel·I)
     clado_naive / zeroq: linear = diag(G) (for binary x, xᵀdiag(G)x = diag(G)·x; no G given, so
     diagonal methods stay a multiple-choice knapsack for the solver)
+    clado_na: G soft-thresholded at k standard errors, then PSD-projected (noise-aware CLADO):
+            G̃[i, j] = sign(G[i, j]) · max(|G[i, j]| − k·SE[i, j], 0), SE from the per-sample entries
     limpq:  linear = 2 (Δs_a + α·Δs_w), LIMPQ's learned step sizes relative to the highest bit-width
             (indicator units, not a loss: only its ranking compares with measured losses); options
             that LIMPQ's outlier rule forbids are left out of the problem (:func:`method_allowed`)
-One estimator run serves several methods: clado, clado_raw, clado_naive, clado_kl and zeroq all read
-the same clado files.
+One estimator run serves several methods: clado, clado_raw, clado_naive, clado_kl, clado_na and zeroq
+all read the same clado files.
+Every loss increase (L0 above, and what evaluation measures) is against the base model: the first
+and last layers at their fixed bits, every other layer float.
+Standard errors (of the mean over samples, from the files' second moments; pooled exactly like the
+sums): mpqco_se (n,), clado_matrix_se (n, n), hawq_omega_se (n,) (probe noise, not sample noise).
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ __all__ = [
     "clado_matrix",
     "hawq_omega",
     "hawq_omega_se",
+    "mean_se",
+    "mpqco_se",
+    "clado_matrix_se",
+    "soft_threshold",
     "method_allowed",
 ]
 
@@ -70,6 +80,7 @@ METHODS: dict[str, Method] = {
         Method("clado_raw", "clado", "raw", "ce", "CLADO cross-entropy matrix as measured"),
         Method("clado_naive", "clado", "diag", "ce", "diagonal of the CLADO cross-entropy matrix"),
         Method("clado_kl", "clado", "psd", "kl", "CLADO KL matrix projected on the PSD cone"),
+        Method("clado_na", "clado", "na", "ce", "CLADO matrix soft-thresholded at k standard errors, then PSD"),
         Method("zeroq", "clado", "diag", "kl", "diagonal of the CLADO KL matrix (ZeroQ-style)"),
         Method("limpq", "limpq", "linear", None, "LIMPQ's learned per-bit step sizes, s_a + alpha * s_w"),
     )
@@ -125,6 +136,51 @@ def clado_matrix(pooled: dict, kind: str = "ce", layer_of: np.ndarray | None = N
     return (G + G.T) / 2
 
 
+def mean_se(total, total_sq, count) -> np.ndarray:
+    """Standard error of a mean over `count` samples from Σ v and Σ v²: √(s² / N), s² the unbiased
+    sample variance (Σv² − (Σv)²/N) / (N − 1), clipped at 0 (cancellation); 0 when N < 2 (unknown)."""
+    n = float(count)
+    total, total_sq = np.asarray(total, dtype=np.float64), np.asarray(total_sq, dtype=np.float64)
+    if n < 2:
+        return np.zeros_like(total)
+    var = np.clip(total_sq - total**2 / n, 0.0, None) / (n - 1)
+    return np.sqrt(var / n)
+
+
+def _second_moment(pooled: dict, key: str) -> np.ndarray:
+    if key not in pooled:
+        raise ValueError(
+            f"the sensitivity data has no {key!r} (written before files carried second moments): "
+            "recompute it (the workflow reruns its job)"
+        )
+    return pooled[key]
+
+
+def mpqco_se(pooled: dict) -> np.ndarray:
+    """(n,) standard error of MPQCO's linear term sq_sum / count (the mean of s_n²)."""
+    return mean_se(pooled["sq_sum"], _second_moment(pooled, "sq_squared_sum"), pooled["count"])
+
+
+def clado_matrix_se(pooled: dict, kind: str = "ce") -> np.ndarray:
+    """(n, n) standard error of every entry of :func:`clado_matrix` (0 within a layer), from the
+    per-sample entries' squares `{kind}_gsq_sum`."""
+    if kind not in ("ce", "kl"):
+        raise ValueError(f"kind must be 'ce' or 'kl', got {kind!r}")
+    gsq = np.asarray(_second_moment(pooled, f"{kind}_gsq_sum"), dtype=np.float64)  # 0 within a layer
+    n = float(pooled["count"])
+    # every entry by the cross-layer formula (no within-layer mask): within a layer gsq is 0, so the
+    # clipped variance, hence the SE, is 0 there whatever the formula gives
+    G = clado_matrix(pooled, kind, layer_of=np.arange(gsq.shape[0]))
+    return mean_se(G * n, gsq, n)
+
+
+def soft_threshold(G: np.ndarray, se: np.ndarray, k: float) -> np.ndarray:
+    """sign(G) · max(|G| − k·se, 0): entries within k standard errors of zero become zero, the others
+    move toward it by k·se (the lasso / soft-threshold estimator of a mean under Gaussian noise)."""
+    G, se = np.asarray(G, dtype=np.float64), np.asarray(se, dtype=np.float64)
+    return np.sign(G) * np.clip(np.abs(G) - k * se, 0.0, None)
+
+
 def hawq_omega(pooled: dict, numel) -> np.ndarray:
     """HAWQ's Ω (n,) = (trace_sum/count) / numel(W_l) · weight_err, option i = l*K + k.
 
@@ -176,7 +232,7 @@ def _check_pooled(method: Method, pooled: dict, table) -> None:
 
 
 def method_objective(
-    method: str, pooled: dict, table, *, alpha: float = 2.0
+    method: str, pooled: dict, table, *, alpha: float = 2.0, k: float = 2.0
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(G (n, n) or None, linear (n,) or None): the method's objective xᵀGx + linear·x.
 
@@ -185,6 +241,7 @@ def method_objective(
         pooled: a pooled (or per-batch) sensitivity dict of the method's estimator (None for uniform).
         table: layers.LayerTable (candidates, options, numel).
         alpha: LIMPQ's weight of the weight indicators against the activation ones (limpq only).
+        k: clado_na's threshold in standard errors.
     """
     m = _method(method)
     if m.estimator is None:
@@ -199,6 +256,8 @@ def method_objective(
     if m.estimator == "limpq":
         return None, limpq_linear(pooled, table, alpha)
     G = clado_matrix(pooled, m.loss, layer_of)
+    if m.form == "na":
+        return psd_project(soft_threshold(G, clado_matrix_se(pooled, m.loss), k)), None
     if m.form == "diag":
         return None, np.diag(G).copy()
     if m.form == "psd":

@@ -2,7 +2,9 @@
 
 Usage:
     uniform_table(uniform_jsons, "results/m/eval/uniform.csv")
-    df = study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv", finetuned_eval_jsons)
+    df = study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv", finetuned_eval_jsons,
+                     sanity_paths=sanity_jsons, sanity_csv="results/m/sanity.csv")
+    sanity = sanity_table(sanity_jsons)   # one row per (method, set): the no-budget solve
     finetune_table(finetuned_eval_jsons, their_ptq_eval_jsons, "results/m/finetune.csv")
     auc = pareto_auc(df)      # one row per (method, set_size, set_id), over auc_range(df)
 """
@@ -19,7 +21,8 @@ from .io import load_json, save_csv
 log = logging.getLogger("mpqflow")
 
 __all__ = [
-    "uniform_table", "study_table", "finetune_table", "STUDY_COLUMNS", "FINETUNE_COLUMNS", "running_best", "auc_range",
+    "uniform_table", "study_table", "sanity_table", "finetune_table", "STUDY_COLUMNS", "SANITY_COLUMNS",
+    "FINETUNE_COLUMNS", "running_best", "auc_range",
     "pareto_auc", "ptq_table",
 ]  # fmt: skip
 
@@ -45,7 +48,12 @@ STUDY_COLUMNS = [
     "choice",
     "top1_qat",
     "loss_qat",
+    "sanity_pass",
 ]
+SANITY_COLUMNS = [
+    "method", "set_size", "set_id", "passes", "layers_at_highest", "layers", "highest", "estimated_loss_increase",
+    "estimated_at_highest", "solver_status", "choice",
+]  # fmt: skip
 FINETUNE_COLUMNS = [
     "method", "target", "size_mb", "avg_bits", "gbitops", "top1_ptq", "loss_ptq", "top1_qat", "loss_qat", "fp_top1",
     "epochs", "world_size", "distill", "train_seconds",
@@ -65,15 +73,42 @@ def _target(r: dict) -> str:
     return r["option"] if r.get("method") == "uniform" else f"set_{r['set_size']}x{r['set_id']}/{r['budget']}"
 
 
-def study_table(uniform_paths: list[str], eval_paths: list[str], out_csv: str, finetuned_paths=()) -> pd.DataFrame:
+def sanity_table(paths: list[str]) -> pd.DataFrame:
+    """One row per (method, set) from the no-budget solves (stages.solve.sanity_check: a result or a
+    list of them per file), sorted."""
+    rows = []
+    for p in paths:
+        got = load_json(p)
+        for r in got if isinstance(got, list) else [got]:
+            rows.append({**r, "solver_status": r["solver"]["status"], "choice": " ".join(r["choice"])})
+    df = pd.DataFrame([{k: r.get(k) for k in SANITY_COLUMNS} for r in rows], columns=SANITY_COLUMNS)
+    return df.sort_values(["method", "set_size", "set_id"]).reset_index(drop=True)
+
+
+def study_table(
+    uniform_paths: list[str],
+    eval_paths: list[str],
+    out_csv: str,
+    finetuned_paths=(),
+    *,
+    sanity_paths=(),
+    sanity_csv: str | None = None,
+) -> pd.DataFrame:
     """Every uniform and searched decision's evaluation in one table (deterministic row order), with
-    top1_qat / loss_qat of the decisions that were fine-tuned (empty elsewhere)."""
+    top1_qat / loss_qat of the decisions that were fine-tuned and sanity_pass (whether the decision's
+    method and set pick the highest precision everywhere with no budget; empty where not checked).
+    `sanity_csv`: also write the sanity table there."""
     rows = [{**load_json(p), "method": "uniform"} for p in uniform_paths]
     rows += [load_json(p) for p in eval_paths]
     qat = {(r["method"], _target(r)): r for r in map(load_json, finetuned_paths)}
+    sanity = sanity_table(list(sanity_paths))
+    passes = {(r.method, r.set_size, r.set_id): bool(r.passes) for r in sanity.itertuples()}
     for r in rows:
         q = qat.get((r["method"], _target(r)), {})
         r.update(top1_qat=q.get("top1"), loss_qat=q.get("loss"))
+        r["sanity_pass"] = passes.get((r["method"], r.get("set_size"), r.get("set_id")))
+    if sanity_csv is not None:
+        save_csv(sanity_csv, sanity)
     df = pd.DataFrame([{k: r.get(k) for k in STUDY_COLUMNS} for r in rows], columns=STUDY_COLUMNS)
     df = df.sort_values(["method", "set_size", "set_id", "budget", "option"], na_position="first")
     save_csv(out_csv, df.reset_index(drop=True))

@@ -191,6 +191,11 @@ def solve_alpha(wildcards):
     return LIMPQ.alpha if wildcards.method == "limpq" else None
 
 
+def solve_k(wildcards):
+    """clado_na's threshold k for method clado_na, None for the others (retuning it re-solves clado_na only)."""
+    return config["clado_na"]["k"] if wildcards.method == "clado_na" else None
+
+
 def finetune_decision(wildcards):
     """The decision a fine-tuning target starts from ({} for a uniform option: none), and the
     pruning masks it keeps (LIMPQP decisions)."""
@@ -251,6 +256,22 @@ def decision_evals(wildcards):
         for method in SEARCH_METHODS
         for n, s in SETS
         for budget in config["budgets"]
+    ]
+
+
+def method_set_files(wildcards):
+    """Every set file of the {method}'s estimator, in SETS order."""
+    estimator = method_estimator(wildcards.method)
+    return [
+        f"results/{wildcards.model}/sensitivity/{estimator}/set_{n}x{s}.npz"
+        for n, s in SETS
+    ]
+
+
+def sanity_results(wildcards):
+    """Every method's no-budget solves (one file per method, a result per set)."""
+    return [
+        f"results/{wildcards.model}/sanity/{method}.json" for method in SEARCH_METHODS
     ]
 
 

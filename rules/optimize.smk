@@ -35,6 +35,33 @@ rule solve_budget:
     params:
         solver=config["solver"],
         alpha=solve_alpha,
+        k=solve_k,
         code=stage_code("solve"),
     script:
         "../workflow_scripts/solve_budget.py"
+
+
+# The seed's sanity check, recorded per (method, set): with no budget, does the method's estimate
+# pick the highest-precision option everywhere? One job per method solves all its sets (small
+# solves: a job each would cost more in start-up than in solving).
+rule sanity_check:
+    input:
+        layers="results/{model}/layers.json",
+        pooled=method_set_files,
+    output:
+        result="results/{model}/sanity/{method}.json",
+    log:
+        "logs/{model}/sanity/{method}.log",
+    conda:
+        "../envs/mpqflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=lambda wildcards: int(config["solver"]["time_limit"] / 60) + 5,
+    params:
+        solver=config["solver"],
+        alpha=solve_alpha,
+        k=solve_k,
+        code=stage_code("solve"),
+    script:
+        "../workflow_scripts/sanity_check.py"

@@ -3,8 +3,14 @@ rule study_table:
         uniform=uniform_evals,
         evals=decision_evals,
         finetuned=finetuned_evals,
+        sanity=sanity_results,
     output:
         table="results/{model}/study.csv",
+        sanity=report(
+            "results/{model}/sanity.csv",
+            caption="../report/sanity.rst",
+            category="{model}",
+        ),
     log:
         "logs/{model}/study_table.log",
     localrule: True

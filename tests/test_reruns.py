@@ -118,6 +118,13 @@ def _eval_jobs(config, sets=None):
 
 
 STUDY = ["results/tiny/study.csv"]
+
+
+def _sanity(config):
+    """The sanity_check jobs (one per searched method: its no-budget solves on every set)."""
+    return sorted(f"results/tiny/sanity/{m}.json" for m in _searched(config))
+
+
 PLOTS = ["results/tiny/plots/accuracy_vs_size.png"]
 FT_TABLE = {"finetune_table": ["results/tiny/finetune.csv"], "finetune_plot": ["results/tiny/plots/finetune.png"]}
 
@@ -204,6 +211,7 @@ def test_larger_pool_computes_only_new_batches(tiny):
         # retrained exactly when the set's batches changed (the batch ids are its param, not the pool size)
         "limpq_indicators": sorted(f"{sens}/limpq/set_{n}x{s}.npz" for n, s in changed_sets),
         "solve_budget": _decisions(config, config["budgets"], changed_sets),
+        "sanity_check": _sanity(config),
         "evaluate_decisions": _eval_jobs(config, changed_sets),
         "study_table": STUDY,
         "study_plots": PLOTS,
@@ -256,6 +264,7 @@ def test_limpq_pruning_reruns_only_limpq(tiny):
     expected = {
         "limpq_indicators": sorted(f"results/tiny/sensitivity/limpq/set_{n}x{s}.npz" for n, s in _sets(config)),
         "solve_budget": _decisions(only_limpq, config["budgets"]),
+        "sanity_check": ["results/tiny/sanity/limpq.json"],
         "evaluate_decisions": _eval_jobs(only_limpq),
         "study_table": STUDY,
         "study_plots": PLOTS,
@@ -329,6 +338,7 @@ def test_solver_code_change_invalidates_solves(tiny, repo_copy, tmp_path):
     assert found == {
         "check_budgets": ["results/tiny/budgets.json"],
         "solve_budget": decisions,
+        "sanity_check": _sanity(config),
         "evaluate_decisions": _eval_jobs(config),
         "study_table": STUDY,
         "study_plots": PLOTS,

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from mpqflow.methods import METHODS, estimated_loss_increase, method_estimator, method_objective, psd_project
+from mpqflow.methods import (
+    METHODS,
+    clado_matrix_se,
+    estimated_loss_increase,
+    method_estimator,
+    method_objective,
+    psd_project,
+)
 from mpqflow.models import build_model
 from mpqflow.sensitivity import OptionIndex, batch_meta, clado_matrix, compute_batch
 from mpqflow.sensitivity.common import make_context
@@ -28,7 +35,7 @@ def pooled():
 
 def test_registry():
     assert set(METHODS) == {
-        *("uniform", "mpqco", "hawq", "clado", "clado_raw", "clado_naive", "clado_kl", "zeroq", "limpq")
+        *("uniform", "mpqco", "hawq", "clado", "clado_raw", "clado_naive", "clado_kl", "clado_na", "zeroq", "limpq")
     }
     assert method_estimator("uniform") is None
     assert {m: method_estimator(m) for m in ("clado_kl", "zeroq", "mpqco", "hawq")} == {
@@ -57,6 +64,12 @@ def test_objectives(pooled):
     assert np.linalg.eigvalsh(G).min() >= -1e-10 and np.allclose(G, psd_project(Gce))
     G, lin = method_objective("clado_kl", files["clado"], table)
     assert np.allclose(G, psd_project(Gkl))
+    # noise-aware: soft-threshold at k SE, then the projection; k = 0 is clado
+    se = clado_matrix_se(files["clado"])
+    G, lin = method_objective("clado_na", files["clado"], table, k=1.5)
+    want = psd_project(np.sign(Gce) * np.clip(np.abs(Gce) - 1.5 * se, 0, None))
+    assert lin is None and np.allclose(G, want) and not np.allclose(G, psd_project(Gce))
+    assert np.allclose(method_objective("clado_na", files["clado"], table, k=0)[0], psd_project(Gce))
 
     # diagonal methods: linear = diag(G), the same objective as diag(G) as a matrix on binary x
     for m, Gm in (("clado_naive", Gce), ("zeroq", Gkl)):

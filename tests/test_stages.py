@@ -8,6 +8,7 @@ import functools
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -17,6 +18,7 @@ from mpqflow.artifacts import (
     load_checkpoint,
     load_decision,
     load_layer_table,
+    save_batch_file,
     save_decision,
 )
 from mpqflow.config import Config, ConfigError, QuantConfig, SamplePlanConfig, validate_config
@@ -182,6 +184,32 @@ def test_check_budgets_and_solve_stage(run, pooled, tmp_path):
     assert dec["solver"]["status"] == "optimal" and set(dec["choice"]) <= {"w8a8", "w2a8"}
 
 
+def test_sanity_check_stage(run, pooled, tmp_path):
+    """No budget: MPQCO's squared output errors are >= 0 and smallest at w8a8, so every layer ends
+    there; a set where one option 'lowers the loss' (a negative entry, as noise makes CLADO's) fails,
+    and the study tables carry the verdict per method and set."""
+    cfg, d = run
+    layers = str(d / "layers.json")
+    good = solve.sanity_check(
+        layers, str(pooled["mpqco"] / "set_2x0.npz"), "mpqco", cfg.solver, str(tmp_path / "a.json")
+    )
+    assert good["passes"] and good["layers_at_highest"] == good["layers"] > 0 and good["highest"] == "w8a8"
+    assert good["estimated_loss_increase"] == pytest.approx(good["estimated_at_highest"])
+    assert json.loads((tmp_path / "a.json").read_text())["passes"] is True
+    noisy = load_batch_file(pooled["mpqco"] / "set_2x0.npz")
+    options = [tuple(o) for o in np.asarray(noisy["options"]).reshape(-1, 2)]
+    i = options.index((2, 8))  # layer 0 at w2a8
+    noisy["sq_sum"] = noisy["sq_sum"].copy()
+    noisy["sq_sum"][i] = -1.0
+    save_batch_file(str(tmp_path / "set_1x1.npz"), noisy)
+    bad = solve.sanity_check(layers, str(tmp_path / "set_1x1.npz"), "mpqco", cfg.solver, str(tmp_path / "b.json"))
+    assert not bad["passes"] and bad["layers_at_highest"] == bad["layers"] - 1 and bad["choice"][0] == "w2a8"
+    assert (bad["set_size"], bad["set_id"]) == (1, 1)
+    assert bad["estimated_loss_increase"] < bad["estimated_at_highest"]
+    sanity = study.sanity_table([str(tmp_path / "b.json"), str(tmp_path / "a.json")])
+    assert list(sanity.set_size) == [1, 2] and list(sanity.passes) == [False, True]
+
+
 def test_solve_and_study_stages_import_no_torch():
     import subprocess
     import sys
@@ -234,8 +262,16 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
     assert {k: alone[k] for k in ("top1", "loss", "measured_loss_increase")} == {
         k: res[-1][k] for k in ("top1", "loss", "measured_loss_increase")
     }
-    table = study.study_table(uni, evals, str(tmp_path / "study.csv"))
+    checks = [str(tmp_path / "sanity" / "mpqco.json")]
+    sets = [str(pooled["mpqco"] / f"set_{n}x0.npz") for n in (1, 2)]
+    assert len(solve.sanity_checks(layers, sets, "mpqco", cfg.solver, checks[0])) == 2
+    table = study.study_table(
+        uni, evals, str(tmp_path / "study.csv"), sanity_paths=checks, sanity_csv=str(tmp_path / "sanity.csv")
+    )
     assert len(table) == 2 + len(evals) and set(table.method) == {"uniform", "mpqco"}
+    assert table.sanity_pass[table.method == "uniform"].isna().all()
+    assert table.sanity_pass[table.method == "mpqco"].eq(True).all()
+    assert list(pd.read_csv(tmp_path / "sanity.csv").passes) == [True, True]
     outs = {k: str(tmp_path / "plots" / f"{k}.png") for k in ("accuracy", "pareto", "sanity", "heatmap", "bits")}
     outs["auc"] = str(tmp_path / "pareto_auc.csv")
     study.study_plots(str(tmp_path / "study.csv"), str(pooled["clado"] / "set_2x0.npz"), layers, outs, cfg.plots)

@@ -130,6 +130,15 @@ def test_study_end_to_end(tiny_run):
         assert head == b"\x89PNG\r\n\x1a\n", png
     auc = pd.read_csv(res / "pareto_auc.csv")
     assert sorted(auc.method.unique()) == methods and auc.auc.between(0, 1).all()
+    # the no-budget sanity check: one row per (method, set), its verdict on every decision of that set
+    sanity = pd.read_csv(res / "sanity.csv")
+    assert sorted(sanity.method.unique()) == methods and len(sanity) == 6 * 2
+    assert (sanity.passes == (sanity.layers_at_highest == sanity.layers)).all() and (sanity.highest == "w8a8").all()
+    at_highest = sanity.estimated_at_highest.fillna(np.inf)  # empty where the method forbids the highest option
+    assert (sanity.estimated_loss_increase <= at_highest + 1e-4 * at_highest.abs() + 1e-12).all()  # the optimum
+    verdict = {(r.method, r.set_size, r.set_id): r.passes for r in sanity.itertuples()}
+    assert all(r.sanity_pass == verdict[(r.method, r.set_size, r.set_id)] for r in searched.itertuples())
+    assert sanity.passes[sanity.method == "mpqco"].all()  # squared errors: smallest at 8 bits
 
 
 @pytest.mark.slow

@@ -13,4 +13,5 @@ solve_budget(
     SolverConfig.from_dict(snakemake.params.solver),
     snakemake.output.decision,
     **({} if snakemake.params.alpha is None else {"alpha": snakemake.params.alpha}),
+    **({} if snakemake.params.k is None else {"k": snakemake.params.k}),
 )

@@ -9,4 +9,6 @@ study_table(
     list(snakemake.input.evals),
     snakemake.output.table,
     list(snakemake.input.finetuned),
+    sanity_paths=list(snakemake.input.sanity),
+    sanity_csv=snakemake.output.sanity,
 )

@@ -8,8 +8,10 @@ With the base assignment (fixed layers quantized) as reference, per sample n:
     L0 = loss(base);  L(i) = loss(base + option i);  L(i, j) = loss(base + i + j), layer(i) != layer(j)
     KL(p_fp || p_q), p_fp = softmax of the base model (so its base value is 0).
 Payload: ce_base_sum (), ce_single_sum (n,), ce_pair_sum (n, n), kl_single_sum (n,), kl_pair_sum (n, n),
-count (). Pair matrices are symmetric with zero blocks within a layer.
+ce_gsq_sum (n, n), kl_gsq_sum (n, n), count (). Pair matrices are symmetric with zero blocks within a layer.
     G[i, i] = 2 (L(i) - L0);  G[i, j] = L(i, j) - L(i) - L(j) + L0;  G = 0 within a layer (means).
+The `*_gsq_sum` are Σ_n g_n[i, j]^2 of the per-sample entries g_n (the same formula on sample n's
+losses), so every pooled G entry has a standard error (methods.clado_matrix_se).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def clado_head(y: torch.Tensor, loss_fn=None):
-    """make_head for the pairwise engines: per perturbation, (sum of per-sample loss, sum of KL).
+    """make_head for the pairwise engines: per perturbation, (sum of per-sample loss, sum of KL, the
+    B per-sample losses, the B per-sample KLs): (M, 2 + 2B).
 
     Args:
         y: (B,) labels.
@@ -49,7 +52,8 @@ def clado_head(y: torch.Tensor, loss_fn=None):
             loss = loss_fn(logits, y.repeat(M)).reshape(M, B)  # (M, B)
             logq = F.log_softmax(logits, dim=-1).reshape(M, B, -1)  # (M, B, C)
             kl = (p0 * (logp0 - logq)).sum(-1)  # (M, B)
-            return torch.stack([loss.double().sum(1), kl.double().sum(1)], dim=1)  # (M, 2)
+            sums = torch.stack([loss.double().sum(1), kl.double().sum(1)], dim=1)  # (M, 2)
+            return torch.cat([sums, loss.double(), kl.double()], dim=1)  # (M, 2 + 2B)
 
         return head
 
@@ -91,11 +95,30 @@ def clado_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
         )
     finally:
         ctx.quantizer.apply(previous)
+    B = x.shape[0]
+    ce, kl = slice(2, 2 + B), slice(2 + B, 2 + 2 * B)
     return {
         "ce_base_sum": np.float64(res.base[0]),
         "ce_single_sum": res.single[:, 0].copy(),
         "ce_pair_sum": res.pair[:, :, 0].copy(),
         "kl_single_sum": res.single[:, 1].copy(),
         "kl_pair_sum": res.pair[:, :, 1].copy(),
-        "count": np.int64(x.shape[0]),
+        "ce_gsq_sum": _g_squares(res.base[ce], res.single[:, ce], res.pair[:, :, ce], idx),
+        "kl_gsq_sum": _g_squares(np.zeros(B), res.single[:, kl], res.pair[:, :, kl], idx),
+        "count": np.int64(B),
     }
+
+
+def _g_squares(l0: np.ndarray, li: np.ndarray, lij: np.ndarray, idx: OptionIndex) -> np.ndarray:
+    """Σ_n g_n[i, j]^2 (n, n) of the per-sample CLADO entries, from per-sample losses l0 (B,),
+    li (n, B), lij (n, n, B): g_n[i, i] = 2 (li - l0), g_n[i, j] = lij - li - lj + l0 across layers,
+    0 within a layer. Row by row: (n, n, B) temporaries would not fit for large models."""
+    n = li.shape[0]
+    layer_of = idx.layer_of
+    out = np.zeros((n, n))
+    for i in range(n):
+        g = lij[i] - li[i][None, :] - li + l0[None, :]  # (n, B)
+        g[layer_of == layer_of[i]] = 0.0
+        out[i] = (g**2).sum(1)
+        out[i, i] = ((2 * (li[i] - l0)) ** 2).sum()
+    return out

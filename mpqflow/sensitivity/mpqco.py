@@ -1,12 +1,13 @@
 """MPQCO: a diagonal, weights-only loss estimate from per-sample gradients of the true-class logit.
 
 Usage:
-    payload = mpqco_batch(ctx, x, y, settings)      # {"sq_sum": (n,), "count": ()}
+    payload = mpqco_batch(ctx, x, y, settings)      # {"sq_sum": (n,), "sq_squared_sum": (n,), "count": ()}
     dL = payload["sq_sum"] / (2 * payload["count"])  # estimated loss increase per option
 
 Per sample n with true-class logit z_n of the base model (fixed layers quantized) and
 ΔW_{l,o} = Q_o(W_l) - W_l:
-    s_n(l, o) = <ΔW_{l,o}, ∇_{W_l} z_n> / z_n,   sq_sum[(l, o)] = Σ_n s_n(l, o)^2.
+    s_n(l, o) = <ΔW_{l,o}, ∇_{W_l} z_n> / z_n,   sq_sum[(l, o)] = Σ_n s_n(l, o)^2,
+    sq_squared_sum[(l, o)] = Σ_n s_n(l, o)^4 (the second moment: a standard error, methods.mpqco_se).
 Per-sample gradients come from torch.func (functional_call + vmap(grad)); the model runs in eval
 mode (BatchNorm uses its running statistics, so samples stay independent inside vmap). Options
 that differ only in a_bits share one value.
@@ -39,7 +40,7 @@ def weight_deltas(ctx, idx: OptionIndex) -> dict[tuple[str, int], torch.Tensor]:
 
 
 def mpqco_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = None) -> dict:
-    """MPQCO payload of one batch: sq_sum (n,) = Σ_n s_n^2 and count.
+    """MPQCO payload of one batch: sq_sum (n,) = Σ_n s_n^2, sq_squared_sum (n,) = Σ_n s_n^4 and count.
 
     Args:
         ctx: context.Context; x: (B, ...) inputs on ctx.device; y: (B,) labels.
@@ -67,6 +68,7 @@ def mpqco_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
         chunk = settings.get("mpqco_chunk") or max(1, _CHUNK_BYTES // (4 * numel))
         w_bits = sorted({o[0] for o in idx.options})
         sq = torch.zeros(idx.L, len(w_bits), dtype=torch.float64, device=x.device)
+        sq2 = torch.zeros_like(sq)
         with warnings.catch_warnings():
             # fake-quant kernels have no vmap batching rule: the fallback loop is correct, only slower
             warnings.filterwarnings("ignore", message=".*batching rule.*fake_quantize.*")
@@ -77,8 +79,14 @@ def mpqco_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
                     dw = torch.stack([deltas[l, wb].reshape(-1) for wb in w_bits]).double()  # (W, numel)
                     s_n = (gl @ dw.T) / z.double()[:, None]  # (b, W)
                     sq[li] += (s_n**2).sum(0)
+                    sq2[li] += (s_n**4).sum(0)
     finally:
         q.apply(previous)
     col = [w_bits.index(o[0]) for o in idx.options]
     sq_sum = sq[:, col].reshape(-1)  # (L*K,), option i = l*K + k
-    return {"sq_sum": sq_sum.cpu().numpy(), "count": np.int64(x.shape[0])}
+    sq_squared_sum = sq2[:, col].reshape(-1)
+    return {
+        "sq_sum": sq_sum.cpu().numpy(),
+        "sq_squared_sum": sq_squared_sum.cpu().numpy(),
+        "count": np.int64(x.shape[0]),
+    }

@@ -4,6 +4,8 @@ Usage (what workflow_scripts/check_budgets.py and solve_budget.py call):
     check_budgets("results/m/layers.json", ["avg_bits-3", "bitops_rel-0.25"], "results/m/budgets.json")
     solve_budget("results/m/layers.json", "results/m/sensitivity/clado/set_4x0.npz", "clado",
                  "avg_bits-4", solver_cfg, "results/m/decisions/clado/set_4x0/avg_bits-4.json")
+    sanity_checks("results/m/layers.json", ["results/m/sensitivity/clado/set_4x0.npz", ...], "clado", solver_cfg,
+                  "results/m/sanity/clado.json")   # no budget: highest precision everywhere?
 
 No torch: the layer table comes from layers.json, the objective from numpy arrays.
 """
@@ -22,7 +24,7 @@ from ..methods import estimated_loss_increase, method_allowed, method_objective
 from ..names import option_name
 from ..optimize import Budget, Problem, solve
 
-__all__ = ["build_problem", "check_budgets", "solve_budget"]
+__all__ = ["build_problem", "check_budgets", "solve_budget", "sanity_check", "sanity_checks"]
 log = logging.getLogger("mpqflow")
 
 
@@ -71,6 +73,27 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
     return caps
 
 
+def _method_problem(
+    table: LayerTable, pooled_path: str, method: str, alpha: float, k: float
+) -> tuple[Problem, np.ndarray]:
+    """The method's integer program over the pooled set, and the options it allows (None: all)."""
+    pooled = load_batch_file(pooled_path)
+    G, linear = method_objective(method, pooled, table, alpha=alpha, k=k)
+    allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
+    return build_problem(table, G, linear, allowed), allowed
+
+
+def _solve(problem: Problem, budget, solver: SolverConfig):
+    return solve(
+        problem,
+        budget,
+        backend=solver.backend,
+        time_limit=solver.time_limit,
+        mip_gap=solver.mip_gap,
+        node_limit=solver.node_limit,
+    )
+
+
 def solve_budget(
     layers_path: str,
     pooled_path: str,
@@ -80,23 +103,14 @@ def solve_budget(
     out_path: str,
     *,
     alpha: float = 2.0,
+    k: float = 2.0,
 ) -> dict:
     """Form the method's objective from the pooled set, solve exactly under the budget, write the decision.
 
-    `alpha`: LIMPQ's weight of the weight indicators (method limpq only)."""
+    `alpha`: LIMPQ's weight of the weight indicators (method limpq only); `k`: clado_na's threshold."""
     table = load_layer_table(layers_path)
-    pooled = load_batch_file(pooled_path)
-    G, linear = method_objective(method, pooled, table, alpha=alpha)
-    allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
-    problem = build_problem(table, G, linear, allowed)
-    sol = solve(
-        problem,
-        Budget.parse(budget),
-        backend=solver.backend,
-        time_limit=solver.time_limit,
-        mip_gap=solver.mip_gap,
-        node_limit=solver.node_limit,
-    )
+    problem, allowed = _method_problem(table, pooled_path, method, alpha, k)
+    sol = _solve(problem, Budget.parse(budget), solver)
     n, s = set_of(pooled_path)
     decision = {
         "method": method,
@@ -113,6 +127,8 @@ def solve_budget(
     }
     if method == "limpq":
         decision["alpha"] = float(alpha)
+    if method == "clado_na":
+        decision["k"] = float(k)
     if allowed is not None:  # what the method ruled out, so a surprising choice can be traced
         K = len(table.options)
         decision["forbidden"] = [
@@ -131,3 +147,68 @@ def solve_budget(
     )
     save_decision(out_path, decision)
     return decision
+
+
+def sanity_check(
+    layers_path: str,
+    pooled_path: str,
+    method: str,
+    solver: SolverConfig,
+    out_path: str | None = None,
+    *,
+    alpha: float = 2.0,
+    k: float = 2.0,
+) -> dict:
+    """The seed's sanity check as a result: solve once with no budget; an estimate worth trusting
+    picks the highest-precision option (largest w_bits, then a_bits) at every candidate layer.
+
+    Writes {method, set_size, set_id, highest, layers, layers_at_highest, passes, choice,
+    estimated_loss_increase (at the unconstrained optimum), estimated_at_highest (of all layers at
+    the highest option; null where the method forbids it somewhere), solver}."""
+    table = load_layer_table(layers_path)
+    problem, _ = _method_problem(table, pooled_path, method, alpha, k)
+    sol = _solve(problem, None, solver)
+    highest = max(tuple(o) for o in table.options)
+    at_highest = np.array([tuple(o) == highest for o in problem.options], dtype=np.float64)  # (n_allowed,)
+    reachable = len(set(problem.layer_of[at_highest > 0])) == len(table.candidates)
+    objective = (problem.G, problem.linear)
+    n, s = set_of(pooled_path)
+    chosen = [tuple(problem.options[i]) for i in sol.choice]
+    result = {
+        "method": method,
+        "set_size": n,
+        "set_id": s,
+        "highest": option_name(highest),
+        "layers": len(table.candidates),
+        "layers_at_highest": sum(o == highest for o in chosen),
+        "passes": all(o == highest for o in chosen),
+        "choice": [option_name(o) for o in chosen],
+        "estimated_loss_increase": float(estimated_loss_increase(method, objective, sol.x)),
+        "estimated_at_highest": float(estimated_loss_increase(method, objective, at_highest)) if reachable else None,
+        "solver": sol.to_dict(),
+    }
+    log.info(
+        "%s set_%dx%d with no budget: %d of %d layers at %s (%s), estimate %.4g (%s at %s everywhere)",
+        method,
+        n,
+        s,
+        result["layers_at_highest"],
+        result["layers"],
+        result["highest"],
+        "passes" if result["passes"] else "FAILS the sanity check",
+        result["estimated_loss_increase"],
+        result["estimated_at_highest"],
+        result["highest"],
+    )
+    if out_path is not None:
+        save_json(out_path, result)
+    return result
+
+
+def sanity_checks(
+    layers_path: str, pooled_paths: list[str], method: str, solver: SolverConfig, out_path: str, **kw
+) -> list[dict]:
+    """:func:`sanity_check` of one method on each set, written as one JSON list (what the workflow runs)."""
+    results = [sanity_check(layers_path, p, method, solver, **kw) for p in pooled_paths]
+    save_json(out_path, results)
+    return results

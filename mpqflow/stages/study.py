@@ -34,11 +34,11 @@ from ..plots import (
     plot_pareto,
     ptq_plot,
 )
-from ..study import finetune_table, ptq_table, study_table, uniform_table
+from ..study import finetune_table, ptq_table, sanity_table, study_table, uniform_table
 
 __all__ = [
     "uniform_table", "study_table", "study_plots", "write_ptq_table", "plot_ptq_table", "finetune_table",
-    "plot_finetune_table", "write_gradquant_study",
+    "plot_finetune_table", "write_gradquant_study", "sanity_table",
 ]  # fmt: skip
 
 

@@ -1,0 +1,146 @@
+"""Standard errors of every sensitivity (issue 15): pooled exactly, equal to the SE computed from all
+samples of the union; noise-aware CLADO's shrinkage; old files without second moments are refused."""
+
+import numpy as np
+import pytest
+import torch
+
+from mpqflow.artifacts import FORMAT_VERSION, load_batch_file, pool_batch_files, save_batch_file, save_npz
+from mpqflow.methods import (
+    clado_matrix,
+    clado_matrix_se,
+    hawq_omega_se,
+    mean_se,
+    method_objective,
+    mpqco_se,
+    psd_project,
+    soft_threshold,
+)
+from mpqflow.models import DigitsCNN
+from mpqflow.sensitivity import OptionIndex, batch_meta, compute_batch
+from mpqflow.sensitivity.common import make_context
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A calibrated tiny CNN (2 candidate layers x w2/w4 x a8) and 24 held-out samples."""
+    torch.manual_seed(0)
+    net = DigitsCNN(1, 10, width=4)
+    x = torch.randn(40, 1, 8, 8)
+    ctx = make_context(net, x[:16], w_bits=(2, 4), a_bits=(8,))
+    return ctx, x[16:], torch.randint(0, 10, (24,))
+
+
+def _files(ctx, x, y, estimator, tmp_path, sizes=(10, 14)):
+    """Per-batch files of two unequal batches, and the samples in order."""
+    settings = {"progress": False, "hawq_max_probes": 40}
+    paths, start = [], 0
+    for b, size in enumerate(sizes):
+        payload = compute_batch(estimator, ctx, x[start : start + size], y[start : start + size], settings)
+        paths.append(str(tmp_path / f"batch_{b}.npz"))
+        save_batch_file(paths[-1], payload, batch_meta(ctx, estimator, settings))
+        start += size
+    return paths
+
+
+def _per_sample(ctx, x, y, estimator, value):
+    """value(payload of sample n alone) for every sample: (N, ...)."""
+    return np.stack(
+        [value(compute_batch(estimator, ctx, x[i : i + 1], y[i : i + 1], {"progress": False})) for i in range(len(y))]
+    )
+
+
+def test_mean_se_is_the_textbook_standard_error():
+    v = np.random.default_rng(0).normal(3.0, 2.0, size=(50, 3))
+    np.testing.assert_allclose(mean_se(v.sum(0), (v**2).sum(0), 50), v.std(0, ddof=1) / np.sqrt(50), rtol=1e-10)
+    assert mean_se(np.array([2.0]), np.array([4.0]), 1)[0] == 0  # one sample: no variance estimate
+
+
+def test_clado_pooled_se_equals_the_se_of_the_union(tiny, tmp_path):
+    ctx, x, y = tiny
+    pooled = pool_batch_files(_files(ctx, x, y, "clado", tmp_path))
+    layer_of = OptionIndex.from_table(ctx.table).layer_of
+    for kind in ("ce", "kl"):
+        # a sample alone runs through float32 convolutions with another batch shape: its losses differ
+        # from the batched ones by ~1e-8, which G's differences of losses amplify (KL entries of 1e-6
+        # by up to 2 %): compared within 2 %, the entries near 0 within 0.1 % of the largest
+        g = _per_sample(ctx, x, y, "clado", lambda p: clado_matrix(p, kind, layer_of))  # (N, n, n)
+        G = g.mean(0)
+        np.testing.assert_allclose(clado_matrix(pooled, kind), G, rtol=2e-2, atol=1e-3 * np.abs(G).max())
+        direct = g.std(0, ddof=1) / np.sqrt(len(g))
+        np.testing.assert_allclose(clado_matrix_se(pooled, kind), direct, rtol=2e-2, atol=1e-3 * direct.max())
+        assert (direct[layer_of[:, None] != layer_of[None, :]] > 0).all()  # cross-layer entries are noisy
+
+
+def test_mpqco_pooled_se_equals_the_se_of_the_union(tiny, tmp_path):
+    ctx, x, y = tiny
+    pooled = pool_batch_files(_files(ctx, x, y, "mpqco", tmp_path))
+    s2 = _per_sample(ctx, x, y, "mpqco", lambda p: p["sq_sum"])  # (N, n): s_n² per sample
+    np.testing.assert_allclose(pooled["sq_sum"] / pooled["count"], s2.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(mpqco_se(pooled), s2.std(0, ddof=1) / np.sqrt(len(s2)), rtol=1e-4)
+
+
+def test_hawq_pooled_se_adds_variances(tiny, tmp_path):
+    ctx, x, y = tiny
+    paths = _files(ctx, x, y, "hawq", tmp_path)
+    one, two = (load_batch_file(p) for p in paths)
+    pooled = pool_batch_files(paths)
+    numel = [ctx.table.numel[l] for l in ctx.table.candidates]
+    want = np.sqrt(hawq_omega_se(one, numel) ** 2 * 10**2 + hawq_omega_se(two, numel) ** 2 * 14**2) / 24
+    np.testing.assert_allclose(hawq_omega_se(pooled, numel), want, rtol=1e-10)
+    np.testing.assert_array_equal(pooled["probes_sum"], one["probes_sum"] + two["probes_sum"])
+
+
+def test_shrinkage_keeps_noise_free_entries(tiny):
+    """Every sample the same (a duplicated batch): no sample noise, so clado_na is clado exactly."""
+    ctx, x, y = tiny
+    dup = compute_batch("clado", ctx, x[:1].repeat(12, 1, 1, 1), y[:1].repeat(12), {"progress": False})
+    meta = batch_meta(ctx, "clado", {})
+    pooled = {**dup, **meta}
+    assert np.abs(clado_matrix_se(pooled)).max() <= 1e-9 * np.abs(clado_matrix(pooled)).max()
+    G_na, _ = method_objective("clado_na", pooled, ctx.table)
+    G_psd, _ = method_objective("clado", pooled, ctx.table)
+    np.testing.assert_allclose(G_na, G_psd, rtol=1e-6, atol=1e-12)
+
+
+def test_shrinkage_zeroes_pure_noise_and_keeps_signal():
+    """Entries that are pure noise (mean 0) mostly become exactly 0 and all move toward 0; entries 6
+    standard errors away stay, shrunk by 2 SE."""
+    rng = np.random.default_rng(1)
+    N, n = 64, 40
+    noise = rng.normal(0.0, 1.0, size=(N, n, n))
+    signal = np.zeros((n, n))
+    signal[:4, :4] = 6.0 / np.sqrt(N)  # six standard errors
+    g = noise + signal
+    G, se = g.mean(0), mean_se(g.sum(0), (g**2).sum(0), N)
+    shrunk = soft_threshold(G, se, 2.0)
+    pure = signal == 0
+    assert (shrunk[pure] == 0).mean() > 0.9  # P(|z| < 2) = 0.954
+    assert np.all(np.abs(shrunk) <= np.abs(G)) and np.all(shrunk * G >= 0)
+    assert np.all(shrunk[:4, :4] > 0)
+    np.testing.assert_allclose(shrunk[:4, :4], G[:4, :4] - 2 * se[:4, :4])
+    assert np.abs(shrunk[pure]).mean() < 0.1 * np.abs(G[pure]).mean()  # E|soft(z, 2)| ≈ 0.02 E|z|
+
+
+def test_noise_free_clado_na_is_psd_projected_shrinkage():
+    G = np.array([[0.2, -0.05, 0.0], [-0.05, 0.1, 0.0], [0.0, 0.0, 0.3]])
+    se = np.full_like(G, 0.01)
+    np.testing.assert_allclose(soft_threshold(G, se, 0.0), G)
+    np.testing.assert_allclose(soft_threshold(G, se, 3.0), np.sign(G) * np.clip(np.abs(G) - 0.03, 0, None))
+    assert np.linalg.eigvalsh(psd_project(soft_threshold(G, se, 3.0))).min() >= -1e-12
+
+
+def test_old_files_without_second_moments_are_refused(tiny, tmp_path):
+    ctx, x, y = tiny
+    path = tmp_path / "batch_0.npz"
+    save_batch_file(path, compute_batch("mpqco", ctx, x[:4], y[:4]), batch_meta(ctx, "mpqco", {}))
+    data = dict(np.load(path))
+    data["format"] = np.int64(FORMAT_VERSION - 1)
+    del data["sq_squared_sum"]
+    save_npz(tmp_path / "old.npz", **data)
+    with pytest.raises(ValueError, match=r"old\.npz: sensitivity file format 1.*recompute"):
+        load_batch_file(tmp_path / "old.npz")
+    with pytest.raises(ValueError, match="no 'sq_squared_sum'.*recompute"):
+        mpqco_se({k: v for k, v in load_batch_file(path).items() if k != "sq_squared_sum"})
