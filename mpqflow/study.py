@@ -22,7 +22,7 @@ log = logging.getLogger("mpqflow")
 
 __all__ = [
     "uniform_table", "study_table", "sanity_table", "finetune_table", "STUDY_COLUMNS", "SANITY_COLUMNS",
-    "FINETUNE_COLUMNS", "running_best", "auc_range",
+    "FINETUNE_COLUMNS", "running_best", "auc_range", "calibration_table",
     "pareto_auc", "ptq_table",
 ]  # fmt: skip
 
@@ -198,3 +198,23 @@ def ptq_table(results: list) -> pd.DataFrame:
     for r in results:
         rows.extend((r if isinstance(r, dict) else load_json(r))["rows"])
     return pd.DataFrame(rows)
+
+
+def calibration_table(df: pd.DataFrame) -> pd.DataFrame:
+    """How well each method's estimate tracks the measured loss increase, by set size: over its
+    decisions (all budgets and sets of that size), Spearman's rank correlation, the mean absolute
+    error and the mean signed error (estimate − measured; nats, except LIMPQ's indicator units).
+    Which estimator to trust with how many batches."""
+    from scipy.stats import spearmanr
+
+    searched = df[df.method != "uniform"].dropna(subset=["estimated_loss_increase", "measured_loss_increase"])
+    rows = []
+    for (method, size), g in searched.groupby(["method", "set_size"], sort=True):
+        est, meas = g.estimated_loss_increase.to_numpy(float), g.measured_loss_increase.to_numpy(float)
+        constant = np.ptp(est) == 0 or np.ptp(meas) == 0  # a rank correlation is undefined
+        rows.append({
+            "method": method, "set_size": int(size), "decisions": len(g),
+            "spearman": np.nan if constant or len(g) < 3 else float(spearmanr(est, meas).statistic),
+            "mae": float(np.abs(est - meas).mean()), "bias": float((est - meas).mean()),
+        })  # fmt: skip
+    return pd.DataFrame(rows, columns=["method", "set_size", "decisions", "spearman", "mae", "bias"])

@@ -58,6 +58,11 @@ rule study_plots:
             caption="../report/pareto_auc.rst",
             category="{model}",
         ),
+        calibration=report(
+            "results/{model}/calibration.csv",
+            caption="../report/calibration.rst",
+            category="{model}",
+        ),
     log:
         "logs/{model}/study_plots.log",
     localrule: True

@@ -273,11 +273,32 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
     assert table.sanity_pass[table.method == "mpqco"].eq(True).all()
     assert list(pd.read_csv(tmp_path / "sanity.csv").passes) == [True, True]
     outs = {k: str(tmp_path / "plots" / f"{k}.png") for k in ("accuracy", "pareto", "sanity", "heatmap", "bits")}
-    outs["auc"] = str(tmp_path / "pareto_auc.csv")
+    outs["auc"], outs["calibration"] = str(tmp_path / "pareto_auc.csv"), str(tmp_path / "calibration.csv")
     study.study_plots(str(tmp_path / "study.csv"), str(pooled["clado"] / "set_2x0.npz"), layers, outs, cfg.plots)
     for k, p in outs.items():
         head = open(p, "rb").read(8)
-        assert head == b"\x89PNG\r\n\x1a\n" if k != "auc" else head.startswith(b"method")
+        assert head == b"\x89PNG\r\n\x1a\n" if k not in ("auc", "calibration") else head.startswith(b"method")
+    calib = pd.read_csv(outs["calibration"])
+    assert list(zip(calib.method, calib.set_size, calib.decisions)) == [("mpqco", 1, 2), ("mpqco", 2, 2)]
+    mpq = table[(table.method == "mpqco") & (table.set_size == 1)]
+    assert calib.mae[0] == pytest.approx(
+        (mpq.estimated_loss_increase - mpq.measured_loss_increase).abs().mean(), rel=1e-5
+    )
+
+
+def test_calibration_table_ranks_and_errors():
+    rows = [
+        {"method": "a", "set_size": 1, "estimated_loss_increase": e, "measured_loss_increase": m}
+        for e, m in ((0.1, 0.2), (0.2, 0.3), (0.3, 0.5), (0.4, 0.4))
+    ]
+    rows += [
+        {"method": "b", "set_size": 4, "estimated_loss_increase": -e, "measured_loss_increase": e} for e in (1, 2, 3)
+    ]
+    rows += [{"method": "uniform", "set_size": None, "estimated_loss_increase": None, "measured_loss_increase": 0.1}]
+    calib = study.calibration_table(pd.DataFrame(rows)).set_index("method")
+    assert calib.loc["a", "spearman"] == pytest.approx(0.8) and calib.loc["b", "spearman"] == pytest.approx(-1.0)
+    assert calib.loc["a", "mae"] == pytest.approx(0.1) and calib.loc["a", "bias"] == pytest.approx(-0.1)
+    assert calib.loc["b", "bias"] == pytest.approx(-4.0) and "uniform" not in calib.index
 
 
 def test_decision_for_another_table_is_refused(run, tmp_path):

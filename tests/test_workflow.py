@@ -139,6 +139,8 @@ def test_study_end_to_end(tiny_run):
     verdict = {(r.method, r.set_size, r.set_id): r.passes for r in sanity.itertuples()}
     assert all(r.sanity_pass == verdict[(r.method, r.set_size, r.set_id)] for r in searched.itertuples())
     assert sanity.passes[sanity.method == "mpqco"].all()  # squared errors: smallest at 8 bits
+    calib = pd.read_csv(res / "calibration.csv")  # per method and set size: 2 budgets x 1 set
+    assert len(calib) == 6 * 2 and (calib.decisions == 2).all() and (calib.mae >= 0).all()
 
 
 @pytest.mark.slow

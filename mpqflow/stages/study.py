@@ -34,7 +34,7 @@ from ..plots import (
     plot_pareto,
     ptq_plot,
 )
-from ..study import finetune_table, ptq_table, sanity_table, study_table, uniform_table
+from ..study import calibration_table, finetune_table, ptq_table, sanity_table, study_table, uniform_table
 
 __all__ = [
     "uniform_table", "study_table", "study_plots", "write_ptq_table", "plot_ptq_table", "finetune_table",
@@ -46,13 +46,16 @@ def study_plots(table_csv: str, clado_set: str | None, layers_path: str, out: di
     """Draw every study figure from the study table (and the CLADO matrix for the heat map).
 
     Args:
-        out: paths by figure: accuracy, pareto, auc (the Pareto AUC table, CSV), sanity, heatmap, bits.
+        out: paths by figure: accuracy, pareto, auc (the Pareto AUC table, CSV), sanity, heatmap, bits,
+            and optionally calibration (the estimate-vs-measurement table, CSV).
     """
     dpi, width = plots.dpi, plots.panel_width
     df = pd.read_csv(table_csv)
     plot_accuracy_vs_size(df, out["accuracy"], dpi, width)
     plot_pareto(df, out["pareto"], out["auc"], dpi, width)
     plot_estimated_vs_measured(df, out["sanity"], dpi, width)
+    if "calibration" in out:
+        save_csv(out["calibration"], calibration_table(df))
     table = load_layer_table(layers_path)
     layers, options = list(table.candidates), [list(o) for o in table.options]
     if clado_set:
