@@ -198,6 +198,7 @@ class SensitivityConfig(_Section):
     hawq_rel_se: float
     hawq_min_probes: int
     hawq_max_probes: int
+    hawq_sketch: int
     hawq_seed: int
 
     def of_estimator(self, estimator: str) -> dict:

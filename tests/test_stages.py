@@ -75,6 +75,7 @@ def test_config_sections_round_trip_and_refuse_partial_dicts():
         "hawq_max_probes": 1000,
         "hawq_min_probes": 30,
         "hawq_rel_se": raw["sensitivity"]["hawq_rel_se"],
+        "hawq_sketch": 16,
         "hawq_seed": 0,
     }
     with pytest.raises(ConfigError, match=r"missing key\(s\) \['a_bits'"):

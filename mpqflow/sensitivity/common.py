@@ -56,7 +56,7 @@ __all__ = [
 _NUMERIC_SETTINGS = {
     "clado": {"loss": "cross_entropy"},
     "mpqco": {},
-    "hawq": {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 1000, "hawq_seed": 0},
+    "hawq": {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 1000, "hawq_sketch": 16, "hawq_seed": 0},
 }
 
 

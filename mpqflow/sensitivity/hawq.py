@@ -1,16 +1,19 @@
 """HAWQ (v2/v3): Hutchinson traces of each candidate layer's Hessian block, times the weight error.
 
 Usage:
-    payload = hawq_batch(ctx, x, y, {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 1000})
+    payload = hawq_batch(ctx, x, y, {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 1000,
+                                     "hawq_sketch": 16})
     omega = hawq_omega(pooled, numel)    # (n,) Ω(l, o) = Tr(H_l)/count / numel(W_l) · ‖Q_o(W_l) − W_l‖²
     omega_se = hawq_omega_se(pooled, numel)  # (n,) its standard error (probe noise)
 
 The Hessian is that of the SUM of per-sample cross-entropies of the base model (fixed layers
 quantized, candidates FP), so trace_sum adds up over batches (= count × trace of the mean-loss
 Hessian). Each probe of layer l draws a Rademacher v_l and forms H_ll v_l by double backward
-(E[v_lᵀ H_ll v_l] = Tr(H_ll)). A layer stops once the standard error of its running mean is at most
-hawq_rel_se of |mean| (after at least hawq_min_probes probes), or after hawq_max_probes probes (a
-guard: a trace near zero never gets a small relative SE). PyHessian's rule (stop when the running
+(E[v_lᵀ H_ll v_l] = Tr(H_ll)), after Hutch++'s deflation (hawq_sketch directions of the block's
+range taken out exactly: on a trained net they hold nearly all of the trace). A layer stops once
+the standard error of its running mean is at most hawq_rel_se of |mean| (after at least
+hawq_min_probes probes), or after hawq_max_probes probes (a guard: a trace near zero never gets a
+small relative SE). PyHessian's rule (stop when the running
 mean changes by less than a tolerance) stopped after 11-59 probes with 5-18 % relative SE left.
 Probes are seeded by hawq_seed and the batch's content, so a batch always gives the same numbers.
 Payload: trace_sum (L,), trace_var_sum (L,) (squared standard error of trace_sum: the probes of
@@ -43,12 +46,33 @@ def _batch_seed(seed: int, x: torch.Tensor, y: torch.Tensor) -> int:
     return (int(seed) * 1_000_003 + digest) % (2**63)
 
 
-def _probe(grad: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """vᵀ H_ll v for one Rademacher v, H_ll v = ∂(g_l·v)/∂W_l; 0 where the loss is linear in W_l."""
+def _hvp(grad: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """H_ll v = ∂(g_l·v)/∂W_l (v shaped like W_l); zeros where the loss is linear in W_l."""
     if not grad.requires_grad:
-        return torch.zeros((), dtype=torch.float64, device=w.device)
+        return torch.zeros_like(v)
     (hv,) = torch.autograd.grad(grad, w, grad_outputs=v, retain_graph=True, allow_unused=True)
-    return torch.zeros((), dtype=torch.float64, device=w.device) if hv is None else (v * hv).sum().double().detach()
+    return torch.zeros_like(v) if hv is None else hv
+
+
+def _rademacher(shape, gen, device, dtype) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=gen, device=device).to(dtype) * 2 - 1
+
+
+def _deflation(grad, w, sketch: int, gen) -> tuple[torch.Tensor | None, float]:
+    """Hutch++'s deflation: Q (P, k) an orthonormal basis of H_ll S for `sketch` Rademacher columns
+    S, and Tr(Qᵀ H_ll Q) (exact given Q): 2·sketch Hessian-vector products. (None, 0) without one."""
+    P = w.numel()
+    if sketch <= 0:
+        return None, 0.0
+    if P <= sketch:  # the exact trace from the unit vectors costs fewer products than a sketch
+        Q = torch.eye(P, dtype=w.dtype, device=w.device)
+    else:
+        S = _rademacher((sketch, *w.shape), gen, w.device, w.dtype)
+        HS = torch.stack([_hvp(grad, w, s).reshape(-1) for s in S])  # (k, P)
+        Q, _ = torch.linalg.qr(HS.T.double())  # (P, k) reduced
+        Q = Q.to(w.dtype)
+    exact = sum(float(q.double() @ _hvp(grad, w, q.reshape(w.shape)).reshape(-1).double()) for q in Q.T)
+    return Q, exact
 
 
 def hutchinson_traces(
@@ -58,17 +82,24 @@ def hutchinson_traces(
     rel_se: float = 0.02,
     min_probes: int = 30,
     seed: int = 0,
+    sketch: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Hutchinson estimates of the Hessian block traces Tr(∂²loss/∂W_l²), one per tensor in `weights`.
+    """Hutchinson estimates of the Hessian block traces Tr(∂²loss/∂W_l²), one per tensor in `weights`,
+    deflated as in Hutch++ (Meyer et al., SOSA 2021) and probed to a stated standard error.
 
-    Each probe of layer l is a Rademacher v_l on W_l alone and costs one Hessian-vector product
-    H_ll v_l = ∂(g_l·v_l)/∂W_l (double backward through the part of the graph that reaches W_l), so
-    the estimate has no cross-layer noise: probing all layers at once (v on every layer, one HVP)
-    adds Σ_m v_lᵀH_lm v_m to layer l's estimate, which swamps small traces (measured: 27% error
-    after 600 joint probes on a small CNN layer whose cross-layer blocks are 8x its trace).
-    A layer stops once the standard error of its running mean, s/√p with s the sample standard
-    deviation of its p probes, is at most rel_se·|mean| and p >= min_probes, or at p = max_probes;
-    stopped layers are not probed further.
+    Each Hessian-vector product of layer l is H_ll v = ∂(g_l·v)/∂W_l (double backward through the
+    part of the graph that reaches W_l) with v on W_l alone, so the estimate has no cross-layer noise:
+    probing all layers at once (one HVP for all) adds Σ_m v_lᵀH_lm v_m, which made single probes
+    1.2-5.8x their trace on the digits ResNet-20 (per layer: 0.6-1.0x). With `sketch` = k > 0, the
+    top of the block's range is taken out exactly first: Q = orth(H_ll S) for k Rademacher columns,
+    Tr(H_ll) = Tr(QᵀH_llQ) + Tr(R), R = (I−QQᵀ)H_ll(I−QQᵀ), and the Rademacher probes estimate Tr(R)
+    (v' = (I−QQᵀ)v, E[v'ᵀH_ll v'] = Tr(R), unbiased given Q). Cross-entropy Hessian blocks of a
+    trained net are nearly low rank: on the digits ResNet-20, k = 16 holds 97-100 % of every trace
+    and the residual probes vary by 0.2-1.4 % of it, against 60-100 % undeflated, so 2 % takes
+    30 probes instead of 800-2,600. A layer stops once the standard error of its running mean,
+    s/√p with s the sample standard deviation of its p (residual) probes, is at most rel_se·|trace|
+    and p >= min_probes, or at p = max_probes. The SE is the probes' (given Q): the deflated part
+    has none.
 
     Args:
         loss: scalar with a graph through `weights`.
@@ -76,7 +107,8 @@ def hutchinson_traces(
         max_probes: at most this many probes per layer (a guard).
         rel_se: target standard error relative to |trace|.
         min_probes: at least this many probes per layer (the sample variance of fewer is itself noise).
-        seed: seed of the Rademacher probes.
+        seed: seed of the Rademacher sketches and probes.
+        sketch: Hutch++ sketch size k (2k products per layer); 0 = plain Hutchinson.
 
     Returns (traces (L,) float64, standard errors (L,) float64, probes used per layer).
     """
@@ -84,32 +116,33 @@ def hutchinson_traces(
     device = weights[0].device
     gen = torch.Generator(device=device).manual_seed(int(seed))
     min_probes = max(2, min(int(min_probes), int(max_probes)))
-    mean = torch.zeros(len(weights), dtype=torch.float64, device=device)
-    m2 = torch.zeros_like(mean)  # Welford: sum of squared deviations from the running mean
+    traces = torch.zeros(len(weights), dtype=torch.float64)
+    se = torch.zeros_like(traces)
     probes = [0] * len(weights)
-    active = list(range(len(weights)))
-    # one step per Hessian-vector product; a stopped layer's remaining probes leave the total
-    bar = tqdm(total=len(weights) * max_probes, desc="hawq probes", unit="hvp", mininterval=2, delay=5, file=sys.stderr)
-    for p in range(1, max_probes + 1):
-        for l in list(active):
-            w = weights[l]
-            v = torch.randint(0, 2, w.shape, generator=gen, device=device).to(w.dtype) * 2 - 1
-            sample = _probe(grads[l], w, v)
-            delta = sample - mean[l]
-            mean[l] += delta / p
-            m2[l] += delta * (sample - mean[l])
+    bar = tqdm(total=len(weights), desc="hawq layers", unit="layer", mininterval=2, delay=5, file=sys.stderr)
+    for l, (w, grad) in enumerate(zip(weights, grads)):
+        Q, exact = _deflation(grad, w, sketch, gen)
+        mean = m2 = 0.0  # Welford over the residual probes
+        for p in range(1, max_probes + 1):
+            if Q is not None and Q.shape[1] == w.numel():
+                break  # the exact trace: nothing left to probe
+            v = _rademacher(w.shape, gen, device, w.dtype)
+            if Q is not None:
+                v = v - (Q @ (Q.T @ v.reshape(-1))).reshape(w.shape)
+            sample = float((v.double() * _hvp(grad, w, v).double()).sum())
+            delta = sample - mean
+            mean += delta / p
+            m2 += delta * (sample - mean)
             probes[l] = p
-            bar.update()
-            if p >= min_probes and bool((m2[l] / (p - 1) / p).sqrt() <= rel_se * mean[l].abs()):
-                active.remove(l)
-                bar.total -= max_probes - p
-        bar.set_postfix_str(f"{len(active)} layers active", refresh=False)
-        if not active:
-            break
+            if p >= min_probes and (m2 / (p - 1) / p) ** 0.5 <= rel_se * abs(exact + mean):
+                break
+        p = probes[l]
+        traces[l] = exact + mean
+        se[l] = (m2 / (p - 1) / p) ** 0.5 if p >= 2 else 0.0
+        bar.update()
+        bar.set_postfix_str(f"{p} probes", refresh=False)
     bar.close()
-    n = torch.tensor(probes, dtype=torch.float64, device=device)
-    se = (m2 / (n - 1).clamp(min=1) / n).sqrt()  # (L,) standard error of each running mean
-    return mean, se, probes
+    return traces.to(device), se.to(device), probes
 
 
 def hawq_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = None) -> dict:
@@ -117,7 +150,8 @@ def hawq_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = No
 
     Args:
         ctx: context.Context; x: (B, ...) inputs on ctx.device; y: (B,) labels.
-        settings: hawq_rel_se (0.02), hawq_min_probes (30), hawq_max_probes (1000), hawq_seed (0).
+        settings: hawq_rel_se (0.02), hawq_min_probes (30), hawq_max_probes (1000), hawq_sketch (16),
+            hawq_seed (0).
     """
     settings = settings or {}
     idx = OptionIndex.from_table(ctx.table)
@@ -138,6 +172,7 @@ def hawq_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = No
                 rel_se=settings.get("hawq_rel_se", 0.02),
                 min_probes=settings.get("hawq_min_probes", 30),
                 seed=_batch_seed(settings.get("hawq_seed", 0), x, y),
+                sketch=settings.get("hawq_sketch", 16),
             )
         err = torch.stack(
             [
