@@ -184,7 +184,7 @@ def test_tables_pair_each_fine_tuned_target_with_its_ptq_evaluation(run, w2a4, t
     assert row.top1_ptq == json.loads(open(ptq).read())["top1"]
     s = study.study_table([ptq], [], str(tmp_path / "study.csv"), [qat_path])
     assert s.loc[s.option == "w2a4", "top1_qat"].item() == pytest.approx(qat["top1"])
-    assert pd.read_csv(tmp_path / "study.csv").columns.tolist()[-2:] == ["top1_qat", "loss_qat"]
+    assert pd.read_csv(tmp_path / "study.csv").columns.tolist()[-3:] == ["top1_qat", "loss_qat", "sanity_pass"]
     study.plot_finetune_table(str(tmp_path / "finetune.csv"), str(tmp_path / "ft.png"), cfg.plots)
     assert open(tmp_path / "ft.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     other = copy.deepcopy(json.loads(open(ptq).read()))
@@ -236,7 +236,7 @@ def test_targets_are_canonical_and_all_expands_every_decision():
     n = len([m for m in raw["methods"] if m != "uniform"]) * 4 * len(raw["budgets"])  # 2 sizes x 2 sets
     assert len(_finetune({"targets": "all"})["targets"]) == n
     assert _finetune(None)["targets"] == [] and _finetune({})["targets"] == []
-    assert FinetuneConfig.from_dict(_finetune({"targets": "all"})).target_names[0] == "mpqco/set_1x0/avg_bits-2.5"
+    assert FinetuneConfig.from_dict(_finetune({"targets": "all"})).target_names[0] == "mpqco/set_1x0/avg_bits-2.25"
 
 
 @pytest.mark.parametrize(

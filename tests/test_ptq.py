@@ -95,7 +95,7 @@ def test_variant_quant_overrides():
     assert isinstance(q, QuantConfig)
     assert q.weight["observer"] == "aciq_laplace" and q.weight["bit_allocation"]
     assert q.activation["granularity"] == "per_channel" and q.weight["bias_correction"] == "bias_variance"
-    assert q.w_bits == (4, 8) and q.a_bits == (4, 8)
+    assert q.w_bits == (2, 3, 4) and q.a_bits == (2, 3, 4)  # the bits of the default options w4a4 w3a3 w2a4 w4a2
     # every variant is a valid quant section (with budgets within reach of its bits)
     assert validate_config({**raw, "quant": q.to_dict(), "budgets": ["avg_bits-4"]})["quant"] == q.to_dict()
     assert set(cfg.ptq.variants) <= set(VARIANTS)
