@@ -11,8 +11,9 @@ method's estimated loss increase, as CLADO's G is (G[i,i] = 2(L(i) − L0)). So
     hawq:   linear = Ω = Tr(H_l)/numel(W_l) · ‖ΔW‖²      (the second-order term ΔWᵀHΔW with H ≈ Tr/numel·I)
     clado_naive / zeroq: linear = diag(G) (for binary x, xᵀdiag(G)x = diag(G)·x; no G given, so
     diagonal methods stay a multiple-choice knapsack for the solver)
-    clado_na: G soft-thresholded at k standard errors, then PSD-projected (noise-aware CLADO):
-            G̃[i, j] = sign(G[i, j]) · max(|G[i, j]| − k·SE[i, j], 0), SE from the per-sample entries
+    clado_na: noise-aware CLADO, SE from the per-sample entries, then PSD-projected:
+            interactions G̃[i, j] = sign(G[i, j]) · max(|G[i, j]| − k·SE[i, j], 0) (i, j of two layers),
+            single-layer effects G̃[i, i] = G[i, i] + k·SE[i, i] (their upper confidence bound)
     limpq:  linear = 2 (Δs_a + α·Δs_w), LIMPQ's learned step sizes relative to the highest bit-width
             (indicator units, not a loss: only its ranking compares with measured losses); options
             that LIMPQ's outlier rule forbids are left out of the problem (:func:`method_allowed`)
@@ -47,6 +48,7 @@ __all__ = [
     "mpqco_se",
     "clado_matrix_se",
     "soft_threshold",
+    "noise_aware_matrix",
     "method_allowed",
 ]
 
@@ -80,7 +82,7 @@ METHODS: dict[str, Method] = {
         Method("clado_raw", "clado", "raw", "ce", "CLADO cross-entropy matrix as measured"),
         Method("clado_naive", "clado", "diag", "ce", "diagonal of the CLADO cross-entropy matrix"),
         Method("clado_kl", "clado", "psd", "kl", "CLADO KL matrix projected on the PSD cone"),
-        Method("clado_na", "clado", "na", "ce", "CLADO matrix soft-thresholded at k standard errors, then PSD"),
+        Method("clado_na", "clado", "na", "ce", "CLADO, interactions thresholded at k SE, effects at k SE above, PSD"),
         Method("zeroq", "clado", "diag", "kl", "diagonal of the CLADO KL matrix (ZeroQ-style)"),
         Method("limpq", "limpq", "linear", None, "LIMPQ's learned per-bit step sizes, s_a + alpha * s_w"),
     )
@@ -181,6 +183,21 @@ def soft_threshold(G: np.ndarray, se: np.ndarray, k: float) -> np.ndarray:
     return np.sign(G) * np.clip(np.abs(G) - k * se, 0.0, None)
 
 
+def noise_aware_matrix(G: np.ndarray, se: np.ndarray, k: float) -> np.ndarray:
+    """clado_na's G before the PSD projection. The n² interaction entries are where one batch's noise
+    lives (CLADO's raw G has single-batch entries of −0.1 on the digits ResNet-20): soft-thresholded at
+    k·SE, an interaction counts only as far as it is k standard errors from 0. The diagonal (a layer
+    alone at an option) goes to its upper confidence bound G[i, i] + k·SE[i, i]: an effect the data
+    cannot pin down is not taken as free. Thresholding the diagonal too (measured first) made noisy
+    low-bit options free while the precisely measured, tiny effects of the highest option stayed, so
+    with no budget the search left the highest option (issue 15's sanity check). SE = 0: G unchanged."""
+    G, se = np.asarray(G, dtype=np.float64), np.asarray(se, dtype=np.float64)
+    out = soft_threshold(G, se, k)
+    d = np.diag_indices_from(out)
+    out[d] = G[d] + k * se[d]
+    return out
+
+
 def hawq_omega(pooled: dict, numel) -> np.ndarray:
     """HAWQ's Ω (n,) = (trace_sum/count) / numel(W_l) · weight_err, option i = l*K + k.
 
@@ -257,7 +274,7 @@ def method_objective(
         return None, limpq_linear(pooled, table, alpha)
     G = clado_matrix(pooled, m.loss, layer_of)
     if m.form == "na":
-        return psd_project(soft_threshold(G, clado_matrix_se(pooled, m.loss), k)), None
+        return psd_project(noise_aware_matrix(G, clado_matrix_se(pooled, m.loss), k)), None
     if m.form == "diag":
         return None, np.diag(G).copy()
     if m.form == "psd":

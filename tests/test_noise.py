@@ -13,6 +13,7 @@ from mpqflow.methods import (
     mean_se,
     method_objective,
     mpqco_se,
+    noise_aware_matrix,
     psd_project,
     soft_threshold,
 )
@@ -124,12 +125,32 @@ def test_shrinkage_zeroes_pure_noise_and_keeps_signal():
     assert np.abs(shrunk[pure]).mean() < 0.1 * np.abs(G[pure]).mean()  # E|soft(z, 2)| ≈ 0.02 E|z|
 
 
-def test_noise_free_clado_na_is_psd_projected_shrinkage():
-    G = np.array([[0.2, -0.05, 0.0], [-0.05, 0.1, 0.0], [0.0, 0.0, 0.3]])
+def test_noise_aware_matrix_thresholds_interactions_and_bounds_effects():
+    G = np.array([[0.2, -0.05, 0.005], [-0.05, -0.01, 0.0], [0.005, 0.0, 0.3]])
     se = np.full_like(G, 0.01)
     np.testing.assert_allclose(soft_threshold(G, se, 0.0), G)
     np.testing.assert_allclose(soft_threshold(G, se, 3.0), np.sign(G) * np.clip(np.abs(G) - 0.03, 0, None))
-    assert np.linalg.eigvalsh(psd_project(soft_threshold(G, se, 3.0))).min() >= -1e-12
+    na = noise_aware_matrix(G, se, 3.0)
+    np.testing.assert_allclose(np.diag(na), np.diag(G) + 0.03)  # upper confidence bounds, never below G
+    assert na[0, 1] == pytest.approx(-0.02) and na[0, 2] == 0 and na[1, 2] == 0  # 0.005 is noise
+    np.testing.assert_allclose(noise_aware_matrix(G, np.zeros_like(G), 3.0), G)  # no noise: unchanged
+    assert np.linalg.eigvalsh(psd_project(na)).min() >= -1e-12
+
+
+def test_clado_na_prefers_precisely_small_effects_with_no_budget():
+    """Two layers, options (w8, w2): w8's effect is tiny and precise, w2's is larger but within noise,
+    with a noisy negative interaction. Thresholding everything would make w2 free (a tie at 0 or
+    worse); clado_na keeps w8 at both layers."""
+    G = np.array(
+        [[1e-5, 0.0, 0.0, 0.0], [0.0, 0.01, -0.01, -0.015], [0.0, -0.01, 1e-5, 0.0], [0.0, -0.015, 0.0, 0.012]]
+    )
+    se = np.array([[1e-6, 0, 1e-6, 1e-6], [0, 0.01, 0.01, 0.01], [1e-6, 0.01, 1e-6, 1e-6], [1e-6, 0.01, 1e-6, 0.01]])
+    obj = psd_project(noise_aware_matrix(G, se, 2.0))
+    plans = {(a, b): np.eye(4)[a] + np.eye(4)[b] for a in (0, 1) for b in (2, 3)}
+    best = min(plans, key=lambda p: plans[p] @ obj @ plans[p])
+    assert best == (0, 2)
+    naive = psd_project(soft_threshold(G, se, 2.0))  # the rejected variant: w2 at layer 0 is free
+    assert plans[(1, 2)] @ naive @ plans[(1, 2)] <= plans[(0, 2)] @ naive @ plans[(0, 2)] + 1e-12
 
 
 def test_old_files_without_second_moments_are_refused(tiny, tmp_path):

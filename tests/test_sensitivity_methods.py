@@ -64,10 +64,13 @@ def test_objectives(pooled):
     assert np.linalg.eigvalsh(G).min() >= -1e-10 and np.allclose(G, psd_project(Gce))
     G, lin = method_objective("clado_kl", files["clado"], table)
     assert np.allclose(G, psd_project(Gkl))
-    # noise-aware: soft-threshold at k SE, then the projection; k = 0 is clado
+    # noise-aware: interactions soft-thresholded at k SE, effects at k SE above, then the projection;
+    # k = 0 is clado
     se = clado_matrix_se(files["clado"])
     G, lin = method_objective("clado_na", files["clado"], table, k=1.5)
-    want = psd_project(np.sign(Gce) * np.clip(np.abs(Gce) - 1.5 * se, 0, None))
+    shrunk = np.sign(Gce) * np.clip(np.abs(Gce) - 1.5 * se, 0, None)
+    np.fill_diagonal(shrunk, np.diag(Gce) + 1.5 * np.diag(se))
+    want = psd_project(shrunk)
     assert lin is None and np.allclose(G, want) and not np.allclose(G, psd_project(Gce))
     assert np.allclose(method_objective("clado_na", files["clado"], table, k=0)[0], psd_project(Gce))
 
