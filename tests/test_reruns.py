@@ -347,6 +347,15 @@ def test_solver_code_change_invalidates_solves(tiny, repo_copy, tmp_path):
     assert not UPSTREAM & found.keys()
 
 
+def test_objective_code_change_resolves_but_never_remeasures(tiny, repo_copy, tmp_path):
+    """Editing the objectives (mpqflow/methods.py: clado_na's shrinkage, say) re-solves, re-checks and
+    re-evaluates; the estimators do not import it, so no sensitivity is measured again."""
+    workdir, config = tiny
+    found = dry_run(workdir, config, "code", snakefile=_edit(repo_copy, tmp_path, "mpqflow/methods.py"))
+    assert {"solve_budget", "sanity_check", "evaluate_decisions"} <= found.keys()
+    assert not {"train_model", "calibrate", "sensitivity_batch", "pool_set", "limpq_indicators"} & found.keys()
+
+
 def test_sensitivity_code_change_invalidates_sensitivity(tiny, every_job, repo_copy, tmp_path):
     """(e) Editing mpqflow/sensitivity reruns the batch files, the pooling and all after them, not
     training, calibration, the uniform evaluations or the PTQ study (which runs no estimator)."""

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mpqflow.methods import clado_matrix
 from mpqflow.models import build_model
-from mpqflow.sensitivity import OptionIndex, clado_matrix, compute_batch
+from mpqflow.sensitivity import OptionIndex, compute_batch
 from mpqflow.sensitivity.common import make_context
 from mpqflow.sensitivity.fx_engine import FxGraph, NotTraceable, pairwise_fx, pairwise_reference
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from mpqflow.methods import clado_matrix
 from mpqflow.models import build_model
 from mpqflow.sensitivity import (
     OptionIndex,
     batch_meta,
-    clado_matrix,
     compute_batch,
     load_batch_file,
     pool_batch_files,

@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mpqflow.methods import hawq_omega, hawq_omega_se
 from mpqflow.models import DigitsCNN
-from mpqflow.sensitivity import OptionIndex, compute_batch, hawq_omega, hawq_omega_se
+from mpqflow.sensitivity import OptionIndex, compute_batch
 from mpqflow.sensitivity.common import make_context
 from mpqflow.sensitivity.hawq import hutchinson_traces
 

@@ -6,6 +6,7 @@ import torch
 
 from mpqflow.methods import (
     METHODS,
+    clado_matrix,
     clado_matrix_se,
     estimated_loss_increase,
     method_estimator,
@@ -13,7 +14,7 @@ from mpqflow.methods import (
     psd_project,
 )
 from mpqflow.models import build_model
-from mpqflow.sensitivity import OptionIndex, batch_meta, clado_matrix, compute_batch
+from mpqflow.sensitivity import OptionIndex, batch_meta, compute_batch
 from mpqflow.sensitivity.common import make_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread

@@ -5,12 +5,14 @@ Usage:
     payload = compute_batch("clado", ctx, x, y, cfg["sensitivity"])   # sums over samples + count
     save_batch_file(path, payload, batch_meta(ctx, "clado", cfg["sensitivity"]))
     pooled = pool_batch_files(paths)          # exact for any subset of batches, order-independent
-    G = clado_matrix(pooled, "ce")            # methods.py forms each method's objective from pooled
+    G = mpqflow.methods.clado_matrix(pooled, "ce")   # objectives live in methods.py: editing them
+                                                     # re-solves, it never recomputes a sensitivity
 
 Estimators (payload keys; n = L*K options, option i = l*K + k):
-    clado  ce_base_sum (), ce_single_sum (n,), ce_pair_sum (n, n), kl_single_sum (n,), kl_pair_sum (n, n)
-    mpqco  sq_sum (n,)
-    hawq   trace_sum (L,), weight_err (n,) (per-file constant)
+    clado  ce_base_sum (), ce_single_sum (n,), ce_pair_sum (n, n), kl_single_sum (n,), kl_pair_sum (n, n),
+           ce_gsq_sum (n, n), kl_gsq_sum (n, n)
+    mpqco  sq_sum (n,), sq_squared_sum (n,)
+    hawq   trace_sum (L,), trace_var_sum (L,), probes_sum (L,), weight_err (n,) (per-file constant)
 and `count` (samples) in every payload. Modules: :mod:`.common` (indexing, file format, pooling),
 :mod:`.clado` + :mod:`.fx_engine` (pairwise passes), :mod:`.mpqco`, :mod:`.hawq`.
 """
@@ -22,7 +24,7 @@ import time
 
 import torch
 
-from .clado import clado_batch, clado_matrix
+from .clado import clado_batch
 from .common import (
     META_FIELDS,
     OptionIndex,
@@ -33,7 +35,7 @@ from .common import (
     save_batch_file,
     split_meta,
 )
-from .hawq import hawq_batch, hawq_omega, hawq_omega_se
+from .hawq import hawq_batch
 from .mpqco import mpqco_batch
 
 __all__ = [
@@ -47,9 +49,6 @@ __all__ = [
     "pool_batch_files",
     "split_meta",
     "means",
-    "clado_matrix",
-    "hawq_omega",
-    "hawq_omega_se",
 ]
 
 log = logging.getLogger("mpqflow")

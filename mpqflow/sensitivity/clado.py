@@ -2,7 +2,7 @@
 
 Usage:
     payload = clado_batch(ctx, x, y, {"clado_engine": "fast"})   # sums over the batch + count
-    G = clado_matrix(pooled, kind="ce")                    # or kind="kl"
+    G = methods.clado_matrix(pooled, kind="ce")            # or kind="kl" (mpqflow/methods.py)
 
 With the base assignment (fixed layers quantized) as reference, per sample n:
     L0 = loss(base);  L(i) = loss(base + option i);  L(i, j) = loss(base + i + j), layer(i) != layer(j)
@@ -20,11 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..methods import clado_matrix
 from .common import OptionIndex
 from .fx_engine import pairwise_fx, pairwise_reference
 
-__all__ = ["ENGINES", "clado_batch", "clado_matrix", "clado_head"]
+__all__ = ["ENGINES", "clado_batch", "clado_head"]
 
 ENGINES = {"fast": pairwise_fx, "reference": pairwise_reference}
 

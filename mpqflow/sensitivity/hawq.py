@@ -3,8 +3,8 @@
 Usage:
     payload = hawq_batch(ctx, x, y, {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 1000,
                                      "hawq_sketch": 16})
-    omega = hawq_omega(pooled, numel)    # (n,) Ω(l, o) = Tr(H_l)/count / numel(W_l) · ‖Q_o(W_l) − W_l‖²
-    omega_se = hawq_omega_se(pooled, numel)  # (n,) its standard error (probe noise)
+    omega = methods.hawq_omega(pooled, numel)  # (n,) Ω(l, o) = Tr(H_l)/count / numel(W_l) · ‖Q_o(W_l) − W_l‖²
+    omega_se = methods.hawq_omega_se(pooled, numel)  # (n,) its standard error (probe noise)
 
 The Hessian is that of the SUM of per-sample cross-entropies of the base model (fixed layers
 quantized, candidates FP), so trace_sum adds up over batches (= count × trace of the mean-loss
@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..methods import hawq_omega, hawq_omega_se
 from .common import OptionIndex
 
-__all__ = ["hutchinson_traces", "hawq_batch", "hawq_omega", "hawq_omega_se"]
+__all__ = ["hutchinson_traces", "hawq_batch"]
 
 log = logging.getLogger("mpqflow")
 
