@@ -350,6 +350,7 @@ def test_workflow_on_a_user_config_runs_only_the_users_model(imagenet_root, tmp_
         "sensitivity_batch": 1,
         "pool_set": 1,
         "solve_budget": 2,
+        "sanity_check": 1,
         "evaluate_decisions": 1,
         "study_table": 1,
         "study_plots": 1,
