@@ -220,12 +220,7 @@ def hawq_omega_se(pooled: dict, numel) -> np.ndarray:
         pooled: per-batch or pooled HAWQ dict with trace_var_sum (files written since issue 15).
         numel: (L,) weights per candidate layer (execution order).
     """
-    if "trace_var_sum" not in pooled:
-        raise ValueError(
-            "HAWQ sensitivities without trace_var_sum (written before traces carried a standard error): "
-            "recompute them (snakemake reruns the hawq sensitivity jobs)"
-        )
-    se = np.sqrt(np.asarray(pooled["trace_var_sum"], dtype=np.float64)) / float(pooled["count"])
+    se = np.sqrt(np.asarray(_second_moment(pooled, "trace_var_sum"), dtype=np.float64)) / float(pooled["count"])
     numel = np.asarray(numel, dtype=np.float64)
     err = np.asarray(pooled["weight_err"], dtype=np.float64)
     return np.repeat(se / numel, err.shape[0] // se.shape[0]) * err

@@ -13,8 +13,8 @@ Hessian). Each probe of layer l draws a Rademacher v_l and forms H_ll v_l by dou
 range taken out exactly: on a trained net they hold nearly all of the trace). A layer stops once
 the standard error of its running mean is at most hawq_rel_se of |mean| (after at least
 hawq_min_probes probes), or after hawq_max_probes probes (a guard: a trace near zero never gets a
-small relative SE). PyHessian's rule (stop when the running
-mean changes by less than a tolerance) stopped after 11-59 probes with 5-18 % relative SE left.
+small relative SE). PyHessian's rule (stop when the running mean changes by less than a
+tolerance) stopped after 11-59 probes with 5-18 % relative SE left.
 Probes are seeded by hawq_seed and the batch's content, so a batch always gives the same numbers.
 Payload: trace_sum (L,), trace_var_sum (L,) (squared standard error of trace_sum: the probes of
 different batches are independent, so it adds up too), probes_sum (L,) (probes used), weight_err
@@ -121,10 +121,9 @@ def hutchinson_traces(
     bar = tqdm(total=len(weights), desc="hawq layers", unit="layer", mininterval=2, delay=5, file=sys.stderr)
     for l, (w, grad) in enumerate(zip(weights, grads)):
         Q, exact = _deflation(grad, w, sketch, gen)
+        exact_only = Q is not None and Q.shape[1] == w.numel()  # the exact trace: nothing left to probe
         mean = m2 = 0.0  # Welford over the residual probes
-        for p in range(1, max_probes + 1):
-            if Q is not None and Q.shape[1] == w.numel():
-                break  # the exact trace: nothing left to probe
+        for p in range(1, 0 if exact_only else max_probes + 1):
             v = _rademacher(w.shape, gen, device, w.dtype)
             if Q is not None:
                 v = v - (Q @ (Q.T @ v.reshape(-1))).reshape(w.shape)

@@ -75,7 +75,7 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
 
 def _method_problem(
     table: LayerTable, pooled_path: str, method: str, alpha: float, k: float
-) -> tuple[Problem, np.ndarray]:
+) -> tuple[Problem, np.ndarray | None]:
     """The method's integer program over the pooled set, and the options it allows (None: all)."""
     pooled = load_batch_file(pooled_path)
     G, linear = method_objective(method, pooled, table, alpha=alpha, k=k)
