@@ -329,11 +329,15 @@ def test_aciq_model_banner_through_observer_and_quantizer():
         assert up == pytest.approx(BANNER_LAPLACE[b], abs=0.01) and down == pytest.approx(BANNER_LAPLACE[b], abs=0.01)
         assert up == pytest.approx(optimal_clip_ratio(b, "laplace", model="banner"), rel=1e-5)
         sg_up, _ = _clip_multipliers(*ranges["signed_grid"][kind, b], data)
-        assert sg_up == pytest.approx(optimal_clip_ratio(b, "laplace", model="signed_grid"), rel=1e-5)
+        # a symmetric scheme with symmetric_range applies the restricted grid, which the observer models
+        assert sg_up == pytest.approx(optimal_clip_ratio(b, "laplace", model="narrow_grid"), rel=1e-5)
         assert not torch.equal(hi, ranges["signed_grid"][kind, b][1]), (kind, b)
     # the default is signed_grid, the observer path before the key existed
     assert QuantScheme().aciq_model == "signed_grid"
-    assert make_observer(QuantScheme(observer="aciq_gauss"), 4).model == "signed_grid"
+    assert make_observer(QuantScheme(observer="aciq_gauss"), 4).model == "narrow_grid"
+    full = QuantScheme(observer="aciq_gauss", symmetric_range=False)
+    assert make_observer(full, 4).model == "signed_grid"
+    assert make_observer(QuantScheme(observer="aciq_gauss", symmetric=False), 4).model == "signed_grid"
     assert make_observer(QuantScheme(observer="aciq_gauss", aciq_model="grid"), 4).model == "grid"
 
 
@@ -350,7 +354,8 @@ def test_aciq_model_in_per_channel_bit_allocation():
         q.calibrate([torch.randn(4, 32, generator=g)])
         cb = alloc[name] = q.channel_bits("0", "weight", 3)
         assert cb.bits.max() > cb.bits.min()
-        lo, hi = aciq_range(w, cb.bits, "laplace", ch_axis=0, model=name)  # re-clipped at alpha*(bits_c)
+        model = "narrow_grid" if name == "signed_grid" else name  # the symmetric scheme's applied grid
+        lo, hi = aciq_range(w, cb.bits, "laplace", ch_axis=0, model=model)  # re-clipped at alpha*(bits_c)
         torch.testing.assert_close(cb.min_val, lo, rtol=1e-6, atol=0)
         torch.testing.assert_close(cb.max_val, hi, rtol=1e-6, atol=0)
     assert torch.equal(alloc["banner"].bits, alloc["signed_grid"].bits)  # same ranges -> same bits

@@ -28,9 +28,10 @@ def _ref_qparams(lo, hi, bits, symmetric, signed):
     """Plain-python qparams: the formulas of the design, written out again."""
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric and signed:  # restricted range, the default
+        return max(-lo, hi) / qmax, 0, -qmax, qmax
     if symmetric:
-        scale = max(-lo, hi) / ((qmax - qmin) / 2) if signed else hi / qmax
-        return scale, 0, qmin, qmax
+        return hi / qmax, 0, qmin, qmax
     scale = (hi - lo) / (qmax - qmin)
     return scale, int(min(max(qmin - round(lo / scale), qmin), qmax)), qmin, qmax
 
@@ -49,13 +50,21 @@ def test_quant_range():
 
 
 def test_choose_qparams_by_hand():
-    # symmetric signed 4 bit: scale = amax / 7.5
-    s, z, qmin, qmax = choose_qparams(torch.tensor(-1.2), torch.tensor(0.9), 4, symmetric=True, signed=True)
-    assert (qmin, qmax) == (-8, 7) and z.item() == 0 and z.dtype == torch.int32
-    assert s.item() == pytest.approx(0.16) and s.shape == () and s.dtype == torch.float32
-    # symmetric signed 8 bit: amax / 127.5
-    s, z, _, _ = choose_qparams(-0.5, 2.55, 8, symmetric=True, signed=True)
+    # symmetric signed 4 bit, restricted range (default): [-7, 7], scale = amax / 7
+    s, z, qmin, qmax = choose_qparams(torch.tensor(-1.4), torch.tensor(0.9), 4, symmetric=True, signed=True)
+    assert (qmin, qmax) == (-7, 7) and z.item() == 0 and z.dtype == torch.int32
+    assert s.item() == pytest.approx(0.2) and s.shape == () and s.dtype == torch.float32
+    # full range (torch's convention): [-8, 7], scale = amax / 7.5
+    s, z, qmin, qmax = choose_qparams(-1.2, 0.9, 4, symmetric=True, signed=True, symmetric_range=False)
+    assert (qmin, qmax) == (-8, 7) and s.item() == pytest.approx(0.16)
+    # symmetric signed 8 bit: amax / 127 (full range: amax / 127.5)
+    s, z, qmin, _ = choose_qparams(-0.5, 2.54, 8, symmetric=True, signed=True)
+    assert s.item() == pytest.approx(0.02) and qmin == -127
+    s, z, _, _ = choose_qparams(-0.5, 2.55, 8, symmetric=True, signed=True, symmetric_range=False)
     assert s.item() == pytest.approx(0.02)
+    # 2 bits restricted: ternary {-amax, 0, amax}
+    s, z, qmin, qmax = choose_qparams(-0.3, 0.2, 2, symmetric=True, signed=True)
+    assert (qmin, qmax) == (-1, 1) and s.item() == pytest.approx(0.3)
     # symmetric unsigned 4 bit: max / 15
     s, z, qmin, qmax = choose_qparams(0.0, 3.0, 4, symmetric=True, signed=False)
     assert (qmin, qmax, z.item()) == (0, 15, 0) and s.item() == pytest.approx(0.2)
@@ -75,7 +84,7 @@ def test_choose_qparams_per_channel_and_zero_range():
         torch.tensor([-1.5, 0.0, -0.2]), torch.tensor([0.3, 0.0, 3.0]), 4, symmetric=True, signed=True
     )
     assert s.shape == (3,) and z.shape == (3,)
-    assert s.tolist() == pytest.approx([0.2, DEFAULT_EPS, 0.4])
+    assert s.tolist() == pytest.approx([1.5 / 7, DEFAULT_EPS, 3.0 / 7])
     s, z, _, _ = choose_qparams(torch.tensor([-1.0, 0.0]), torch.tensor([2.0, 0.0]), 2, symmetric=False, signed=False)
     assert s.tolist() == pytest.approx([1.0, DEFAULT_EPS]) and z.tolist() == [1, 0]
 
@@ -214,3 +223,30 @@ def test_mse_clip_range_beats_minmax_on_outliers():
         other = quantization_mse(x, r * x.amin(1), r * x.amax(1), 3, symmetric=True, signed=True, ch_axis=0)
         assert (best <= other + 1e-7).all()
     assert math.isclose(clip_ratios(100)[0].item(), 0.01) and clip_ratios(100)[-1].item() == 1.0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_symmetric_grid_extremes_are_not_ties(bits, per_channel):
+    """Issue 15: the full-range grid put each channel's extreme on x / scale = ±(2^(b-1) - 0.5), so its
+    level depended on float precision. The restricted grid maps the extreme exactly onto ±qmax, and
+    quantizing float32 data gives the same result as the float64 computation of the same formula."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(16, 3, 3, 3, generator=g, dtype=torch.float64) * torch.logspace(-2, 0, 16, dtype=torch.float64)[:, None, None, None]
+    w = w.float()  # float32 weights, as in every model
+    axis = 0 if per_channel else None
+    dims = (1, 2, 3) if per_channel else (0, 1, 2, 3)
+    lo, hi = w.amin(dims), w.amax(dims)
+    s, z, qmin, qmax = choose_qparams(lo, hi, bits, symmetric=True, signed=True)
+    y32 = fake_quantize(w, s, z, qmin, qmax, ch_axis=axis)
+    shape = (-1, 1, 1, 1) if per_channel else ()
+    v = w.double() / s.double().reshape(shape)  # float64 codes of the same float32 scale
+    y64 = (torch.clamp(torch.round(v), qmin, qmax) * s.double().reshape(shape)).float()
+    assert torch.equal(y32, y64)
+    at_extreme = w.abs() == torch.maximum(-lo, hi).reshape(shape)
+    assert torch.all(torch.round(v.abs())[at_extreme] == qmax)  # each extreme takes the outermost level
+    assert torch.all((v.abs()[at_extreme] - qmax).abs() < 1e-5)  # ... and sits on it, far from a tie
+    # the old full range: the extreme sits on a tie; float32 and float64 disagree for some channel
+    s, z, qmin, qmax = choose_qparams(lo, hi, bits, symmetric=True, signed=True, symmetric_range=False)
+    v = (w.double() / s.double().reshape(shape)).abs()
+    assert torch.isclose(v.amax(), torch.tensor(2.0 ** (bits - 1) - 0.5, dtype=torch.float64), rtol=1e-6)

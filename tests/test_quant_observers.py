@@ -126,7 +126,7 @@ def test_minmax_running_range_and_qparams():
     obs(x2)
     assert (obs.min_val.item(), obs.max_val.item()) == (-1.0, 2.0)
     s, z, qmin, qmax = obs.calculate_qparams()
-    assert s.item() == pytest.approx(2.0 / 7.5) and (z.item(), qmin, qmax) == (0, -8, 7)
+    assert s.item() == pytest.approx(2.0 / 7) and (z.item(), qmin, qmax) == (0, -7, 7)
 
 
 def test_minmax_per_channel():
@@ -156,10 +156,10 @@ def test_signed_from_data():
         assert (qmin, qmax) == (0, 15), name
         signed = make_observer(scheme, 4, None)
         signed(torch.randn(1000))
-        assert signed.calculate_qparams()[2:] == (-8, 7), name
+        assert signed.calculate_qparams()[2:] == (-7, 7), name
         forced = make_observer(scheme, 4, True)
         forced(torch.relu(torch.randn(1000)))
-        assert forced.calculate_qparams()[2:] == (-8, 7), name
+        assert forced.calculate_qparams()[2:] == (-7, 7), name
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

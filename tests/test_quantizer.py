@@ -192,7 +192,7 @@ def test_weight_and_input_quantization_semantics(calibrated):
 def test_signed_inputs_and_symmetric_act():
     model, q = _setup(act=QuantScheme(observer="minmax", symmetric=True))
     q.calibrate(_batches())
-    assert q.act_qparams("stem", 8)[2:4] == (-128, 127)  # raw images: signed
+    assert q.act_qparams("stem", 8)[2:4] == (-127, 127)  # raw images: signed (restricted range)
     assert q.act_qparams("block.conv2", 8)[2:4] == (0, 255)  # after ReLU: unsigned
     assert q.act_qparams("block.conv1", 8).zero_point.item() == 0
 

@@ -21,7 +21,13 @@ Two MSE models:
   range [-alpha, alpha] (symmetric signed, and affine after rounding the zero point): levels
   k Delta, k = -2^(M-1) .. 2^(M-1) - 1, Delta = 2 alpha / (2^M - 1), i.e. [-alpha - Delta/2,
   alpha - Delta/2] with 0 exact. Same as "grid" for one-sided tensors (levels k alpha / (2^M - 1)).
-  This is the model the ``aciq_*`` observers use: it is the quantizer that is then applied.
+  This is the model the ``aciq_*`` observers use for affine schemes and for symmetric ones with
+  ``symmetric_range: false``: the quantizer that is then applied.
+- ``model="narrow_grid"``: the restricted symmetric grid (``symmetric_range``, the default symmetric
+  signed quantizer): 2^M - 1 levels k Delta, k = -(2^(M-1) - 1) .. 2^(M-1) - 1, Delta =
+  alpha / (2^(M-1) - 1), spanning exactly [-alpha, alpha] with 0 exact (2 bits: {-alpha, 0, alpha}).
+  Same as "grid" for one-sided tensors. ``aciq_*`` observers of symmetric signed schemes with
+  ``symmetric_range`` use it in place of "signed_grid".
 - ``model="banner"``: the paper's approximation, clip(alpha) + alpha^2 / (3 * 4^M) two-sided,
   clip(alpha) + alpha^2 / (12 * 4^M) one-sided (step alpha / 2^M). It ignores the within-bin shape
   of the density and the probability mass inside the range; its alpha* is 8-25% off the grid
@@ -66,7 +72,7 @@ __all__ = [
 ]
 
 PRIORS = ("laplace", "gauss")
-MODELS = ("grid", "signed_grid", "banner")
+MODELS = ("grid", "signed_grid", "narrow_grid", "banner")
 _EXACT_MAX_BITS = 8  # above this the grid model uses its high-resolution limit
 _INF = 1e3  # stands in for +inf in unit-scale moments (exp(-1e3) == 0 in float64)
 _SQRT2 = math.sqrt(2.0)
@@ -80,8 +86,8 @@ def _check(bits: int, prior: str, model: str, one_sided: bool = False) -> None:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if not (isinstance(bits, (int, np.integer)) and 1 <= bits <= 16):
         raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
-    if model == "signed_grid" and bits == 1 and not one_sided:
-        raise ValueError("a 1-bit signed grid has no symmetric range (levels {-2 alpha, 0})")
+    if model in ("signed_grid", "narrow_grid") and bits == 1 and not one_sided:
+        raise ValueError(f"{model}: a 1-bit signed grid has no symmetric range (levels {{-2 alpha, 0}})")
 
 
 def _moments(prior: str, a: np.ndarray, b: np.ndarray):
@@ -128,12 +134,17 @@ def _unit_levels(bits: int, one_sided: bool, model: str) -> tuple[np.ndarray, bo
         return np.linspace(0.0, 1.0, n), True
     if model == "signed_grid":
         return np.arange(-(n // 2), n // 2) * (2.0 / (n - 1)), False
+    if model == "narrow_grid":  # 0, 1/h, ..., 1 mirrored: 2^M - 1 levels
+        h = n // 2 - 1
+        return np.arange(h + 1) / h, True
     return (np.arange(n // 2) + 0.5) * (2.0 / (n - 1)), True
 
 
 def _rel_step(bits: int, one_sided: bool, model: str) -> float:
     """Grid step divided by alpha."""
     width = 1.0 if one_sided else 2.0
+    if model == "narrow_grid" and not one_sided:
+        return width / (2**bits - 2)
     return width / (2**bits if model == "banner" else 2**bits - 1)
 
 
@@ -182,7 +193,8 @@ def aciq_mse(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: 
         scale: b or sigma, broadcast against alpha.
         one_sided: range [0, alpha] for non-negative tensors (half distributions).
         model: "grid" (2^M levels spanning the range, default), "signed_grid" (the two's-complement
-            grid with 0 exact, as applied by the core) or "banner" (the paper's approximation).
+            grid with 0 exact, as applied by affine schemes), "narrow_grid" (2^M - 1 levels spanning
+            [-alpha, alpha], the default symmetric quantizer) or "banner" (the paper's approximation).
     """
     _check(bits, prior, model, one_sided)
     a, s = np.broadcast_arrays(np.asarray(alpha, float), np.asarray(scale, float))

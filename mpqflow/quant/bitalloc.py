@@ -176,6 +176,7 @@ def fake_quantize_per_channel_bits(
     symmetric: bool,
     signed: bool,
     pow2_scale: bool = False,
+    symmetric_range: bool = True,
 ) -> torch.Tensor:
     """Fake-quantize channel c of x at bits[c] with the qparams of [min_val[c], max_val[c]].
 
@@ -187,7 +188,7 @@ def fake_quantize_per_channel_bits(
         bits: (C,) integer bit-widths.
         min_val, max_val: (C,) ranges.
         ch_axis: channel axis.
-        symmetric, signed, pow2_scale: as in :func:`choose_qparams`.
+        symmetric, signed, pow2_scale, symmetric_range: as in :func:`choose_qparams`.
     """
     ch_axis = ch_axis % x.dim()
     bits = torch.as_tensor(bits).reshape(-1).cpu()
@@ -203,6 +204,7 @@ def fake_quantize_per_channel_bits(
             symmetric=symmetric,
             signed=signed,
             pow2_scale=pow2_scale,
+            symmetric_range=symmetric_range,
         )
         idx = idx.to(x.device)
         part = fake_quantize(x.index_select(ch_axis, idx), scale.to(x.device), zp.to(x.device), qmin, qmax, ch_axis)

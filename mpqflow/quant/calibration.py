@@ -45,7 +45,9 @@ def _allocate(
     if isinstance(obs, ACIQObserver):
         sums = {k: getattr(obs.stats, k) for k in obs.stats._KEYS}
         lo, hi = (t.float().cpu() for t in aciq_range_from_sums(sums, cb, obs.prior, model=obs.model))
-    return ChannelBits(cb, lo.clone(), hi.clone(), scheme.symmetric, signed, scheme.pow2_scale, ch_axis)
+    return ChannelBits(
+        cb, lo.clone(), hi.clone(), scheme.symmetric, signed, scheme.pow2_scale, ch_axis, scheme.symmetric_range
+    )
 
 
 def _observe_inputs(

@@ -1,7 +1,7 @@
 """Stateless quantization core: integer ranges, qparams from a real range, fake quantization, MSE.
 
     qmin, qmax = quant_range(4, signed=True)                             # (-8, 7)
-    scale, zp, qmin, qmax = choose_qparams(lo, hi, 4, symmetric=True, signed=True)
+    scale, zp, qmin, qmax = choose_qparams(lo, hi, 4, symmetric=True, signed=True)  # (.., -7, 7)
     w_q = fake_quantize(w, scale, zp, qmin, qmax, ch_axis=0)             # per output channel
     lo, hi = mse_clip_range(w, 4, symmetric=True, signed=True, ch_axis=0)  # MSE-optimal clipping
 
@@ -9,7 +9,13 @@ Uniform affine quantization with integer range [quant_min, quant_max]:
 
     Q(x) = (clamp(round(x / scale) + zero_point, quant_min, quant_max) - zero_point) * scale
 
-(round half to even, as torch.fake_quantize_* does). Per tensor, scale and zero_point are scalars;
+(round half to even, as torch.fake_quantize_* does). Symmetric signed grids use the restricted
+range [-(2^(b-1) - 1), 2^(b-1) - 1] by default (MQBench's ``symmetric_range``, TensorRT's and TFLite's
+narrow range): the range's extreme maps exactly onto the outermost level. torch's full-range
+convention (scale = amax / 127.5 at 8 bits) puts the extreme on x / scale = ±(2^(b-1) - 0.5), a
+rounding tie, so which level it takes depended on float precision and rounding mode (a float64
+recomputation moved 2-bit MPQCO sensitivities by up to 13 %); its extra level -2^(b-1) only ever
+caught that tie. ``symmetric_range=False`` keeps the full range. Per tensor, scale and zero_point are scalars;
 per channel they are (C,) vectors applied along ch_axis. Bit-widths 1..16 are supported: the
 qparams are computed here, torch's fake-quant kernels only apply them.
 """
@@ -73,13 +79,17 @@ def choose_qparams(
     symmetric: bool,
     signed: bool,
     pow2_scale: bool = False,
+    symmetric_range: bool = True,
     eps: float = DEFAULT_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Qparams (scale, zero_point, quant_min, quant_max) that cover the real range [min_val, max_val].
 
     With (qmin, qmax) = quant_range(bits, signed):
-      - symmetric, signed: scale = max(|min|, |max|) / ((qmax - qmin) / 2), zero_point = 0
-        (torch's convention; e.g. 8 bits: amax / 127.5).
+      - symmetric, signed, symmetric_range (default): quant_min = -qmax, scale = max(|min|, |max|) / qmax,
+        zero_point = 0 (e.g. 8 bits: [-127, 127], amax / 127; 2 bits: {-1, 0, 1}, amax / 1); the
+        extreme lands exactly on a level, never on a rounding tie.
+      - symmetric, signed, not symmetric_range: scale = max(|min|, |max|) / ((qmax - qmin) / 2)
+        (torch's convention; 8 bits: amax / 127.5, the extreme on the tie ±127.5).
       - symmetric, unsigned (non-negative data): scale = max(max, 0) / qmax, zero_point = 0.
       - affine: the range is widened to include 0 (min <= 0 <= max), scale = (max - min) / (qmax - qmin),
         zero_point = clamp(qmin - round(min / scale), qmin, qmax), so 0.0 is exactly representable.
@@ -93,6 +103,8 @@ def choose_qparams(
         symmetric: zero_point fixed at 0 (True) or affine (False).
         signed: signed integer range (True) or unsigned (False).
         pow2_scale: round scales up to powers of two.
+        symmetric_range: symmetric signed grids only: restricted range ±(2^(b-1) - 1) (True) or
+            two's complement full range (False).
         eps: smallest allowed scale.
     Returns:
         scale (float32), zero_point (int32), quant_min, quant_max.
@@ -108,7 +120,10 @@ def choose_qparams(
     if lo.shape != hi.shape:
         raise ValueError(f"min_val and max_val shapes differ: {tuple(lo.shape)} vs {tuple(hi.shape)}")
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # (C,) or ()
-    if symmetric and signed:
+    if symmetric and signed and symmetric_range:
+        qmin = -qmax
+        scale = torch.maximum(-lo, hi) / qmax
+    elif symmetric and signed:
         scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
     elif symmetric:
         scale = hi / qmax
@@ -178,6 +193,7 @@ def quantization_mse(
     symmetric: bool,
     signed: bool,
     pow2_scale: bool = False,
+    symmetric_range: bool = True,
     ch_axis: int | None = None,
 ) -> torch.Tensor:
     """Mean squared error mean((Q(x) - x)^2) of quantizing x with the qparams of [min_val, max_val].
@@ -185,10 +201,12 @@ def quantization_mse(
     Args:
         x: tensor.
         min_val, max_val: range per tensor (scalars) or per channel ((C,), with ch_axis).
-        bits, symmetric, signed, pow2_scale: as in :func:`choose_qparams`.
+        bits, symmetric, signed, pow2_scale, symmetric_range: as in :func:`choose_qparams`.
         ch_axis: None for per tensor (0-dim result), else the channel axis ((C,) result).
     """
-    qp = choose_qparams(min_val, max_val, bits, symmetric=symmetric, signed=signed, pow2_scale=pow2_scale)
+    qp = choose_qparams(
+        min_val, max_val, bits, symmetric=symmetric, signed=signed, pow2_scale=pow2_scale, symmetric_range=symmetric_range
+    )
     scale, zp = qp[0].to(x.device), qp[1].to(x.device)
     err = fake_quantize(x.detach().float(), scale, zp, qp[2], qp[3], ch_axis) - x.detach().float()
     return err.pow(2).mean(_reduce_dims(x, ch_axis))
@@ -208,18 +226,19 @@ def mse_clip_range(
     symmetric: bool,
     signed: bool,
     pow2_scale: bool = False,
+    symmetric_range: bool = True,
     ch_axis: int | None = None,
     ratios: torch.Tensor | Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped range (r * min(x), r * max(x)) with the lowest quantization MSE over ratios r.
 
     Every candidate ratio is evaluated with the quantizer that will be used (same bits, symmetric,
-    signed, pow2_scale), per tensor or independently per channel. Ratios default to
+    signed, pow2_scale, symmetric_range), per tensor or independently per channel. Ratios default to
     :func:`clip_ratios` (100); r = 1 (the min/max range) is a candidate when included in ratios.
 
     Args:
         x: tensor (weights, or a batch of activations).
-        bits, symmetric, signed, pow2_scale: as in :func:`choose_qparams`.
+        bits, symmetric, signed, pow2_scale, symmetric_range: as in :func:`choose_qparams`.
         ch_axis: None for one range (0-dim results), else one range per channel ((C,) results).
         ratios: clipping ratios r in (0, 1].
     Returns:
@@ -241,7 +260,13 @@ def mse_clip_range(
         rc = r[start : start + step]  # (G,)
         cand_lo, cand_hi = rc[:, None] * lo[None], rc[:, None] * hi[None]  # (G, C)
         scale, zp, qmin, qmax = choose_qparams(
-            cand_lo.reshape(-1), cand_hi.reshape(-1), bits, symmetric=symmetric, signed=signed, pow2_scale=pow2_scale
+            cand_lo.reshape(-1),
+            cand_hi.reshape(-1),
+            bits,
+            symmetric=symmetric,
+            signed=signed,
+            pow2_scale=pow2_scale,
+            symmetric_range=symmetric_range,
         )
         xe = x2.unsqueeze(0).expand(rc.numel(), c, k).reshape(-1, k)  # (G*C, K)
         fq = fake_quantize(xe, scale.to(x.device), zp.to(x.device), qmin, qmax, ch_axis=0)

@@ -54,6 +54,7 @@ class Observer(nn.Module):
         symmetric: zero point 0 (True) or affine (False).
         signed: signed integer range, unsigned, or None to decide from the observed data.
         pow2_scale: round scales up to powers of two.
+        symmetric_range: restricted symmetric signed range ±(2^(b-1) - 1) (see ``choose_qparams``).
         ch_axis: None for one range per tensor, else the channel axis of per-channel ranges.
         eps: smallest scale.
     """
@@ -65,6 +66,7 @@ class Observer(nn.Module):
         symmetric: bool = True,
         signed: bool | None = None,
         pow2_scale: bool = False,
+        symmetric_range: bool = True,
         ch_axis: int | None = None,
         eps: float = DEFAULT_EPS,
     ):
@@ -75,7 +77,7 @@ class Observer(nn.Module):
                 "1-bit signed symmetric quantization is not supported: use an affine scheme or unsigned data"
             )
         self.bits, self.symmetric, self.signed = bits, symmetric, signed
-        self.pow2_scale, self.ch_axis, self.eps = pow2_scale, ch_axis, eps
+        self.pow2_scale, self.symmetric_range, self.ch_axis, self.eps = pow2_scale, symmetric_range, ch_axis, eps
         self.stats = self._make_stats()
 
     def _make_stats(self) -> nn.Module:
@@ -122,6 +124,7 @@ class Observer(nn.Module):
             symmetric=self.symmetric,
             signed=self.is_signed(),
             pow2_scale=self.pow2_scale,
+            symmetric_range=self.symmetric_range,
             eps=self.eps,
         )
 
@@ -129,7 +132,7 @@ class Observer(nn.Module):
         """Settings shown by repr()."""
         return (
             f"bits={self.bits}, symmetric={self.symmetric}, signed={self.signed}, "
-            f"pow2_scale={self.pow2_scale}, ch_axis={self.ch_axis}"
+            f"pow2_scale={self.pow2_scale}, symmetric_range={self.symmetric_range}, ch_axis={self.ch_axis}"
         )
 
 
@@ -185,6 +188,7 @@ class MSEObserver(Observer):
             symmetric=self.symmetric,
             signed=signed,
             pow2_scale=self.pow2_scale,
+            symmetric_range=self.symmetric_range,
             ch_axis=self.ch_axis,
             ratios=clip_ratios(self.mse_grid),
         )
@@ -215,6 +219,7 @@ def _common(scheme: QuantScheme, signed: bool | None) -> dict:
         symmetric=scheme.symmetric,
         signed=signed,
         pow2_scale=scheme.pow2_scale,
+        symmetric_range=scheme.symmetric_range,
         ch_axis=scheme.ch_axis if scheme.per_channel else None,
     )
 
@@ -275,7 +280,8 @@ class ACIQObserver(Observer):
 
     By default (``model="signed_grid"``) two-sided ranges are optimal for the grid
     :func:`choose_qparams` builds from a range symmetric about 0 (pow2_scale widens it further and
-    is not modelled); "grid" and "banner" are the other MSE models of :mod:`.aciq`. The Laplace b pools
+    is not modelled): for a symmetric signed observer with symmetric_range that grid is the
+    restricted one, so "signed_grid" is read as "narrow_grid" there; "grid" and "banner" are the other MSE models of :mod:`.aciq`. The Laplace b pools
     each batch's mean |x - batch mean|, which assumes batches are samples of one distribution
     (shuffled calibration data); sigma and the one-sided fits are exact over all batches.
 
@@ -288,8 +294,10 @@ class ACIQObserver(Observer):
     def __init__(self, bits: int, *, prior: str = "laplace", model: str = "signed_grid", **kwargs):
         if model not in MODELS:
             raise ValueError(f"ACIQObserver: model must be one of {list(MODELS)}, got {model!r}")
-        self.prior, self.model = prior, model
         super().__init__(bits, **kwargs)
+        if model == "signed_grid" and self.symmetric and self.symmetric_range and self.signed is not False:
+            model = "narrow_grid"  # the grid choose_qparams applies (one-sided data: the same as grid)
+        self.prior, self.model = prior, model
 
     def _make_stats(self) -> nn.Module:
         return _SumStats(self.ch_axis)

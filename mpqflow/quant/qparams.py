@@ -62,6 +62,7 @@ class ChannelBits(NamedTuple):
         min_val, max_val: (C,) ranges.
         symmetric, signed, pow2_scale: as in ``choose_qparams``.
         ch_axis: channel axis (0 for weights, 1 for inputs).
+        symmetric_range: as in ``choose_qparams`` (restricted symmetric signed range).
     """
 
     bits: torch.Tensor
@@ -71,6 +72,7 @@ class ChannelBits(NamedTuple):
     signed: bool
     pow2_scale: bool
     ch_axis: int
+    symmetric_range: bool = True
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize x, channel c at bits[c]."""
@@ -83,6 +85,7 @@ class ChannelBits(NamedTuple):
             symmetric=self.symmetric,
             signed=self.signed,
             pow2_scale=self.pow2_scale,
+            symmetric_range=self.symmetric_range,
         )
 
 

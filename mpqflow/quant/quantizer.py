@@ -237,6 +237,7 @@ class ModelQuantizer:
                             int(e["quant_min"]) < 0,
                             scheme.pow2_scale,
                             scheme.ch_axis if kind == "weight" else ACT_CH_AXIS,
+                            scheme.symmetric_range,
                         )
         self._set_qparams(qparams, ranges, alloc)
 

@@ -59,6 +59,10 @@ class QuantScheme:
         granularity: "per_tensor" or "per_channel" (one scale per channel along ch_axis).
         symmetric: zero point 0 (True) or affine (False).
         pow2_scale: round scales up to powers of two.
+        symmetric_range: symmetric signed grids only (MQBench's knob of that name): the restricted
+            range ±(2^(b-1) - 1) with scale amax / (2^(b-1) - 1) (True, default: the range's extreme
+            is a level, not a rounding tie; 2-bit weights are ternary) or torch's two's complement
+            full range with scale amax / (2^(b-1) - 0.5) (False), see :mod:`.functional`.
         ch_axis: channel axis of per-channel weights (0 = output channels of Conv2d/Linear).
         averaging_constant: EMA weight c of the newest batch, range <- range + c (batch - range).
         mse_grid: number of clipping ratios r in linspace(0.01, 1, mse_grid) searched by MSE observers.
@@ -84,6 +88,7 @@ class QuantScheme:
     granularity: str = "per_tensor"
     symmetric: bool = True
     pow2_scale: bool = False
+    symmetric_range: bool = True
     ch_axis: int = 0
     averaging_constant: float = 0.01
     mse_grid: int = 100
@@ -97,7 +102,7 @@ class QuantScheme:
             _fail("observer", self.observer, f"one of {sorted(OBSERVERS)}")
         if self.granularity not in GRANULARITIES:
             _fail("granularity", self.granularity, f"one of {list(GRANULARITIES)}")
-        for name in ("symmetric", "pow2_scale", "bit_allocation"):
+        for name in ("symmetric", "pow2_scale", "symmetric_range", "bit_allocation"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "a bool")
         if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int):
