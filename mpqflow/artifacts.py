@@ -58,7 +58,7 @@ __all__ = [
     "set_of",
 ]
 
-FORMAT_VERSION = 2  # 2: every estimator also stores second moments (standard errors)
+FORMAT_VERSION = 3  # 2: every estimator also stores second moments (standard errors); 3: CLADO's paired differences
 META_FIELDS = ("format", "estimator", "layers", "options", "quant", "checkpoint_sha256", "settings")
 _CONST_RTOL = 1e-6  # per-file constants (e.g. weight errors) may differ by float noise across devices
 
@@ -115,7 +115,8 @@ def load_batch_file(path: str | Path) -> dict:
     if data["format"] != FORMAT_VERSION:
         raise ValueError(
             f"{path}: sensitivity file format {data['format']}, this mpqflow reads format {FORMAT_VERSION} "
-            "(format 1 had no second moments, so no standard errors): recompute it (the workflow reruns "
+            "(format 1 had no second moments, so no standard errors; format 2 no paired differences of "
+            "CLADO's effects): recompute it (the workflow reruns "
             "its job; delete a file made outside it)"
         )
     data["options"] = np.asarray(data["options"], dtype=np.int64).reshape(-1, 2)

@@ -225,9 +225,10 @@ class SolverConfig(_Section):
 
 @dataclass(frozen=True)
 class CladoNaConfig(_Section):
-    """clado_na: noise-aware CLADO's threshold `k` (entries within k standard errors of 0 are noise)."""
+    """clado_na: noise-aware CLADO's threshold `k` (entries within k standard errors of 0 are noise): a
+    number, or "universal" (√(2 ln m) over the m entries of each family, :mod:`mpqflow.methods`)."""
 
-    k: float
+    k: float | str
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,11 @@ __all__ = [
     "mean_se",
     "mpqco_se",
     "clado_matrix_se",
+    "clado_diff_se",
+    "reference_options",
     "soft_threshold",
+    "universal_threshold",
+    "clado_na_thresholds",
     "noise_aware_matrix",
     "method_allowed",
 ]
@@ -176,6 +180,25 @@ def clado_matrix_se(pooled: dict, kind: str = "ce") -> np.ndarray:
     return mean_se(G * n, gsq, n)
 
 
+def clado_diff_se(pooled: dict, kind: str = "ce") -> np.ndarray:
+    """(n, n) standard error of G[i, i] - G[j, j] for two options i, j of one layer (0 across layers),
+    from the paired per-sample differences `{kind}_dsq_sum`. A decision takes one option per layer,
+    so only these within-layer differences of the diagonal, not its level, decide which is chosen."""
+    if kind not in ("ce", "kl"):
+        raise ValueError(f"kind must be 'ce' or 'kl', got {kind!r}")
+    dsq = np.asarray(_second_moment(pooled, f"{kind}_dsq_sum"), dtype=np.float64)  # 0 across layers
+    n = float(pooled["count"])
+    g = np.diag(clado_matrix(pooled, kind, layer_of=np.arange(dsq.shape[0])))  # (n,) the effects
+    return mean_se((g[:, None] - g[None, :]) * n, dsq, n)
+
+
+def reference_options(table) -> np.ndarray:
+    """(n,) index of the highest-precision option (largest w_bits, then a_bits) of each option's layer."""
+    K = len(table.options)
+    h = max(range(K), key=lambda i: tuple(table.options[i]))
+    return np.repeat(np.arange(len(table.candidates)) * K + h, K)
+
+
 def soft_threshold(G: np.ndarray, se: np.ndarray, k: float) -> np.ndarray:
     """sign(G) · max(|G| − k·se, 0): entries within k standard errors of zero become zero, the others
     move toward it by k·se (the lasso / soft-threshold estimator of a mean under Gaussian noise)."""
@@ -183,18 +206,51 @@ def soft_threshold(G: np.ndarray, se: np.ndarray, k: float) -> np.ndarray:
     return np.sign(G) * np.clip(np.abs(G) - k * se, 0.0, None)
 
 
-def noise_aware_matrix(G: np.ndarray, se: np.ndarray, k: float) -> np.ndarray:
-    """clado_na's G before the PSD projection. The n² interaction entries are where one batch's noise
-    lives (CLADO's raw G has single-batch entries of −0.1 on the digits ResNet-20): soft-thresholded at
-    k·SE, an interaction counts only as far as it is k standard errors from 0. The diagonal (a layer
-    alone at an option) goes to its upper confidence bound G[i, i] + k·SE[i, i]: an effect the data
-    cannot pin down is not taken as free. Thresholding the diagonal too (measured first) made noisy
-    low-bit options free while the precisely measured, tiny effects of the highest option stayed, so
-    with no budget the search left the highest option (issue 15's sanity check). SE = 0: G unchanged."""
+def universal_threshold(m: int) -> float:
+    """√(2 ln m): Donoho & Johnstone's universal threshold in standard errors. Of m pure-noise Gaussian
+    entries, the largest exceeds it with probability → 0 as m grows (about 1/√(π ln m)); a fixed k = 2
+    lets 4.6 % of them through, i.e. hundreds of spurious interactions in CLADO's thousands of entries."""
+    return float(np.sqrt(2.0 * np.log(m))) if m > 1 else 0.0
+
+
+def clado_na_thresholds(se: np.ndarray, k: float | str) -> tuple[float, float]:
+    """(k for the interactions, k for the diagonal) of :func:`noise_aware_matrix`: the number k for
+    both, or for k = "universal" the universal thresholds of the m measured interactions (upper
+    triangle, SE > 0) and of the diagonal entries with SE > 0 (a simultaneous bound over each family)."""
+    if isinstance(k, str):
+        if k != "universal":
+            raise ValueError(f"clado_na k must be a number >= 0 or 'universal', got {k!r}")
+        se = np.asarray(se)
+        m = int(np.count_nonzero(np.triu(se, 1) > 0))
+        return universal_threshold(m), universal_threshold(int(np.count_nonzero(np.diag(se) > 0)))
+    if isinstance(k, bool) or not np.isfinite(k) or k < 0:
+        raise ValueError(f"clado_na k must be a number >= 0 or 'universal', got {k!r}")
+    return float(k), float(k)
+
+
+def noise_aware_matrix(G: np.ndarray, se: np.ndarray, k: float | str, diag_se: np.ndarray | None = None) -> np.ndarray:
+    """clado_na's G. The n² interaction entries are where one batch's noise lives (CLADO's raw G has
+    single-batch entries of −0.1 on the digits ResNet-20): soft-thresholded at k·SE, an interaction
+    counts only as far as it is k standard errors from 0. The diagonal (a layer alone at an option)
+    goes to an upper confidence bound G[i, i] + k·diag_se[i]: an effect the data cannot pin down is
+    not taken as free. Thresholding the diagonal too (measured first) made noisy low-bit options free
+    while the precisely measured, tiny effects of the highest option stayed, so with no budget the
+    search left the highest option (issue 15's sanity check).
+
+    diag_se (default: the diagonal of se) is what the bound is on. clado_na passes the SE of each
+    option's paired difference to its layer's highest-precision option (:func:`clado_diff_se`, 0 for
+    that option itself): a decision takes one option per layer, so a constant per layer never changes
+    the choice, and the marginal SEs (W8A8 ± 0.0003 against W4A8 ± 0.0003 on one batch, their
+    difference ± 0.0001) would let noise decide between two options that the data ranks clearly.
+    SE = 0: G unchanged. k: a number of standard errors, or "universal" (:func:`clado_na_thresholds`;
+    the diagonal's family is the options with diag_se > 0)."""
     G, se = np.asarray(G, dtype=np.float64), np.asarray(se, dtype=np.float64)
-    out = soft_threshold(G, se, k)
-    d = np.diag_indices_from(out)
-    out[d] = G[d] + k * se[d]
+    d = np.diag_indices_from(G)
+    diag_se = se[d] if diag_se is None else np.asarray(diag_se, dtype=np.float64)
+    k_off, _ = clado_na_thresholds(se, k)
+    _, k_diag = clado_na_thresholds(np.diag(diag_se), k)
+    out = soft_threshold(G, se, k_off)
+    out[d] = G[d] + k_diag * diag_se
     return out
 
 
@@ -244,7 +300,7 @@ def _check_pooled(method: Method, pooled: dict, table) -> None:
 
 
 def method_objective(
-    method: str, pooled: dict, table, *, alpha: float = 2.0, k: float = 2.0
+    method: str, pooled: dict, table, *, alpha: float = 2.0, k: float | str = "universal"
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(G (n, n) or None, linear (n,) or None): the method's objective xᵀGx + linear·x.
 
@@ -253,7 +309,7 @@ def method_objective(
         pooled: a pooled (or per-batch) sensitivity dict of the method's estimator (None for uniform).
         table: layers.LayerTable (candidates, options, numel).
         alpha: LIMPQ's weight of the weight indicators against the activation ones (limpq only).
-        k: clado_na's threshold in standard errors.
+        k: clado_na's threshold in standard errors, or "universal" (:func:`clado_na_thresholds`).
     """
     m = _method(method)
     if m.estimator is None:
@@ -269,7 +325,8 @@ def method_objective(
         return None, limpq_linear(pooled, table, alpha)
     G = clado_matrix(pooled, m.loss, layer_of)
     if m.form == "na":
-        return psd_project(noise_aware_matrix(G, clado_matrix_se(pooled, m.loss), k)), None
+        paired = clado_diff_se(pooled, m.loss)[np.arange(len(layer_of)), reference_options(table)]  # (n,)
+        return psd_project(noise_aware_matrix(G, clado_matrix_se(pooled, m.loss), k, paired)), None
     if m.form == "diag":
         return None, np.diag(G).copy()
     if m.form == "psd":

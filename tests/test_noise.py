@@ -7,6 +7,7 @@ import torch
 
 from mpqflow.artifacts import FORMAT_VERSION, load_batch_file, pool_batch_files, save_batch_file, save_npz
 from mpqflow.methods import (
+    clado_diff_se,
     clado_matrix,
     clado_matrix_se,
     hawq_omega_se,
@@ -75,6 +76,24 @@ def test_clado_pooled_se_equals_the_se_of_the_union(tiny, tmp_path):
         assert (direct[layer_of[:, None] != layer_of[None, :]] > 0).all()  # cross-layer entries are noisy
 
 
+def test_clado_paired_difference_se_equals_the_se_of_the_union(tiny, tmp_path):
+    """SE of G[i, i] - G[j, j] within a layer from the pooled dsq sums = the SE of the per-sample
+    differences over the union; it is far below the marginal SEs (the options share most noise)."""
+    ctx, x, y = tiny
+    pooled = pool_batch_files(_files(ctx, x, y, "clado", tmp_path))
+    layer_of = OptionIndex.from_table(ctx.table).layer_of
+    same = layer_of[:, None] == layer_of[None, :]
+    for kind in ("ce", "kl"):
+        g = _per_sample(ctx, x, y, "clado", lambda p: np.diag(clado_matrix(p, kind, layer_of)))  # (N, n)
+        d = g[:, :, None] - g[:, None, :]  # (N, n, n)
+        direct = np.where(same, d.std(0, ddof=1) / np.sqrt(len(d)), 0.0)
+        got = clado_diff_se(pooled, kind)
+        np.testing.assert_allclose(got, direct, rtol=2e-2, atol=1e-3 * direct.max())
+        assert (got[~same] == 0).all() and (np.diag(got) == 0).all()
+    marginal = np.diag(clado_matrix_se(pooled, "ce"))
+    assert clado_diff_se(pooled, "ce")[0, 1] < max(marginal[0], marginal[1])
+
+
 def test_mpqco_pooled_se_equals_the_se_of_the_union(tiny, tmp_path):
     ctx, x, y = tiny
     pooled = pool_batch_files(_files(ctx, x, y, "mpqco", tmp_path))
@@ -125,6 +144,36 @@ def test_shrinkage_zeroes_pure_noise_and_keeps_signal():
     assert np.abs(shrunk[pure]).mean() < 0.1 * np.abs(G[pure]).mean()  # E|soft(z, 2)| ≈ 0.02 E|z|
 
 
+def test_universal_threshold_zeroes_every_pure_noise_entry():
+    """k = "universal": √(2 ln m) over the m measured interactions (upper triangle) and √(2 ln n) over
+    the diagonal. With n = 120 options (m = 7,140) of pure noise not one interaction survives, where
+    k = 2 keeps about 4.6 % of them; a real effect 8 SE away stays."""
+    from mpqflow.methods import clado_na_thresholds, universal_threshold
+
+    assert universal_threshold(7140) == pytest.approx(np.sqrt(2 * np.log(7140)))
+    assert universal_threshold(1) == 0.0
+    rng = np.random.default_rng(3)
+    N, n = 64, 120
+    g = rng.normal(0.0, 1.0, size=(N, n, n))
+    g = (g + g.transpose(0, 2, 1)) / np.sqrt(2)  # symmetric per-sample entries, as CLADO's
+    g[:, 0, 1] = g[:, 1, 0] = g[:, 0, 1] + 8.0 / np.sqrt(N)
+    G, se = g.mean(0), mean_se(g.sum(0), (g**2).sum(0), N)
+    k_off, k_diag = clado_na_thresholds(se, "universal")
+    assert k_off == pytest.approx(np.sqrt(2 * np.log(n * (n - 1) // 2)))
+    assert k_diag == pytest.approx(np.sqrt(2 * np.log(n)))
+    na = noise_aware_matrix(G, se, "universal")
+    off = ~np.eye(n, dtype=bool)
+    off[0, 1] = off[1, 0] = False
+    assert np.count_nonzero(na[off]) == 0
+    assert np.count_nonzero(soft_threshold(G, se, 2.0)[off]) > 0.03 * off.sum()
+    assert na[0, 1] > 0
+    np.testing.assert_allclose(np.diag(na), np.diag(G) + k_diag * np.diag(se))
+    assert clado_na_thresholds(se, 1.5) == (1.5, 1.5)
+    for bad in ("fixed", -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="clado_na k"):
+            clado_na_thresholds(se, bad)
+
+
 def test_noise_aware_matrix_thresholds_interactions_and_bounds_effects():
     G = np.array([[0.2, -0.05, 0.005], [-0.05, -0.01, 0.0], [0.005, 0.0, 0.3]])
     se = np.full_like(G, 0.01)
@@ -153,6 +202,25 @@ def test_clado_na_prefers_precisely_small_effects_with_no_budget():
     assert plans[(1, 2)] @ naive @ plans[(1, 2)] <= plans[(0, 2)] @ naive @ plans[(0, 2)] + 1e-12
 
 
+def test_clado_na_keeps_the_highest_option_unless_a_difference_is_significant():
+    """Two layers, options (w8, w4): at layer 0, w4's effect is below w8's on this batch but by less
+    than the noise of their paired difference; w8 must stay. The bound on the marginal SE (w4's SE
+    smaller than w8's here) would pick w4; a w4 effect 10 paired SEs below w8's is taken."""
+    G = np.diag([3e-4, 1e-4, 2e-4, 5e-3])
+    se = np.diag([3e-4, 2e-4, 1e-4, 1e-3])
+    paired = np.array([0.0, 3e-4, 0.0, 1e-3])  # SE of each option's difference to its layer's w8
+    plans = {(a, b): np.eye(4)[a] + np.eye(4)[b] for a in (0, 1) for b in (2, 3)}
+
+    def best(obj):
+        return min(plans, key=lambda p: plans[p] @ obj @ plans[p])
+
+    assert best(psd_project(noise_aware_matrix(G, se, 2.0, paired))) == (0, 2)
+    assert best(psd_project(noise_aware_matrix(G, se, 2.0))) == (1, 2)  # marginal SEs: noise decides
+    G[1, 1] = 3e-4 - 10 * 3e-4 / 10 - 3e-3  # 10 paired SEs below
+    paired[1] = 3e-4
+    assert best(psd_project(noise_aware_matrix(G, se, 2.0, paired))) == (1, 2)
+
+
 def test_old_files_without_second_moments_are_refused(tiny, tmp_path):
     ctx, x, y = tiny
     path = tmp_path / "batch_0.npz"
@@ -161,7 +229,7 @@ def test_old_files_without_second_moments_are_refused(tiny, tmp_path):
     data["format"] = np.int64(FORMAT_VERSION - 1)
     del data["sq_squared_sum"]
     save_npz(tmp_path / "old.npz", **data)
-    with pytest.raises(ValueError, match=r"old\.npz: sensitivity file format 1.*recompute"):
+    with pytest.raises(ValueError, match=rf"old\.npz: sensitivity file format {FORMAT_VERSION - 1}.*recompute"):
         load_batch_file(tmp_path / "old.npz")
     with pytest.raises(ValueError, match="no 'sq_squared_sum'.*recompute"):
         mpqco_se({k: v for k, v in load_batch_file(path).items() if k != "sq_squared_sum"})

@@ -232,7 +232,10 @@ def test_symmetric_grid_extremes_are_not_ties(bits, per_channel):
     level depended on float precision. The restricted grid maps the extreme exactly onto ±qmax, and
     quantizing float32 data gives the same result as the float64 computation of the same formula."""
     g = torch.Generator().manual_seed(bits)
-    w = torch.randn(16, 3, 3, 3, generator=g, dtype=torch.float64) * torch.logspace(-2, 0, 16, dtype=torch.float64)[:, None, None, None]
+    w = (
+        torch.randn(16, 3, 3, 3, generator=g, dtype=torch.float64)
+        * torch.logspace(-2, 0, 16, dtype=torch.float64)[:, None, None, None]
+    )
     w = w.float()  # float32 weights, as in every model
     axis = 0 if per_channel else None
     dims = (1, 2, 3) if per_channel else (0, 1, 2, 3)

@@ -6,12 +6,14 @@ import torch
 
 from mpqflow.methods import (
     METHODS,
+    clado_diff_se,
     clado_matrix,
     clado_matrix_se,
     estimated_loss_increase,
     method_estimator,
     method_objective,
     psd_project,
+    reference_options,
 )
 from mpqflow.models import build_model
 from mpqflow.sensitivity import OptionIndex, batch_meta, compute_batch
@@ -67,10 +69,13 @@ def test_objectives(pooled):
     assert np.allclose(G, psd_project(Gkl))
     # noise-aware: interactions soft-thresholded at k SE, effects at k SE above, then the projection;
     # k = 0 is clado
-    se = clado_matrix_se(files["clado"])
+    # (the effects' bound on the SE of their paired difference to the layer's highest option)
+    se, dse = clado_matrix_se(files["clado"]), clado_diff_se(files["clado"])
     G, lin = method_objective("clado_na", files["clado"], table, k=1.5)
     shrunk = np.sign(Gce) * np.clip(np.abs(Gce) - 1.5 * se, 0, None)
-    np.fill_diagonal(shrunk, np.diag(Gce) + 1.5 * np.diag(se))
+    ref = reference_options(table)
+    assert [table.options[r % len(table.options)] for r in ref] == [max(table.options)] * len(ref)
+    np.fill_diagonal(shrunk, np.diag(Gce) + 1.5 * dse[np.arange(len(ref)), ref])
     want = psd_project(shrunk)
     assert lin is None and np.allclose(G, want) and not np.allclose(G, psd_project(Gce))
     assert np.allclose(method_objective("clado_na", files["clado"], table, k=0)[0], psd_project(Gce))

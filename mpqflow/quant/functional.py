@@ -205,7 +205,13 @@ def quantization_mse(
         ch_axis: None for per tensor (0-dim result), else the channel axis ((C,) result).
     """
     qp = choose_qparams(
-        min_val, max_val, bits, symmetric=symmetric, signed=signed, pow2_scale=pow2_scale, symmetric_range=symmetric_range
+        min_val,
+        max_val,
+        bits,
+        symmetric=symmetric,
+        signed=signed,
+        pow2_scale=pow2_scale,
+        symmetric_range=symmetric_range,
     )
     scale, zp = qp[0].to(x.device), qp[1].to(x.device)
     err = fake_quantize(x.detach().float(), scale, zp, qp[2], qp[3], ch_axis) - x.detach().float()

@@ -281,9 +281,10 @@ class ACIQObserver(Observer):
     By default (``model="signed_grid"``) two-sided ranges are optimal for the grid
     :func:`choose_qparams` builds from a range symmetric about 0 (pow2_scale widens it further and
     is not modelled): for a symmetric signed observer with symmetric_range that grid is the
-    restricted one, so "signed_grid" is read as "narrow_grid" there; "grid" and "banner" are the other MSE models of :mod:`.aciq`. The Laplace b pools
-    each batch's mean |x - batch mean|, which assumes batches are samples of one distribution
-    (shuffled calibration data); sigma and the one-sided fits are exact over all batches.
+    restricted one, so "signed_grid" is read as "narrow_grid" there; "grid" and "banner" are the
+    other MSE models of :mod:`.aciq`. The Laplace b pools each batch's mean |x - batch mean|, which
+    assumes batches are samples of one distribution (shuffled calibration data); sigma and the
+    one-sided fits are exact over all batches.
 
     Args:
         prior: "laplace" or "gauss".

@@ -10,7 +10,7 @@ Usage:
 
 Estimators (payload keys; n = L*K options, option i = l*K + k):
     clado  ce_base_sum (), ce_single_sum (n,), ce_pair_sum (n, n), kl_single_sum (n,), kl_pair_sum (n, n),
-           ce_gsq_sum (n, n), kl_gsq_sum (n, n)
+           ce_gsq_sum (n, n), kl_gsq_sum (n, n), ce_dsq_sum (n, n), kl_dsq_sum (n, n)
     mpqco  sq_sum (n,), sq_squared_sum (n,)
     hawq   trace_sum (L,), trace_var_sum (L,), probes_sum (L,), weight_err (n,) (per-file constant)
 and `count` (samples) in every payload. Modules: :mod:`.common` (indexing, file format, pooling),

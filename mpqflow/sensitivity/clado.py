@@ -8,10 +8,14 @@ With the base assignment (fixed layers quantized) as reference, per sample n:
     L0 = loss(base);  L(i) = loss(base + option i);  L(i, j) = loss(base + i + j), layer(i) != layer(j)
     KL(p_fp || p_q), p_fp = softmax of the base model (so its base value is 0).
 Payload: ce_base_sum (), ce_single_sum (n,), ce_pair_sum (n, n), kl_single_sum (n,), kl_pair_sum (n, n),
-ce_gsq_sum (n, n), kl_gsq_sum (n, n), count (). Pair matrices are symmetric with zero blocks within a layer.
+ce_gsq_sum (n, n), kl_gsq_sum (n, n), ce_dsq_sum (n, n), kl_dsq_sum (n, n), count (). Pair matrices are
+symmetric with zero blocks within a layer; the dsq matrices are zero across layers.
     G[i, i] = 2 (L(i) - L0);  G[i, j] = L(i, j) - L(i) - L(j) + L0;  G = 0 within a layer (means).
 The `*_gsq_sum` are Σ_n g_n[i, j]^2 of the per-sample entries g_n (the same formula on sample n's
-losses), so every pooled G entry has a standard error (methods.clado_matrix_se).
+losses), so every pooled G entry has a standard error (methods.clado_matrix_se). The `*_dsq_sum` are
+Σ_n (g_n[i, i] - g_n[j, j])^2 for two options i, j of one layer: the paired difference of their
+effects on the same samples, whose standard error (methods.clado_diff_se) is far below either
+effect's own (most of a sample's loss change is shared by the options of a layer).
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ def clado_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
         "kl_pair_sum": res.pair[:, :, 1].copy(),
         "ce_gsq_sum": _g_squares(res.base[ce], res.single[:, ce], res.pair[:, :, ce], idx),
         "kl_gsq_sum": _g_squares(np.zeros(B), res.single[:, kl], res.pair[:, :, kl], idx),
+        "ce_dsq_sum": _diff_squares(res.single[:, ce], idx),
+        "kl_dsq_sum": _diff_squares(res.single[:, kl], idx),
         "count": np.int64(B),
     }
 
@@ -120,4 +126,15 @@ def _g_squares(l0: np.ndarray, li: np.ndarray, lij: np.ndarray, idx: OptionIndex
         g[layer_of == layer_of[i]] = 0.0
         out[i] = (g**2).sum(1)
         out[i, i] = ((2 * (li[i] - l0)) ** 2).sum()
+    return out
+
+
+def _diff_squares(li: np.ndarray, idx: OptionIndex) -> np.ndarray:
+    """Σ_n (g_n[i, i] - g_n[j, j])^2 (n, n) for options i, j of one layer (0 across layers), from the
+    per-sample losses li (n, B): g_n[i, i] - g_n[j, j] = 2 (li[i] - li[j]) (the base loss cancels)."""
+    n, K = li.shape[0], idx.K
+    out = np.zeros((n, n))
+    for start in range(0, n, K):
+        d = 2.0 * (li[start : start + K, None, :] - li[None, start : start + K, :])  # (K, K, B)
+        out[start : start + K, start : start + K] = (d**2).sum(-1)
     return out

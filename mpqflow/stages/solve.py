@@ -74,7 +74,7 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
 
 
 def _method_problem(
-    table: LayerTable, pooled_path: str, method: str, alpha: float, k: float
+    table: LayerTable, pooled_path: str, method: str, alpha: float, k: float | str
 ) -> tuple[Problem, np.ndarray | None]:
     """The method's integer program over the pooled set, and the options it allows (None: all)."""
     pooled = load_batch_file(pooled_path)
@@ -103,7 +103,7 @@ def solve_budget(
     out_path: str,
     *,
     alpha: float = 2.0,
-    k: float = 2.0,
+    k: float | str = "universal",
 ) -> dict:
     """Form the method's objective from the pooled set, solve exactly under the budget, write the decision.
 
@@ -128,7 +128,7 @@ def solve_budget(
     if method == "limpq":
         decision["alpha"] = float(alpha)
     if method == "clado_na":
-        decision["k"] = float(k)
+        decision["k"] = k if isinstance(k, str) else float(k)
     if allowed is not None:  # what the method ruled out, so a surprising choice can be traced
         K = len(table.options)
         decision["forbidden"] = [
@@ -157,7 +157,7 @@ def sanity_check(
     out_path: str | None = None,
     *,
     alpha: float = 2.0,
-    k: float = 2.0,
+    k: float | str = "universal",
 ) -> dict:
     """The seed's sanity check as a result: solve once with no budget; an estimate worth trusting
     picks the highest-precision option (largest w_bits, then a_bits) at every candidate layer.
