@@ -170,15 +170,22 @@ INDICATOR_UNITS = ("limpq",)  # methods whose estimate is a score (learned step 
 
 
 def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, width: float = 5.0) -> None:
-    """Each method's estimated loss increase for its decisions against the measured one (the sanity check)."""
+    """Each method's estimated loss increase for its decisions against the measured one, with ±1 SE
+    error bars on the estimates where df has an `estimate_se` column."""
     searched = df[df.method != "uniform"].dropna(subset=["estimated_loss_increase", "measured_loss_increase"])
     colors = _colors(searched.method.unique())
     fig, ax = plt.subplots(figsize=(width * 1.3, width))
+    has_se = "estimate_se" in searched and searched.estimate_se.notna().any()
     for method, g in searched.groupby("method"):
         label = f"{method} (indicator units, not nats)" if method in INDICATOR_UNITS else method
         ax.scatter(
             g.measured_loss_increase, g.estimated_loss_increase, s=18, alpha=0.8, color=colors[method], label=label
         )
+        if has_se and g.estimate_se.notna().any():
+            ax.errorbar(
+                g.measured_loss_increase, g.estimated_loss_increase, yerr=g.estimate_se.fillna(0.0),
+                fmt="none", ecolor=colors[method], elinewidth=0.8, alpha=0.6, capsize=2,
+            )  # fmt: skip
     if not searched.empty:
         lo = min(searched.measured_loss_increase.min(), searched.estimated_loss_increase.min(), 0.0)
         hi = max(searched.measured_loss_increase.max(), searched.estimated_loss_increase.max())
@@ -189,7 +196,8 @@ def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, widt
     ax.set(
         xlabel="measured loss increase on the sensitivity set (nats, symlog)",
         ylabel="method's estimated loss increase (nats, symlog)",
-        title="Estimated vs measured loss increase of chosen decisions",
+        title="Estimated vs measured loss increase of chosen decisions"
+        + ("\n(bars: ±1 standard error of the estimate over the set's batches)" if has_se else ""),
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

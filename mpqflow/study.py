@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 
 from .io import load_json, save_csv
+from .names import parse_option
 
 log = logging.getLogger("mpqflow")
 
 __all__ = [
     "uniform_table", "study_table", "sanity_table", "finetune_table", "STUDY_COLUMNS", "SANITY_COLUMNS",
-    "FINETUNE_COLUMNS", "running_best", "auc_range", "calibration_table",
+    "FINETUNE_COLUMNS", "running_best", "auc_range", "calibration_table", "choice_vector", "estimate_standard_errors",
     "pareto_auc", "ptq_table",
 ]  # fmt: skip
 
@@ -200,11 +201,63 @@ def ptq_table(results: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def choice_vector(choice: str, table) -> np.ndarray:
+    """(n,) 0/1 decision of a study row's `choice` (one option name per candidate layer)."""
+    names = choice.split()
+    if len(names) != len(table.candidates):
+        raise ValueError(f"choice {choice!r} names {len(names)} options for {len(table.candidates)} candidate layers")
+    K, index = len(table.options), {tuple(o): k for k, o in enumerate(table.options)}
+    x = np.zeros(len(table.candidates) * K)
+    for l, name in enumerate(names):
+        x[l * K + index[parse_option(name)]] = 1.0
+    return x
+
+
+def estimate_standard_errors(
+    df: pd.DataFrame, batch_files: list[str], table, *, alpha: float = 2.0, k: float | str = "universal"
+) -> np.ndarray:
+    """(len(df),) standard error of each decision's estimated loss increase: the spread of the
+    estimate the method gives the same decision from each single pool batch, over √(set size)
+    (batches are i.i.d. samples, so a set of N batches averages N such estimates).
+
+    Exact for the methods linear in the batch means (mpqco, hawq, clado_raw, clado_naive, zeroq);
+    for clado, clado_kl and clado_na (a projection and thresholds of the mean) the spread of their
+    single-batch estimates, an approximation. NaN for uniform, limpq (no per-batch files) and
+    estimators with fewer than 2 batch files.
+
+    Args:
+        df: study rows (method, set_size, choice).
+        batch_files: per-batch sensitivity files (the pool batches of the sets; any estimators).
+        table: layers.LayerTable.
+        alpha, k: LIMPQ's alpha and clado_na's k, as solved.
+    """
+    from .artifacts import load_batch_file
+    from .methods import estimated_loss_increase, method_estimator, method_objective
+
+    files: dict[str, list[dict]] = {}
+    for path in batch_files:
+        data = load_batch_file(path)
+        files.setdefault(str(data["estimator"]), []).append(data)
+    objectives: dict[str, list] = {}
+    out = np.full(len(df), np.nan)
+    for i, row in enumerate(df.itertuples(index=False)):
+        est = method_estimator(row.method)
+        if est is None or len(files.get(est, [])) < 2 or not isinstance(row.choice, str):
+            continue
+        if row.method not in objectives:
+            objectives[row.method] = [method_objective(row.method, f, table, alpha=alpha, k=k) for f in files[est]]
+        x = choice_vector(row.choice, table)
+        per_batch = [estimated_loss_increase(row.method, obj, x) for obj in objectives[row.method]]
+        out[i] = np.std(per_batch, ddof=1) / np.sqrt(int(row.set_size))
+    return out
+
+
 def calibration_table(df: pd.DataFrame) -> pd.DataFrame:
     """How well each method's estimate tracks the measured loss increase, by set size: over its
     decisions (all budgets and sets of that size), Spearman's rank correlation, the mean absolute
-    error and the mean signed error (estimate − measured; nats, except LIMPQ's indicator units).
-    Which estimator to trust with how many batches."""
+    error and the mean signed error (estimate − measured; nats, except LIMPQ's indicator units), and
+    the mean standard error of the estimates (`estimate_se`, when df has it: the sampling noise part
+    of the error). Which estimator to trust with how many batches."""
     from scipy.stats import spearmanr
 
     searched = df[df.method != "uniform"].dropna(subset=["estimated_loss_increase", "measured_loss_increase"])
@@ -216,5 +269,6 @@ def calibration_table(df: pd.DataFrame) -> pd.DataFrame:
             "method": method, "set_size": int(size), "decisions": len(g),
             "spearman": np.nan if constant or len(g) < 3 else float(spearmanr(est, meas).statistic),
             "mae": float(np.abs(est - meas).mean()), "bias": float((est - meas).mean()),
+            "se_mean": float(g.estimate_se.mean()) if "estimate_se" in g and g.estimate_se.notna().any() else np.nan,
         })  # fmt: skip
-    return pd.DataFrame(rows, columns=["method", "set_size", "decisions", "spearman", "mae", "bias"])
+    return pd.DataFrame(rows, columns=["method", "set_size", "decisions", "spearman", "mae", "bias", "se_mean"])

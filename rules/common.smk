@@ -275,6 +275,19 @@ def sanity_results(wildcards):
     ]
 
 
+def pool_batch_files(wildcards):
+    """Every per-batch file of the additive estimators (the batches of all sets): the spread of the
+    single-batch estimates gives each decision's standard error."""
+    pool, seed = config["sensitivity"]["pool_batches"], config["seed"]
+    batches = sorted({b for n, s in SETS for b in sensitivity_set(n, s, pool, seed)})
+    return expand(
+        "results/{model}/sensitivity/{estimator}/batch_{batch}.npz",
+        model=wildcards.model,
+        estimator=ADDITIVE_ESTIMATORS,
+        batch=batches,
+    )
+
+
 def heatmap_matrix(wildcards):
     """The CLADO matrix of the largest first set feeds the interaction heat map (none without CLADO)."""
     if "clado" not in ESTIMATORS:

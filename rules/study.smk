@@ -27,6 +27,7 @@ rule study_plots:
         table="results/{model}/study.csv",
         pooled=heatmap_matrix,
         layers="results/{model}/layers.json",
+        batches=pool_batch_files,
     output:
         accuracy=report(
             "results/{model}/plots/accuracy_vs_size.png",
@@ -70,6 +71,8 @@ rule study_plots:
         "../envs/mpqflow.yaml"
     params:
         plots=config["plots"],
+        alpha=LIMPQ.alpha,
+        k=config["clado_na"]["k"],
         code=stage_code("study"),
     script:
         "../workflow_scripts/study_plots.py"

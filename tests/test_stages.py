@@ -23,8 +23,10 @@ from mpqflow.artifacts import (
 )
 from mpqflow.config import Config, ConfigError, QuantConfig, SamplePlanConfig, validate_config
 from mpqflow.io import file_sha256
+from mpqflow.methods import estimated_loss_increase
 from mpqflow.optimize import InfeasibleBudget
 from mpqflow.stages import calibrate, evaluate, sensitivity, solve, study, train
+from mpqflow.study import choice_vector, estimate_standard_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -275,12 +277,27 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
     assert list(pd.read_csv(tmp_path / "sanity.csv").passes) == [True, True]
     outs = {k: str(tmp_path / "plots" / f"{k}.png") for k in ("accuracy", "pareto", "sanity", "heatmap", "bits")}
     outs["auc"], outs["calibration"] = str(tmp_path / "pareto_auc.csv"), str(tmp_path / "calibration.csv")
-    study.study_plots(str(tmp_path / "study.csv"), str(pooled["clado"] / "set_2x0.npz"), layers, outs, cfg.plots)
+    batch_files = sorted(str(p) for est in ("mpqco", "clado") for p in pooled[est].glob("batch_*.npz"))
+    study.study_plots(
+        str(tmp_path / "study.csv"), str(pooled["clado"] / "set_2x0.npz"), layers, outs, cfg.plots, batch_files
+    )
     for k, p in outs.items():
         head = open(p, "rb").read(8)
         assert head == b"\x89PNG\r\n\x1a\n" if k not in ("auc", "calibration") else head.startswith(b"method")
     calib = pd.read_csv(outs["calibration"])
     assert list(zip(calib.method, calib.set_size, calib.decisions)) == [("mpqco", 1, 2), ("mpqco", 2, 2)]
+    # error bars: MPQCO's estimate is linear in the batch means, so a decision's SE is the spread of its
+    # two single-batch estimates over √(set size), computed here by hand
+    se = estimate_standard_errors(table, batch_files, load_layer_table(layers))
+    assert np.isnan(se[table.method.to_numpy() == "uniform"]).all()
+    for i in np.flatnonzero(table.method.to_numpy() == "mpqco"):
+        x = choice_vector(table.choice.iloc[i], load_layer_table(layers))
+        per_batch = [
+            estimated_loss_increase("mpqco", (None, load_batch_file(p)["sq_sum"] / load_batch_file(p)["count"]), x)
+            for p in sorted(str(p) for p in pooled["mpqco"].glob("batch_*.npz"))
+        ]
+        assert se[i] == pytest.approx(np.std(per_batch, ddof=1) / np.sqrt(table.set_size.iloc[i]), rel=1e-9)
+    assert (calib.se_mean > 0).all()
     mpq = table[(table.method == "mpqco") & (table.set_size == 1)]
     assert calib.mae[0] == pytest.approx(
         (mpq.estimated_loss_increase - mpq.measured_loss_increase).abs().mean(), rel=1e-5

@@ -11,4 +11,7 @@ study_plots(
     snakemake.input.layers,
     dict(snakemake.output.items()),
     PlotsConfig.from_dict(snakemake.params.plots),
+    list(snakemake.input.batches),
+    alpha=snakemake.params.alpha,
+    k=snakemake.params.k,
 )

@@ -34,7 +34,15 @@ from ..plots import (
     plot_pareto,
     ptq_plot,
 )
-from ..study import calibration_table, finetune_table, ptq_table, sanity_table, study_table, uniform_table
+from ..study import (
+    calibration_table,
+    estimate_standard_errors,
+    finetune_table,
+    ptq_table,
+    sanity_table,
+    study_table,
+    uniform_table,
+)
 
 __all__ = [
     "uniform_table", "study_table", "study_plots", "write_ptq_table", "plot_ptq_table", "finetune_table",
@@ -42,21 +50,36 @@ __all__ = [
 ]  # fmt: skip
 
 
-def study_plots(table_csv: str, clado_set: str | None, layers_path: str, out: dict, plots: PlotsConfig) -> None:
+def study_plots(
+    table_csv: str,
+    clado_set: str | None,
+    layers_path: str,
+    out: dict,
+    plots: PlotsConfig,
+    batch_files: list[str] | None = None,
+    *,
+    alpha: float = 2.0,
+    k: float | str = "universal",
+) -> None:
     """Draw every study figure from the study table (and the CLADO matrix for the heat map).
 
     Args:
         out: paths by figure: accuracy, pareto, auc (the Pareto AUC table, CSV), sanity, heatmap, bits,
             and optionally calibration (the estimate-vs-measurement table, CSV).
+        batch_files: per-batch sensitivity files (any estimators): the estimates' standard errors
+            (:func:`mpqflow.study.estimate_standard_errors`) for the error bars and the calibration table.
+        alpha, k: LIMPQ's alpha and clado_na's k, as solved.
     """
     dpi, width = plots.dpi, plots.panel_width
     df = pd.read_csv(table_csv)
+    table = load_layer_table(layers_path)
+    if batch_files:
+        df["estimate_se"] = estimate_standard_errors(df, batch_files, table, alpha=alpha, k=k)
     plot_accuracy_vs_size(df, out["accuracy"], dpi, width)
     plot_pareto(df, out["pareto"], out["auc"], dpi, width)
     plot_estimated_vs_measured(df, out["sanity"], dpi, width)
     if "calibration" in out:
         save_csv(out["calibration"], calibration_table(df))
-    table = load_layer_table(layers_path)
     layers, options = list(table.candidates), [list(o) for o in table.options]
     if clado_set:
         G = clado_matrix(load_batch_file(clado_set), "ce")
