@@ -210,4 +210,6 @@ def test_second_order_exactness(engine):
     want[(idx.layer_of[:, None] == idx.layer_of[None, :]) & ~np.eye(idx.n, dtype=bool)] = 0
     np.testing.assert_allclose(G, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     cross = idx.layer_of[:, None] != idx.layer_of[None, :]
-    assert np.abs(G[cross]).max() > 0.1 * np.abs(want).max()  # cross terms are not trivially zero
+    # cross terms are not trivially zero (against the median effect: the ternary 2-bit grid zeroes most
+    # weights, so the largest effect dwarfs everything)
+    assert np.abs(G[cross]).max() > 0.1 * np.median(np.abs(np.diag(want)))
