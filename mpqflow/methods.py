@@ -13,7 +13,9 @@ method's estimated loss increase, as CLADO's G is (G[i,i] = 2(L(i) − L0)). So
     diagonal methods stay a multiple-choice knapsack for the solver)
     clado_na: noise-aware CLADO, SE from the per-sample entries, then PSD-projected:
             interactions G̃[i, j] = sign(G[i, j]) · max(|G[i, j]| − k·SE[i, j], 0) (i, j of two layers),
-            single-layer effects G̃[i, i] = G[i, i] + k·SE[i, i] (their upper confidence bound)
+            single-layer effects G̃[i, i] = G[i, i] + k·SE(G[i, i] − G[h, h]) (the upper confidence bound
+            of their paired difference to the layer's highest option h); k a number or "universal",
+            √(2 ln m) for a family of m entries
     limpq:  linear = 2 (Δs_a + α·Δs_w), LIMPQ's learned step sizes relative to the highest bit-width
             (indicator units, not a loss: only its ranking compares with measured losses); options
             that LIMPQ's outlier rule forbids are left out of the problem (:func:`method_allowed`)
