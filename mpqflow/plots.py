@@ -197,7 +197,7 @@ def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, widt
         xlabel="measured loss increase on the sensitivity set (nats, symlog)",
         ylabel="method's estimated loss increase (nats, symlog)",
         title="Estimated vs measured loss increase of chosen decisions"
-        + ("\n(bars: ±1 standard error of the estimate over the set's batches)" if has_se else ""),
+        + ("\n(bars: ±1 standard error of the estimate, from its spread over single batches)" if has_se else ""),
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
