@@ -250,11 +250,10 @@ def _swap(m: nn.Module, wq: LsqQuantizer | None, aq: LsqQuantizer | None) -> nn.
 
 
 def calibrated_step(qp: QParams, qn: int, qpos: int) -> torch.Tensor:
-    """The calibrated scale if its grid lies on LSQ's (zero point 0, range inside [Qn, Qp]: LSQ's own
-    range, or the restricted symmetric one ±(2^(b-1) - 1), whose scale LSQ keeps: every value inside
-    the calibrated range gets the same level, and the learned grid may then use LSQ's extra level
-    -2^(b-1)); else, LSQ having no zero point, the step of the symmetric grid covering the calibrated
-    grid's range (choose_qparams' full-range rule)."""
+    """The calibrated scale if its grid lies on LSQ's (zero point 0, range inside [Qn, Qp]: LSQ's own, or
+    the restricted ±(2^(b-1) - 1), whose scale LSQ keeps: values inside the calibrated range keep their
+    level; training may then use LSQ's extra level -2^(b-1)); else, LSQ having no zero point, the step
+    of the symmetric grid covering the calibrated grid's range (choose_qparams' full-range rule)."""
     if bool((qp.zero_point == 0).all()) and qn <= qp.quant_min and qp.quant_max == qpos:
         return qp.scale
     zp = qp.zero_point.double()
