@@ -28,9 +28,16 @@ CASES = [(p, one) for p in ("laplace", "gauss") for one in (False, True)]
 
 def _grid(alpha, bits, one_sided, model="grid"):
     """The quantizers ACIQ models: 2^M levels spanning [-alpha, alpha] or [0, alpha] ("grid"), or
-    the two's-complement grid k * 2 alpha / (2^M - 1), k = -2^(M-1) .. 2^(M-1) - 1 ("signed_grid")."""
+    the two's-complement grid k * 2 alpha / (2^M - 1), k = -2^(M-1) .. 2^(M-1) - 1 ("signed_grid"),
+    the same without k = -2^(M-1) ("symmetric_grid") or 2^M - 1 levels spanning [-alpha, alpha]
+    ("narrow_grid")."""
+    h = 2 ** (bits - 1) - 1
     if model == "signed_grid" and not one_sided:
         return np.arange(-(2 ** (bits - 1)), 2 ** (bits - 1)) * (2 * alpha / (2**bits - 1))
+    if model == "symmetric_grid" and not one_sided:
+        return np.arange(-h, h + 1) * (2 * alpha / (2**bits - 1))
+    if model == "narrow_grid" and not one_sided:
+        return np.arange(-h, h + 1) * (alpha / h)
     return np.linspace(0.0 if one_sided else -alpha, alpha, 2**bits)
 
 
@@ -41,7 +48,7 @@ def _quantize(x, alpha, bits, one_sided):
 
 
 @pytest.mark.parametrize("prior,one_sided", CASES)
-@pytest.mark.parametrize("model", ["grid", "signed_grid", "banner"])
+@pytest.mark.parametrize("model", ["grid", "signed_grid", "symmetric_grid", "narrow_grid", "banner"])
 def test_alpha_is_stationary_point(prior, one_sided, model):
     scale = 1.7
     for bits in (2, 3, 4, 8, 12):
@@ -75,7 +82,7 @@ def test_banner_model_reproduces_published_constants():
 
 
 @pytest.mark.parametrize("prior,one_sided", CASES)
-@pytest.mark.parametrize("model", ["grid", "signed_grid"])
+@pytest.mark.parametrize("model", ["grid", "signed_grid", "symmetric_grid", "narrow_grid"])
 def test_grid_mse_matches_quadrature(prior, one_sided, model):
     s = 0.8
     if prior == "laplace":
@@ -154,10 +161,10 @@ def test_alpha_matches_brute_force_empirical_minimum(prior):
                 assert emp(alpha, bits, one_sided) == pytest.approx(float((err**2).mean()), rel=1e-9)
             best = _brute_force_argmin(lambda a: emp(a, bits, one_sided), alpha)
             assert alpha == pytest.approx(best, rel=0.02), (prior, one_sided, bits)
-            if not one_sided:
-                alpha = float(aciq_alpha(xx, bits, prior, model="signed_grid"))
-                best = _brute_force_argmin(lambda a: emp(a, bits, False, "signed_grid"), alpha)
-                assert alpha == pytest.approx(best, rel=0.02), (prior, "signed_grid", bits)
+            for model in ("signed_grid", "symmetric_grid", "narrow_grid") if not one_sided else ():
+                alpha = float(aciq_alpha(xx, bits, prior, model=model))
+                best = _brute_force_argmin(lambda a, m=model: emp(a, bits, False, m), alpha)
+                assert alpha == pytest.approx(best, rel=0.02), (prior, model, bits)
 
 
 def test_per_channel_statistics_and_range():
@@ -336,7 +343,7 @@ def test_aciq_model_banner_through_observer_and_quantizer():
     assert QuantScheme().aciq_model == "signed_grid"
     assert make_observer(QuantScheme(observer="aciq_gauss"), 4).model == "narrow_grid"
     full = QuantScheme(observer="aciq_gauss", symmetric_range=False)
-    assert make_observer(full, 4).model == "signed_grid"
+    assert make_observer(full, 4).model == "symmetric_grid"
     assert make_observer(QuantScheme(observer="aciq_gauss", symmetric=False), 4).model == "signed_grid"
     assert make_observer(QuantScheme(observer="aciq_gauss", aciq_model="grid"), 4).model == "grid"
 

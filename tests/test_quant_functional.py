@@ -54,9 +54,9 @@ def test_choose_qparams_by_hand():
     s, z, qmin, qmax = choose_qparams(torch.tensor(-1.4), torch.tensor(0.9), 4, symmetric=True, signed=True)
     assert (qmin, qmax) == (-7, 7) and z.item() == 0 and z.dtype == torch.int32
     assert s.item() == pytest.approx(0.2) and s.shape == () and s.dtype == torch.float32
-    # full range (torch's convention): [-8, 7], scale = amax / 7.5
+    # torch's scale amax / 7.5, the integers still [-7, 7] (the tie at -7.5 clamps to -7 either way)
     s, z, qmin, qmax = choose_qparams(-1.2, 0.9, 4, symmetric=True, signed=True, symmetric_range=False)
-    assert (qmin, qmax) == (-8, 7) and s.item() == pytest.approx(0.16)
+    assert (qmin, qmax) == (-7, 7) and s.item() == pytest.approx(0.16)
     # symmetric signed 8 bit: amax / 127 (full range: amax / 127.5)
     s, z, qmin, _ = choose_qparams(-0.5, 2.54, 8, symmetric=True, signed=True)
     assert s.item() == pytest.approx(0.02) and qmin == -127
@@ -249,7 +249,14 @@ def test_symmetric_grid_extremes_are_not_ties(bits, per_channel):
     at_extreme = w.abs() == torch.maximum(-lo, hi).reshape(shape)
     assert torch.all(torch.round(v.abs())[at_extreme] == qmax)  # each extreme takes the outermost level
     assert torch.all((v.abs()[at_extreme] - qmax).abs() < 1e-5)  # ... and sits on it, far from a tie
-    # the old full range: the extreme sits on a tie; float32 and float64 disagree for some channel
+    # torch's scale (symmetric_range=False): the extreme sits on the tie -(2^(b-1) - 1/2), which with
+    # torch's integers -2^(b-1)..2^(b-1)-1 broke either way; here both ways clamp to -(2^(b-1) - 1)
     s, z, qmin, qmax = choose_qparams(lo, hi, bits, symmetric=True, signed=True, symmetric_range=False)
     v = (w.double() / s.double().reshape(shape)).abs()
     assert torch.isclose(v.amax(), torch.tensor(2.0 ** (bits - 1) - 0.5, dtype=torch.float64), rtol=1e-6)
+    assert (qmin, qmax) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+    y32 = fake_quantize(w, s, z, qmin, qmax, ch_axis=axis)
+    v = w.double() / s.double().reshape(shape)
+    assert torch.equal(y32, (torch.clamp(torch.round(v), qmin, qmax) * s.double().reshape(shape)).float())
+    ext = v[at_extreme]  # on the tie: rounding down or up lands on the same level after the clamp
+    assert torch.equal(torch.clamp(torch.floor(ext), qmin, qmax), torch.clamp(torch.ceil(ext), qmin, qmax))

@@ -21,13 +21,14 @@ Two MSE models:
   range [-alpha, alpha] (symmetric signed, and affine after rounding the zero point): levels
   k Delta, k = -2^(M-1) .. 2^(M-1) - 1, Delta = 2 alpha / (2^M - 1), i.e. [-alpha - Delta/2,
   alpha - Delta/2] with 0 exact. Same as "grid" for one-sided tensors (levels k alpha / (2^M - 1)).
-  This is the model the ``aciq_*`` observers use for affine schemes and for symmetric ones with
-  ``symmetric_range: false``: the quantizer that is then applied.
-- ``model="narrow_grid"``: the restricted symmetric grid (``symmetric_range``, the default symmetric
-  signed quantizer): 2^M - 1 levels k Delta, k = -(2^(M-1) - 1) .. 2^(M-1) - 1, Delta =
-  alpha / (2^(M-1) - 1), spanning exactly [-alpha, alpha] with 0 exact (2 bits: {-alpha, 0, alpha}).
-  Same as "grid" for one-sided tensors. ``aciq_*`` observers of symmetric signed schemes with
-  ``symmetric_range`` use it in place of "signed_grid".
+  This is the model the ``aciq_*`` observers use for affine schemes: the quantizer then applied.
+- ``model="narrow_grid"``: the grid of a symmetric signed scheme (the default, symmetric_range):
+  2^M - 1 levels k Delta, |k| <= 2^(M-1) - 1, Delta = alpha / (2^(M-1) - 1), spanning exactly
+  [-alpha, alpha] (2 bits: {-alpha, 0, alpha}).
+- ``model="symmetric_grid"``: the same with symmetric_range false (torch's scale): the levels of
+  "signed_grid" without -2^(M-1) Delta, Delta = 2 alpha / (2^M - 1), outermost ±(alpha - Delta/2).
+  ``aciq_*`` observers of symmetric signed schemes read "signed_grid" as one of these two, the one
+  applied. Both are the same as "grid" for one-sided tensors.
 - ``model="banner"``: the paper's approximation, clip(alpha) + alpha^2 / (3 * 4^M) two-sided,
   clip(alpha) + alpha^2 / (12 * 4^M) one-sided (step alpha / 2^M). It ignores the within-bin shape
   of the density and the probability mass inside the range; its alpha* is 8-25% off the grid
@@ -72,7 +73,7 @@ __all__ = [
 ]
 
 PRIORS = ("laplace", "gauss")
-MODELS = ("grid", "signed_grid", "narrow_grid", "banner")
+MODELS = ("grid", "signed_grid", "symmetric_grid", "narrow_grid", "banner")
 _EXACT_MAX_BITS = 8  # above this the grid model uses its high-resolution limit
 _INF = 1e3  # stands in for +inf in unit-scale moments (exp(-1e3) == 0 in float64)
 _SQRT2 = math.sqrt(2.0)
@@ -86,7 +87,7 @@ def _check(bits: int, prior: str, model: str, one_sided: bool = False) -> None:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if not (isinstance(bits, (int, np.integer)) and 1 <= bits <= 16):
         raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
-    if model in ("signed_grid", "narrow_grid") and bits == 1 and not one_sided:
+    if model in ("signed_grid", "symmetric_grid", "narrow_grid") and bits == 1 and not one_sided:
         raise ValueError(f"{model}: a 1-bit signed grid has no symmetric range (levels {{-2 alpha, 0}})")
 
 
@@ -134,6 +135,8 @@ def _unit_levels(bits: int, one_sided: bool, model: str) -> tuple[np.ndarray, bo
         return np.linspace(0.0, 1.0, n), True
     if model == "signed_grid":
         return np.arange(-(n // 2), n // 2) * (2.0 / (n - 1)), False
+    if model == "symmetric_grid":  # 0, D, ..., h D mirrored (D = 2 / (n - 1), h D = 1 - D / 2)
+        return np.arange(n // 2) * (2.0 / (n - 1)), True
     if model == "narrow_grid":  # 0, 1/h, ..., 1 mirrored: 2^M - 1 levels
         h = n // 2 - 1
         return np.arange(h + 1) / h, True
@@ -153,6 +156,8 @@ def _sides(bits: int, one_sided: bool, model: str) -> list[tuple[float, float]]:
     if model == "signed_grid" and not one_sided:  # outermost levels -alpha - D/2 and alpha - D/2
         d = 1.0 / (2**bits - 1)
         return [(1.0 - d, 0.5), (1.0 + d, 0.5)]
+    if model == "symmetric_grid" and not one_sided:  # outermost levels ±(alpha - D/2)
+        return [(1.0 - 1.0 / (2**bits - 1), 1.0)]
     return [(1.0, 1.0)]
 
 
@@ -194,7 +199,8 @@ def aciq_mse(alpha, bits: int, prior: str = "laplace", scale=1.0, *, one_sided: 
         one_sided: range [0, alpha] for non-negative tensors (half distributions).
         model: "grid" (2^M levels spanning the range, default), "signed_grid" (the two's-complement
             grid with 0 exact, as applied by affine schemes), "narrow_grid" (2^M - 1 levels spanning
-            [-alpha, alpha], the default symmetric quantizer) or "banner" (the paper's approximation).
+            [-alpha, alpha], the default symmetric quantizer), "symmetric_grid" (signed_grid's levels
+            without the lowest: symmetric_range false) or "banner" (the paper's approximation).
     """
     _check(bits, prior, model, one_sided)
     a, s = np.broadcast_arrays(np.asarray(alpha, float), np.asarray(scale, float))

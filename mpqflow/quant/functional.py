@@ -1,7 +1,7 @@
 """Stateless quantization core: integer ranges, qparams from a real range, fake quantization, MSE.
 
     qmin, qmax = quant_range(4, signed=True)                             # (-8, 7)
-    scale, zp, qmin, qmax = choose_qparams(lo, hi, 4, symmetric=True, signed=True)  # (.., -7, 7)
+    scale, zp, qmin, qmax = choose_qparams(lo, hi, 4, symmetric=True, signed=True)  # (amax / 7, 0, -7, 7)
     w_q = fake_quantize(w, scale, zp, qmin, qmax, ch_axis=0)             # per output channel
     lo, hi = mse_clip_range(w, 4, symmetric=True, signed=True, ch_axis=0)  # MSE-optimal clipping
 
@@ -9,14 +9,18 @@ Uniform affine quantization with integer range [quant_min, quant_max]:
 
     Q(x) = (clamp(round(x / scale) + zero_point, quant_min, quant_max) - zero_point) * scale
 
-(round half to even, as torch.fake_quantize_* does). Symmetric signed grids use the restricted
-range [-(2^(b-1) - 1), 2^(b-1) - 1] by default (MQBench's ``symmetric_range``, TensorRT's and TFLite's
-narrow range): the range's extreme maps exactly onto the outermost level. torch's full-range
-convention (scale = amax / 127.5 at 8 bits) puts the extreme on x / scale = ±(2^(b-1) - 0.5), a
-rounding tie, so which level it takes depended on float precision and rounding mode (a float64
-recomputation moved 2-bit MPQCO sensitivities by up to 13 %); its extra level -2^(b-1) only ever
-caught that tie. ``symmetric_range=False`` keeps the full range. Per tensor, scale and zero_point are scalars;
-per channel they are (C,) vectors applied along ch_axis. Bit-widths 1..16 are supported: the
+(round half to even, as torch.fake_quantize_* does). Symmetric signed grids never put a range's
+extreme on a rounding tie between two levels. torch's convention (scale = amax / 127.5 at 8 bits,
+integers -128..127) puts the negative extreme on x / scale = -(2^(b-1) - 1/2), a tie, so whether it
+took level -2^(b-1) or -(2^(b-1) - 1) depended on float precision and rounding mode (a float64
+recomputation moved 2-bit MPQCO sensitivities by up to 13 %); the level -2^(b-1) caught nothing else
+(|x| <= amax). Here the integers are ±(2^(b-1) - 1) and the default scale is amax / (2^(b-1) - 1)
+(``symmetric_range``, MQBench's restricted range; TensorRT's narrow range): the extreme sits exactly
+on the outermost level (2-bit weights: {-amax, 0, amax}). ``symmetric_range=False`` keeps torch's
+scale: the extreme lands half a step beyond the outermost level and is clamped onto it whichever way
+it rounds (the positive one always was); its 2-bit levels ±amax / 1.5 clip a third of the range.
+Per tensor, scale and zero_point are scalars; per channel they are (C,) vectors applied along ch_axis.
+Bit-widths 1..16 are supported: the
 qparams are computed here, torch's fake-quant kernels only apply them.
 """
 
@@ -86,10 +90,11 @@ def choose_qparams(
 
     With (qmin, qmax) = quant_range(bits, signed):
       - symmetric, signed, symmetric_range (default): quant_min = -qmax, scale = max(|min|, |max|) / qmax,
-        zero_point = 0 (e.g. 8 bits: [-127, 127], amax / 127; 2 bits: {-1, 0, 1}, amax / 1); the
-        extreme lands exactly on a level, never on a rounding tie.
-      - symmetric, signed, not symmetric_range: scale = max(|min|, |max|) / ((qmax - qmin) / 2)
-        (torch's convention; 8 bits: amax / 127.5, the extreme on the tie ±127.5).
+        zero_point = 0: the extreme exactly on the outermost level (8 bits: [-127, 127], amax / 127;
+        2 bits: {-amax, 0, amax}).
+      - symmetric, signed, not symmetric_range: quant_min = -qmax, scale = max(|min|, |max|) / (qmax + 1/2)
+        (torch's scale, 8 bits: amax / 127.5): the extreme half a step beyond the outermost level,
+        clamped onto it whichever way it rounds.
       - symmetric, unsigned (non-negative data): scale = max(max, 0) / qmax, zero_point = 0.
       - affine: the range is widened to include 0 (min <= 0 <= max), scale = (max - min) / (qmax - qmin),
         zero_point = clamp(qmin - round(min / scale), qmin, qmax), so 0.0 is exactly representable.
@@ -103,8 +108,9 @@ def choose_qparams(
         symmetric: zero_point fixed at 0 (True) or affine (False).
         signed: signed integer range (True) or unsigned (False).
         pow2_scale: round scales up to powers of two.
-        symmetric_range: symmetric signed grids only: restricted range ±(2^(b-1) - 1) (True) or
-            two's complement full range (False).
+        symmetric_range: symmetric signed grids only: scale amax / (2^(b-1) - 1) (True, MQBench's
+            restricted range) or torch's amax / (2^(b-1) - 1/2) (False); the integers are
+            ±(2^(b-1) - 1) either way.
         eps: smallest allowed scale.
     Returns:
         scale (float32), zero_point (int32), quant_min, quant_max.
@@ -120,11 +126,9 @@ def choose_qparams(
     if lo.shape != hi.shape:
         raise ValueError(f"min_val and max_val shapes differ: {tuple(lo.shape)} vs {tuple(hi.shape)}")
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # (C,) or ()
-    if symmetric and signed and symmetric_range:
-        qmin = -qmax
-        scale = torch.maximum(-lo, hi) / qmax
-    elif symmetric and signed:
-        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+    if symmetric and signed:
+        qmin = -qmax  # -2^(b-1) would only ever catch the tie at -(2^(b-1) - 1/2)
+        scale = torch.maximum(-lo, hi) / (qmax if symmetric_range else qmax + 0.5)
     elif symmetric:
         scale = hi / qmax
     else:

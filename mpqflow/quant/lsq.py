@@ -250,10 +250,10 @@ def _swap(m: nn.Module, wq: LsqQuantizer | None, aq: LsqQuantizer | None) -> nn.
 
 
 def calibrated_step(qp: QParams, qn: int, qpos: int) -> torch.Tensor:
-    """The calibrated scale if its grid lies on LSQ's (zero point 0, range inside [Qn, Qp]: LSQ's own, or
-    the restricted ±(2^(b-1) - 1), whose scale LSQ keeps: values inside the calibrated range keep their
-    level; training may then use LSQ's extra level -2^(b-1)); else, LSQ having no zero point, the step
-    of the symmetric grid covering the calibrated grid's range (choose_qparams' full-range rule)."""
+    """The calibrated scale if its grid lies on LSQ's (zero point 0, integers inside [Qn, Qp], e.g. the
+    symmetric ±(2^(b-1) - 1): values in range keep their level, but LSQ may then use -2^(b-1), which
+    with symmetric_range false catches each negative extreme's tie); else, LSQ having no zero point,
+    the step of the symmetric grid covering the calibrated grid's range (torch's full-range rule)."""
     if bool((qp.zero_point == 0).all()) and qn <= qp.quant_min and qp.quant_max == qpos:
         return qp.scale
     zp = qp.zero_point.double()

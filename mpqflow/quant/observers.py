@@ -54,7 +54,8 @@ class Observer(nn.Module):
         symmetric: zero point 0 (True) or affine (False).
         signed: signed integer range, unsigned, or None to decide from the observed data.
         pow2_scale: round scales up to powers of two.
-        symmetric_range: restricted symmetric signed range ±(2^(b-1) - 1) (see ``choose_qparams``).
+        symmetric_range: symmetric signed scale amax / (2^(b-1) - 1), not amax / (2^(b-1) - 1/2)
+            (see ``choose_qparams``).
         ch_axis: None for one range per tensor, else the channel axis of per-channel ranges.
         eps: smallest scale.
     """
@@ -280,10 +281,10 @@ class ACIQObserver(Observer):
 
     By default (``model="signed_grid"``) two-sided ranges are optimal for the grid
     :func:`choose_qparams` builds from a range symmetric about 0 (pow2_scale widens it further and
-    is not modelled): for a symmetric signed observer with symmetric_range that grid is the
-    restricted one, so "signed_grid" is read as "narrow_grid" there; "grid" and "banner" are the
-    other MSE models of :mod:`.aciq`. The Laplace b pools each batch's mean |x - batch mean|, which
-    assumes batches are samples of one distribution (shuffled calibration data); sigma and the
+    is not modelled): a symmetric signed observer's grid has no level -2^(b-1), so "signed_grid"
+    is read as "narrow_grid" there ("symmetric_grid" with symmetric_range false); "grid" and "banner"
+    are the other MSE models of :mod:`.aciq`. The Laplace b pools each batch's mean |x - batch mean|,
+    which assumes batches are samples of one distribution (shuffled calibration data); sigma and the
     one-sided fits are exact over all batches.
 
     Args:
@@ -296,8 +297,9 @@ class ACIQObserver(Observer):
         if model not in MODELS:
             raise ValueError(f"ACIQObserver: model must be one of {list(MODELS)}, got {model!r}")
         super().__init__(bits, **kwargs)
-        if model == "signed_grid" and self.symmetric and self.symmetric_range and self.signed is not False:
-            model = "narrow_grid"  # the grid choose_qparams applies (one-sided data: the same as grid)
+        if model == "signed_grid" and self.symmetric and self.signed is not False:
+            # the grid choose_qparams applies (one-sided data: the same as grid)
+            model = "narrow_grid" if self.symmetric_range else "symmetric_grid"
         self.prior, self.model = prior, model
 
     def _make_stats(self) -> nn.Module:

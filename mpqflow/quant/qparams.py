@@ -62,7 +62,7 @@ class ChannelBits(NamedTuple):
         min_val, max_val: (C,) ranges.
         symmetric, signed, pow2_scale: as in ``choose_qparams``.
         ch_axis: channel axis (0 for weights, 1 for inputs).
-        symmetric_range: as in ``choose_qparams`` (restricted symmetric signed range).
+        symmetric_range: as in ``choose_qparams`` (symmetric signed grids: scale amax / (2^(b-1) - 1)).
     """
 
     bits: torch.Tensor

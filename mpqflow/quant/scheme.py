@@ -59,10 +59,11 @@ class QuantScheme:
         granularity: "per_tensor" or "per_channel" (one scale per channel along ch_axis).
         symmetric: zero point 0 (True) or affine (False).
         pow2_scale: round scales up to powers of two.
-        symmetric_range: symmetric signed grids only (MQBench's knob of that name): the restricted
-            range ±(2^(b-1) - 1) with scale amax / (2^(b-1) - 1) (True, default: the range's extreme
-            is a level, not a rounding tie; 2-bit weights are ternary) or torch's two's complement
-            full range with scale amax / (2^(b-1) - 0.5) (False), see :mod:`.functional`.
+        symmetric_range: symmetric signed grids only (MQBench's knob of that name): scale
+            amax / (2^(b-1) - 1), the extreme exactly on the outermost level (True, default; 2-bit
+            weights {-amax, 0, amax}), or torch's amax / (2^(b-1) - 1/2) (False; 2-bit levels
+            ±amax / 1.5). The integers are ±(2^(b-1) - 1) either way, so no extreme depends on how a
+            rounding tie breaks (see :mod:`.functional`).
         ch_axis: channel axis of per-channel weights (0 = output channels of Conv2d/Linear).
         averaging_constant: EMA weight c of the newest batch, range <- range + c (batch - range).
         mse_grid: number of clipping ratios r in linspace(0.01, 1, mse_grid) searched by MSE observers.
