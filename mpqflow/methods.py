@@ -215,16 +215,18 @@ def universal_threshold(m: int) -> float:
     return float(np.sqrt(2.0 * np.log(m))) if m > 1 else 0.0
 
 
-def clado_na_thresholds(se: np.ndarray, k: float | str) -> tuple[float, float]:
+def clado_na_thresholds(se: np.ndarray, k: float | str, diag_se: np.ndarray | None = None) -> tuple[float, float]:
     """(k for the interactions, k for the diagonal) of :func:`noise_aware_matrix`: the number k for
     both, or for k = "universal" the universal thresholds of the m measured interactions (upper
-    triangle, SE > 0) and of the diagonal entries with SE > 0 (a simultaneous bound over each family)."""
+    triangle of se, SE > 0) and of the diagonal entries with SE > 0 (diag_se, default the diagonal of
+    se): a simultaneous bound over each family."""
     if isinstance(k, str):
         if k != "universal":
             raise ValueError(f"clado_na k must be a number >= 0 or 'universal', got {k!r}")
         se = np.asarray(se)
+        diag_se = np.diag(se) if diag_se is None else np.asarray(diag_se)
         m = int(np.count_nonzero(np.triu(se, 1) > 0))
-        return universal_threshold(m), universal_threshold(int(np.count_nonzero(np.diag(se) > 0)))
+        return universal_threshold(m), universal_threshold(int(np.count_nonzero(diag_se > 0)))
     if isinstance(k, bool) or not np.isfinite(k) or k < 0:
         raise ValueError(f"clado_na k must be a number >= 0 or 'universal', got {k!r}")
     return float(k), float(k)
@@ -249,8 +251,7 @@ def noise_aware_matrix(G: np.ndarray, se: np.ndarray, k: float | str, diag_se: n
     G, se = np.asarray(G, dtype=np.float64), np.asarray(se, dtype=np.float64)
     d = np.diag_indices_from(G)
     diag_se = se[d] if diag_se is None else np.asarray(diag_se, dtype=np.float64)
-    k_off, _ = clado_na_thresholds(se, k)
-    _, k_diag = clado_na_thresholds(np.diag(diag_se), k)
+    k_off, k_diag = clado_na_thresholds(se, k, diag_se)
     out = soft_threshold(G, se, k_off)
     out[d] = G[d] + k_diag * diag_se
     return out
