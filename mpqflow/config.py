@@ -40,6 +40,8 @@ __all__ = [
     "PtqConfig",
     "FinetuneConfig",
     "LimpqConfig",
+    "CladoNaConfig",
+    "LimpqSearchConfig",
     "Config",
 ]
 
@@ -77,6 +79,10 @@ class _Section:
     def to_dict(self) -> dict:
         """Plain nested dict (lists for tuples): JSON-ready, and equal to the validated input."""
         return _plain(dataclasses.asdict(self))
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def _plain(value):
@@ -226,9 +232,19 @@ class SolverConfig(_Section):
 @dataclass(frozen=True)
 class CladoNaConfig(_Section):
     """clado_na: noise-aware CLADO's threshold `k` (entries within k standard errors of 0 are noise): a
-    number, or "universal" (√(2 ln m) over the m entries of each family, :mod:`mpqflow.methods`)."""
+    number, or "universal" (√(2 ln m) over the m entries of each family, :mod:`mpqflow.methods`).
+    Method clado_na's settings in the method registry (:data:`mpqflow.methods.METHODS`)."""
 
     k: float | str
+
+
+@dataclass(frozen=True)
+class LimpqSearchConfig(_Section):
+    """limpq.alpha: the search's weight of the weight indicators against the activation ones,
+    Σ s_a + α·s_w. Method limpq's settings in the method registry; the rest of `limpq` trains the
+    indicators (:class:`LimpqConfig`), so retuning α re-solves and retrains nothing."""
+
+    alpha: float
 
 
 @dataclass(frozen=True)
@@ -322,16 +338,21 @@ class FinetuneConfig(TrainSettings):
 class LimpqConfig(TrainSettings):
     """limpq: the indicator pretraining (SGD as in `train`, on `data`: a set's batches or the whole
     training split; `prune`: LIMPQP's iterative pruning with rewinding, or None), or an imported LIMPQ
-    pickle (`indicators`), and the search's `alpha`."""
+    pickle (`indicators`). The section's `alpha` is the search's (:class:`LimpqSearchConfig`), not
+    part of this one: an indicator file does not depend on it."""
 
     data: str
-    alpha: float
     indicators: str | None
     prune: dict | None
 
+    @classmethod
+    def of_section(cls, section: dict) -> LimpqConfig:
+        """From the validated `limpq` section, leaving out the search's alpha."""
+        return cls.from_dict({k: v for k, v in section.items() if k not in _fields(LimpqSearchConfig)})
+
     def settings(self) -> dict:
-        """What an indicator file depends on (its rule's params): everything but alpha (the search's)."""
-        return {k: v for k, v in self.to_dict().items() if k != "alpha"}
+        """What an indicator file depends on (its rule's params): the whole section but the search's alpha."""
+        return self.to_dict()
 
 
 @dataclass(frozen=True)
@@ -374,7 +395,7 @@ class Config:
             ptq=PtqConfig.from_dict(cfg["ptq"]),
             gradquant=GradQuantStudyConfig.from_dict(cfg["gradquant"]),
             finetune=FinetuneConfig.from_dict(cfg["finetune"]),
-            limpq=LimpqConfig.from_dict(cfg["limpq"]),
+            limpq=LimpqConfig.of_section(cfg["limpq"]),
             plots=PlotsConfig.from_dict(cfg["plots"]),
             evaluation=EvaluationConfig.from_dict(cfg["evaluation"]),
         )

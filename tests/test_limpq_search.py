@@ -116,7 +116,7 @@ def test_objective_and_allowed_options_on_the_option_table():
     assert allowed.tolist() == [True, True, True, True, True, True, False, False]  # b's 2-bit weights
     assert method_allowed("limpq", payload, table).tolist() == allowed.tolist()
     assert method_allowed("mpqco", {}, table) is None
-    G, linear = method_objective("limpq", payload, table, alpha=1.0)
+    G, linear = method_objective("limpq", payload, table, {"alpha": 1.0})
     assert G is None and linear[1] == pytest.approx(2 * (0.4 + 0.0))
     # the forbidden option would win without the rule; the problem leaves it out
     p = build_problem(table, linear=lin, allowed=allowed)

@@ -159,7 +159,7 @@ def test_imported_pickle_becomes_the_set_file_and_the_search_reads_it(run, train
     assert int(got["count"]) == 0
     solver = SolverConfig.from_dict(cfg.solver.to_dict())
     decision = solve_budget(str(d / "layers.json"), str(out), "limpq", "avg_bits-4", solver, str(tmp_path / "d.json"),
-                            alpha=1.5)  # fmt: skip
+                            {"alpha": 1.5})  # fmt: skip
     assert decision["alpha"] == 1.5
     assert sorted(decision["forbidden"]) == ["conv2:w2a4", "conv2:w2a8"]
     assert not decision["choice"][0].startswith("w2")
@@ -329,7 +329,7 @@ def test_pruned_decision_is_evaluated_and_fine_tuned_with_its_masks(run, pruned,
     cfg, d = run
     solver = SolverConfig.from_dict(cfg.solver.to_dict())
     decision = tmp_path / "decisions" / "limpq" / "set_2x0" / "avg_bits-4.json"
-    solve_budget(str(d / "layers.json"), str(pruned), "limpq", "avg_bits-4", solver, str(decision))
+    solve_budget(str(d / "layers.json"), str(pruned), "limpq", "avg_bits-4", solver, str(decision), {"alpha": 2.0})
     args = (cfg.models["m"], cfg.quant, cfg.sample_plan, cfg.evaluation, cfg.runtime, str(d / "model.pt"),
             str(d / "calibration.pt"), [str(decision)])  # fmt: skip
     dense = evaluate_decisions(*args, [str(tmp_path / "dense.json")])[0]

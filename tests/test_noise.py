@@ -120,7 +120,7 @@ def test_shrinkage_keeps_noise_free_entries(tiny):
     meta = batch_meta(ctx, "clado", {})
     pooled = {**dup, **meta}
     assert np.abs(clado_matrix_se(pooled)).max() <= 1e-9 * np.abs(clado_matrix(pooled)).max()
-    G_na, _ = method_objective("clado_na", pooled, ctx.table)
+    G_na, _ = method_objective("clado_na", pooled, ctx.table, {"k": "universal"})
     G_psd, _ = method_objective("clado", pooled, ctx.table)
     np.testing.assert_allclose(G_na, G_psd, rtol=1e-6, atol=1e-12)
 

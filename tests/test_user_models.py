@@ -271,7 +271,7 @@ def test_user_model_and_data_through_the_stages(arch, dataset, request, tmp_path
     decisions, evals = [], []
     for budget in cfg.budgets:
         path = tmp_path / "results" / "decisions" / "mpqco" / "set_1x0" / f"{budget}.json"
-        solve.solve_budget(p["layers"], str(sens / "set_1x0.npz"), "mpqco", budget, cfg.solver, str(path))
+        solve.solve_budget(p["layers"], str(sens / "set_1x0.npz"), "mpqco", budget, cfg.solver, str(path), {})
         decisions.append(str(path))
         evals.append(str(path).replace("/decisions/", "/eval/"))
     evaluate.evaluate_decisions(

@@ -66,7 +66,7 @@ def limpq_meta(table, quant: dict, checkpoint_sha256: str, settings: dict) -> di
 def run_limpq_indicators(job: dict, runtime: Runtime) -> None:
     """Import the configured indicator file, or pretrain on `settings["world_size"]` processes sharing
     `runtime.threads`; writes `job["out_path"]`."""
-    settings = LimpqConfig.from_dict({"alpha": 2.0, **job["settings"]}).settings()  # every key checked
+    settings = LimpqConfig.from_dict(job["settings"]).settings()  # every key checked
     if settings["indicators"] is not None:
         import_indicators(job, settings)
         return
@@ -107,12 +107,12 @@ def limpq_indicators(
         plan: :class:`SamplePlanConfig` fields (which training samples a pool batch holds).
         batches: the pool batches to train on (the set's, `data: set`), None for the whole training
             split (`data: train`).
-        settings: :meth:`LimpqConfig.settings` (the validated `limpq` section without alpha).
+        settings: :meth:`LimpqConfig.settings` (the validated `limpq` section without the search's alpha).
         state_dir: the epoch checkpoints (resume after a kill); removed once the file exists.
         tag: what else identifies the run for resuming (the stage's code hash).
     """
     t0 = time.perf_counter()
-    lp = LimpqConfig.from_dict({"alpha": 2.0, **settings})
+    lp = LimpqConfig.from_dict(settings)
     model_cfg, quant_cfg, sample_plan = (
         ModelConfig.from_dict(model),
         QuantConfig.from_dict(quant),

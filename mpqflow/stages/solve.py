@@ -2,10 +2,12 @@
 
 Usage (what workflow_scripts/check_budgets.py and solve_budget.py call):
     check_budgets("results/m/layers.json", ["avg_bits-3", "bitops_rel-0.25"], "results/m/budgets.json")
-    solve_budget("results/m/layers.json", "results/m/sensitivity/clado/set_4x0.npz", "clado",
-                 "avg_bits-4", solver_cfg, "results/m/decisions/clado/set_4x0/avg_bits-4.json")
+    solve_budget("results/m/layers.json", "results/m/sensitivity/clado/set_4x0.npz", "clado_na",
+                 "avg_bits-4", solver_cfg, "results/m/decisions/clado_na/set_4x0/avg_bits-4.json", {"k": 3.0})
     sanity_checks("results/m/layers.json", ["results/m/sensitivity/clado/set_4x0.npz", ...], "clado", solver_cfg,
-                  "results/m/sanity/clado.json")   # no budget: highest precision everywhere?
+                  "results/m/sanity/clado.json", {})   # no budget: highest precision everywhere?
+
+`settings` is the method's own settings (:func:`mpqflow.methods.method_settings`: {} for most).
 
 No torch: the layer table comes from layers.json, the objective from numpy arrays.
 """
@@ -20,7 +22,7 @@ from ..artifacts import load_batch_file, load_layer_table, save_decision, set_of
 from ..config import SolverConfig
 from ..io import save_json
 from ..layers import LayerTable
-from ..methods import estimated_loss_increase, method_allowed, method_objective
+from ..methods import estimated_loss_increase, method_allowed, method_objective, settings_of, settings_record
 from ..names import option_name
 from ..optimize import Budget, Problem, solve
 
@@ -73,12 +75,10 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
     return caps
 
 
-def _method_problem(
-    table: LayerTable, pooled_path: str, method: str, alpha: float, k: float | str
-) -> tuple[Problem, np.ndarray | None]:
+def _method_problem(table: LayerTable, pooled_path: str, method: str, settings) -> tuple[Problem, np.ndarray | None]:
     """The method's integer program over the pooled set, and the options it allows (None: all)."""
     pooled = load_batch_file(pooled_path)
-    G, linear = method_objective(method, pooled, table, alpha=alpha, k=k)
+    G, linear = method_objective(method, pooled, table, settings)
     allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
     return build_problem(table, G, linear, allowed), allowed
 
@@ -101,15 +101,15 @@ def solve_budget(
     budget: str,
     solver: SolverConfig,
     out_path: str,
-    *,
-    alpha: float = 2.0,
-    k: float | str = "universal",
+    settings: dict,
 ) -> dict:
     """Form the method's objective from the pooled set, solve exactly under the budget, write the decision.
 
-    `alpha`: LIMPQ's weight of the weight indicators (method limpq only); `k`: clado_na's threshold."""
+    `settings`: the method's own settings (clado_na's k, limpq's alpha; {} for the others), recorded in
+    the decision."""
     table = load_layer_table(layers_path)
-    problem, allowed = _method_problem(table, pooled_path, method, alpha, k)
+    own = settings_of(method, settings)
+    problem, allowed = _method_problem(table, pooled_path, method, own)
     sol = _solve(problem, Budget.parse(budget), solver)
     n, s = set_of(pooled_path)
     decision = {
@@ -125,10 +125,7 @@ def solve_budget(
         "gbitops": problem.total_bitops(sol.x) / 1e9,
         "solver": sol.to_dict(),
     }
-    if method == "limpq":
-        decision["alpha"] = float(alpha)
-    if method == "clado_na":
-        decision["k"] = k if isinstance(k, str) else float(k)
+    decision.update(settings_record(own))
     if allowed is not None:  # what the method ruled out, so a surprising choice can be traced
         K = len(table.options)
         decision["forbidden"] = [
@@ -154,10 +151,8 @@ def sanity_check(
     pooled_path: str,
     method: str,
     solver: SolverConfig,
+    settings: dict,
     out_path: str | None = None,
-    *,
-    alpha: float = 2.0,
-    k: float | str = "universal",
 ) -> dict:
     """The seed's sanity check as a result: solve once with no budget; an estimate worth trusting
     picks the highest-precision option (largest w_bits, then a_bits) at every candidate layer.
@@ -166,7 +161,7 @@ def sanity_check(
     estimated_loss_increase (at the unconstrained optimum), estimated_at_highest (of all layers at
     the highest option; null where the method forbids it somewhere), solver}."""
     table = load_layer_table(layers_path)
-    problem, _ = _method_problem(table, pooled_path, method, alpha, k)
+    problem, _ = _method_problem(table, pooled_path, method, settings)
     sol = _solve(problem, None, solver)
     highest = max(tuple(o) for o in table.options)
     at_highest = np.array([tuple(o) == highest for o in problem.options], dtype=np.float64)  # (n_allowed,)
@@ -206,9 +201,9 @@ def sanity_check(
 
 
 def sanity_checks(
-    layers_path: str, pooled_paths: list[str], method: str, solver: SolverConfig, out_path: str, **kw
+    layers_path: str, pooled_paths: list[str], method: str, solver: SolverConfig, out_path: str, settings: dict
 ) -> list[dict]:
     """:func:`sanity_check` of one method on each set, written as one JSON list (what the workflow runs)."""
-    results = [sanity_check(layers_path, p, method, solver, **kw) for p in pooled_paths]
+    results = [sanity_check(layers_path, p, method, solver, settings) for p in pooled_paths]
     save_json(out_path, results)
     return results
