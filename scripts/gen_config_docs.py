@@ -35,14 +35,14 @@ INTRO = """\
      run `python scripts/gen_config_docs.py`. -->
 
 Every key the workflow reads, generated from `schemas/config.schema.yaml` (JSON Schema 2020-12),
-the only place defaults live. `config.yaml` is the embedded default config, with a comment on each
-key; a config given with `--configfile` replaces it as a whole (only its models run) and every key
-it leaves out takes the default below.
+the only place defaults live. `config.yaml` is the embedded default config, its keys commented (it
+leaves some out, e.g. the `gradquant` section); a config given with `--configfile` replaces it as a
+whole (only its models run) and every key it leaves out takes the default below.
 
 The config is validated, and the defaults filled in, before any job runs. An unknown key, a wrong
 type or a value out of range stops the run with a message naming the key, the value and what is
-allowed, e.g. `config key 'quant.w_bits[1]': 32 is greater than the maximum of 16`. Checks that
-need more than one key also run up front: a missing dataset path, a weights file that is not a
+allowed, e.g. `config key 'quant.w_bits[1]': 32 is greater than the maximum of 16`. Checks the
+schema cannot state also run up front: a missing dataset path, a weights file that is not a
 checkpoint, `device: cuda` without CUDA (where jobs run locally), more calibration and pool samples
 than the training split, a set larger than the pool, a zero budget or an average-bits budget below
 the smallest weight bit-width. Equivalent budgets (`avg_bits-3`, `avg_bits-3.0`) are one budget; a
