@@ -33,6 +33,7 @@ __all__ = [
     "SamplePlanConfig",
     "SensitivityConfig",
     "SolverConfig",
+    "HawqConfig",
     "StudyConfig",
     "GradQuantStudyConfig",
     "PlotsConfig",
@@ -211,6 +212,33 @@ class SensitivityConfig(_Section):
         """The batch size and the settings of one estimator: what its per-batch job depends on."""
         own = {k: v for k, v in self.to_dict().items() if k.startswith(f"{estimator}_")}
         return {"batch_size": self.batch_size, **own}
+
+    @property
+    def hawq(self) -> HawqConfig:
+        """HAWQ's settings as a typed section."""
+        return HawqConfig.of(self.to_dict())
+
+
+@dataclass(frozen=True)
+class HawqConfig(_Section):
+    """HAWQ's settings (sensitivity.hawq_<field>): probe each layer's Hutchinson trace until its
+    standard error is at most `rel_se` of it, after `min_probes` and at most `max_probes` probes,
+    with `sketch` Hutch++ deflation directions, probes seeded by `seed` and the batch."""
+
+    rel_se: float
+    min_probes: int
+    max_probes: int
+    sketch: int
+    seed: int
+
+    @classmethod
+    def of(cls, settings: dict) -> HawqConfig:
+        """From an estimator's settings dict (:meth:`SensitivityConfig.of_estimator`: `hawq_<field>` keys;
+        other keys ignored); a missing key is a ConfigError naming it."""
+        missing = [f"hawq_{f}" for f in _fields(cls) if f"hawq_{f}" not in settings]
+        if missing:
+            raise ConfigError(f"HAWQ settings: missing key(s) {missing} (sensitivity.hawq_*)")
+        return cls(**{f: settings[f"hawq_{f}"] for f in _fields(cls)})
 
 
 @dataclass(frozen=True)

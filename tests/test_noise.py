@@ -4,6 +4,7 @@ samples of the union; noise-aware CLADO's shrinkage; old files without second mo
 import numpy as np
 import pytest
 import torch
+from conftest import sensitivity_settings
 
 from mpqflow.artifacts import FORMAT_VERSION, load_batch_file, pool_batch_files, save_batch_file, save_npz
 from mpqflow.methods import (
@@ -37,7 +38,7 @@ def tiny():
 
 def _files(ctx, x, y, estimator, tmp_path, sizes=(10, 14)):
     """Per-batch files of two unequal batches, and the samples in order."""
-    settings = {"progress": False, "hawq_max_probes": 40}
+    settings = sensitivity_settings(progress=False, hawq_max_probes=40)
     paths, start = [], 0
     for b, size in enumerate(sizes):
         payload = compute_batch(estimator, ctx, x[start : start + size], y[start : start + size], settings)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import sensitivity_settings
 
 from mpqflow.methods import (
     METHODS,
@@ -30,9 +31,10 @@ def pooled():
     ctx = make_context(net, x[:32], w_bits=(2, 4), a_bits=(4, 8))
     x, y = x[32:], torch.randint(0, 10, (16,))
     out = {}
+    settings = sensitivity_settings(progress=False, hawq_max_probes=5)
     for est in ("clado", "mpqco", "hawq"):
-        payload = compute_batch(est, ctx, x, y, {"progress": False, "hawq_max_probes": 5})
-        out[est] = {**payload, **batch_meta(ctx, est, {})}
+        payload = compute_batch(est, ctx, x, y, settings)
+        out[est] = {**payload, **batch_meta(ctx, est, settings)}
     return ctx, out
 
 
