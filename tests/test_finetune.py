@@ -195,7 +195,7 @@ def test_tables_pair_each_fine_tuned_target_with_its_ptq_evaluation(run, w2a4, t
 
 
 def test_distillation_loss_is_cross_entropy_at_weight_zero_and_kl_at_one():
-    from mpqflow.stages.finetune import distillation_loss
+    from mpqflow.train.losses import distillation_loss
 
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)

@@ -20,8 +20,7 @@ from mpqflow.indicators import (
 from mpqflow.layers import LayerTable
 from mpqflow.methods import method_allowed, method_objective
 from mpqflow.models import build_model
-from mpqflow.optimize import Budget, InfeasibleBudget, solve
-from mpqflow.stages.solve import build_problem
+from mpqflow.optimize import Budget, InfeasibleBudget, build_problem, solve
 
 
 def _quant(w_bits, a_bits):

@@ -29,7 +29,6 @@ import logging
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..artifacts import decision_assignment, load_decision
 from ..codehash import code_hash
@@ -41,27 +40,11 @@ from ..names import parse_option
 from ..quant import prepare_lsq, save_export
 from ..quant.prune import bake_masks, keep_masks, sparsity
 from ..train import fit, launch, step_sizes_without_decay
+from ..train.losses import distillation_loss
 from ..train.state import clear_state
 
-__all__ = ["run_finetune", "finetune", "distillation_loss"]
+__all__ = ["run_finetune", "finetune"]
 log = logging.getLogger("mpqflow")
-
-
-def distillation_loss(teacher: torch.nn.Module, weight: float, temperature: float):
-    """loss_fn for :func:`mpqflow.train.fit`: (1 - weight) * CE + weight * T^2 * KL(teacher || student)
-    on logits softened by T (Hinton et al.); weight 0 is plain cross-entropy."""
-
-    def loss_fn(model, x, y):
-        logits = model(x)  # (B, classes)
-        loss = F.cross_entropy(logits, y)
-        if weight == 0:
-            return loss, logits
-        with torch.no_grad():
-            target = F.log_softmax(teacher(x) / temperature, dim=1)
-        kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, reduction="batchmean", log_target=True)
-        return (1 - weight) * loss + weight * temperature**2 * kl, logits
-
-    return loss_fn
 
 
 def _assignment(ctx, target: dict) -> tuple[dict, dict]:
