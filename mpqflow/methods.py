@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .artifacts import means
-from .config import CladoNaConfig, ConfigError, LimpqSearchConfig, _Section
+from .config import CladoNaConfig, ConfigError, LimpqSearchConfig, Section
 from .indicators import limpq_allowed, limpq_linear
 
 __all__ = [
@@ -167,7 +167,7 @@ def method_settings(method: str, config: dict) -> dict:
     return {f.name: section[f.name] for f in dataclasses.fields(m.settings)}
 
 
-def settings_of(method: str, settings) -> _Section | None:
+def settings_of(method: str, settings) -> Section | None:
     """The method's typed settings from `settings` (its dict, e.g. a rule's param, or the typed
     section itself); None for a method without settings. Missing or unknown keys are refused."""
     m = _method(method)
@@ -182,7 +182,7 @@ def settings_of(method: str, settings) -> _Section | None:
     return m.settings.from_dict(dict(settings))
 
 
-def settings_record(settings: _Section | None) -> dict:
+def settings_record(settings: Section | None) -> dict:
     """The settings as a decision records them: numbers as floats, strings as they are."""
     if settings is None:
         return {}

@@ -11,6 +11,7 @@ from mpqflow.config import (
     GradQuantStudyConfig,
     LimpqConfig,
     SamplePlanConfig,
+    finetune_target_names,
     SensitivityConfig,
     validate_config,
 )
@@ -49,9 +50,9 @@ SETS = [
     for n in config["study"]["set_sizes"]
     for s in range(config["study"]["sets_per_size"])
 ]
-FINETUNE = FinetuneConfig.from_dict(config["finetune"])
+FINETUNE = FinetuneConfig.of_section(config["finetune"])
 # 'clado/set_4x0/avg_bits-2.5' or 'uniform/w2a4': results/{model}/finetuned/<target>.pt, eval/<target>.json
-FINETUNE_TARGETS = FINETUNE.target_names
+FINETUNE_TARGETS = finetune_target_names(config["finetune"])
 GRADQUANT = GradQuantStudyConfig.from_dict(config["gradquant"])
 
 

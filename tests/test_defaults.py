@@ -38,7 +38,7 @@ def _sections():
     classes = {
         obj
         for obj in vars(config_module).values()
-        if inspect.isclass(obj) and issubclass(obj, config_module._Section) and obj is not config_module._Section
+        if inspect.isclass(obj) and issubclass(obj, config_module.Section) and obj is not config_module.Section
     }
     classes |= {m.settings for m in METHODS.values() if m.settings is not None}
     return sorted(classes | {QuantScheme}, key=lambda c: c.__name__)

@@ -157,8 +157,8 @@ def pooled(run):
                 str(path),
             )
             batches.append(str(path))
-        sensitivity.pool_set(batches, str(d / "sensitivity" / est / "set_2x0.npz"))
-        sensitivity.pool_set(batches[:1], str(d / "sensitivity" / est / "set_1x0.npz"))
+        sensitivity.pool_set(batches, str(d / "sensitivity" / est / "set_2x0.npz"), 2, 0)
+        sensitivity.pool_set(batches[:1], str(d / "sensitivity" / est / "set_1x0.npz"), 1, 0)
         out[est] = d / "sensitivity" / est
     return out
 
@@ -204,6 +204,7 @@ def test_sanity_check_stage(run, pooled, tmp_path):
     i = options.index((2, 8))  # layer 0 at w2a8
     noisy["sq_sum"] = noisy["sq_sum"].copy()
     noisy["sq_sum"][i] = -1.0
+    noisy["set_size"], noisy["set_id"] = 1, 1  # the identity the set file records
     save_batch_file(str(tmp_path / "set_1x1.npz"), noisy)
     bad = solve.sanity_check(layers, str(tmp_path / "set_1x1.npz"), "mpqco", cfg.solver, {}, str(tmp_path / "b.json"))
     assert not bad["passes"] and bad["layers_at_highest"] == bad["layers"] - 1 and bad["choice"][0] == "w2a8"

@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 
-from ..artifacts import load_batch_file, load_layer_table, save_decision, set_of
+from ..artifacts import load_batch_file, load_layer_table, save_decision, set_identity
 from ..config import SolverConfig
 from ..io import save_json
 from ..layers import LayerTable
@@ -48,12 +48,15 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
     return caps
 
 
-def _method_problem(table: LayerTable, pooled_path: str, method: str, settings) -> tuple[Problem, np.ndarray | None]:
-    """The method's integer program over the pooled set, and the options it allows (None: all)."""
+def _method_problem(
+    table: LayerTable, pooled_path: str, method: str, settings
+) -> tuple[Problem, np.ndarray | None, tuple[int, int]]:
+    """The method's integer program over the pooled set, the options it allows (None: all) and the
+    set's (size, id) as its file records them."""
     pooled = load_batch_file(pooled_path)
     G, linear = method_objective(method, pooled, table, settings)
     allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
-    return build_problem(table, G, linear, allowed), allowed
+    return build_problem(table, G, linear, allowed), allowed, set_identity(pooled, pooled_path)
 
 
 def _solve(problem: Problem, budget, solver: SolverConfig):
@@ -82,9 +85,8 @@ def solve_budget(
     the decision."""
     table = load_layer_table(layers_path)
     own = settings_of(method, settings)
-    problem, allowed = _method_problem(table, pooled_path, method, own)
+    problem, allowed, (n, s) = _method_problem(table, pooled_path, method, own)
     sol = _solve(problem, Budget.parse(budget), solver)
-    n, s = set_of(pooled_path)
     decision = {
         "method": method,
         "budget": budget,
@@ -134,13 +136,12 @@ def sanity_check(
     estimated_loss_increase (at the unconstrained optimum), estimated_at_highest (of all layers at
     the highest option; null where the method forbids it somewhere), solver}."""
     table = load_layer_table(layers_path)
-    problem, _ = _method_problem(table, pooled_path, method, settings)
+    problem, _, (n, s) = _method_problem(table, pooled_path, method, settings)
     sol = _solve(problem, None, solver)
     highest = max(tuple(o) for o in table.options)
     at_highest = np.array([tuple(o) == highest for o in problem.options], dtype=np.float64)  # (n_allowed,)
     reachable = len(set(problem.layer_of[at_highest > 0])) == len(table.candidates)
     objective = (problem.G, problem.linear)
-    n, s = set_of(pooled_path)
     chosen = [tuple(problem.options[i]) for i in sol.choice]
     result = {
         "method": method,
