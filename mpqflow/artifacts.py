@@ -267,6 +267,7 @@ def load_layer_table(path) -> LayerTable:
 
 # ---------------------------------------------------------------- decisions
 
+
 def save_decision(path, decision: dict) -> None:
     """A solved decision: method, budget, set, candidates, choice (option names), estimate, solver record."""
     save_json(path, decision)
