@@ -10,10 +10,11 @@ Usage:
     save_decision(path, decision); load_decision(path, table)         # decisions/.../{budget}.json
     decision_assignment(decision, table)                              # its choices + the fixed layers
     set_of(path)                                                      # (n, s) of a set_{n}x{s} path
+    decision_target(eval_record)                                      # "set_4x0/avg_bits-2.5" or "w2a8"
 
 Every write is atomic (:mod:`mpqflow.io`); every read checks what the file claims to be made from
 and names the file when it refuses. Torch is imported only to read or write the .pt files, so the
-torch-free stages (solve, study) can use the rest. Sensitivity files:
+torch-free stages (solve and the reports) can use the rest. Sensitivity files:
     `count` (samples) and every key ending in `_sum` are sums over samples: pooling adds them.
     Any other payload key (e.g. hawq's `weight_err`) is a per-file constant that does not depend on
     the samples: pooling checks that all files agree and keeps it.
@@ -56,6 +57,7 @@ __all__ = [
     "decision_assignment",
     "set_name",
     "set_of",
+    "decision_target",
 ]
 
 FORMAT_VERSION = 3  # 2: every estimator also stores second moments (standard errors); 3: CLADO's paired differences
@@ -257,6 +259,14 @@ SET_RE = re.compile(r"set_(\d+)x(\d+)")
 def set_name(n: int, s: int) -> str:
     """'set_4x1' for set 1 of size 4."""
     return f"set_{int(n)}x{int(s)}"
+
+
+def decision_target(record: dict) -> str:
+    """How tables name an evaluated (or fine-tuned) decision: 'set_4x0/avg_bits-2.5' (its set and
+    budget), or its option ('w2a8') for a uniform one."""
+    if record.get("method") == "uniform":
+        return record["option"]
+    return f"set_{record['set_size']}x{record['set_id']}/{record['budget']}"
 
 
 def set_of(path) -> tuple[int, int]:
