@@ -10,10 +10,11 @@ Usage:
     save_decision(path, decision); load_decision(path, table)         # decisions/.../{budget}.json
     decision_assignment(decision, table)                              # its choices + the fixed layers
     set_identity(load_batch_file(path), path)                         # (n, s) a set file records
+    decision_target(eval_record)                                      # "set_4x0/avg_bits-2.5" or "w2a8"
 
 Every write is atomic (:mod:`mpqflow.io`); every read checks what the file claims to be made from
 and names the file when it refuses. Torch is imported only to read or write the .pt files, so the
-torch-free stages (solve, study) can use the rest. Sensitivity files:
+torch-free stages (solve and the reports) can use the rest. Sensitivity files:
     `count` (samples) and every key ending in `_sum` are sums over samples: pooling adds them.
     Any other payload key (e.g. hawq's `weight_err`) is a per-file constant that does not depend on
     the samples: pooling checks that all files agree and keeps it.
@@ -55,6 +56,7 @@ __all__ = [
     "decision_assignment",
     "SET_FIELDS",
     "set_identity",
+    "decision_target",
 ]
 
 FORMAT_VERSION = 3  # 2: every estimator also stores second moments (standard errors); 3: CLADO's paired differences
@@ -266,6 +268,14 @@ def load_layer_table(path) -> LayerTable:
 
 
 # ---------------------------------------------------------------- decisions
+
+
+def decision_target(record: dict) -> str:
+    """How tables name an evaluated (or fine-tuned) decision: 'set_4x0/avg_bits-2.5' (its set and
+    budget), or its option ('w2a8') for a uniform one."""
+    if record.get("method") == "uniform":
+        return record["option"]
+    return f"set_{record['set_size']}x{record['set_id']}/{record['budget']}"
 
 
 def save_decision(path, decision: dict) -> None:

@@ -64,7 +64,19 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("model-aware", ("mpqflow.methods", "mpqflow.context")),
-    ("estimators and reports", ("mpqflow.sensitivity.*", "mpqflow.study", "mpqflow.plots", "mpqflow.gradquant_study")),
+    (
+        "estimators and reports",
+        (
+            "mpqflow.sensitivity.*",
+            "mpqflow.plotting",  # what every figure shares: the Agg backend, the PNG save
+            "mpqflow.top1_bars",  # the grouped top-1 bar chart of the PTQ and fine-tuning studies
+            "mpqflow.study",
+            "mpqflow.study_plots",
+            "mpqflow.ptq_study",
+            "mpqflow.finetune_study",
+            "mpqflow.gradquant_study",
+        ),
+    ),
     ("stages", ("mpqflow.stages.*",)),
 )
 STAGES = "mpqflow.stages"

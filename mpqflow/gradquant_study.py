@@ -12,14 +12,10 @@ levels of qsgd/nuqsgd are compared with the adapted ones over the same stretch o
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from .io import atomic_path  # noqa: E402
+from .plotting import plt, save_png
 
 __all__ = ["gradquant_tables", "plot_gradquant", "gradquant_report", "METHOD_ORDER"]
 
@@ -75,12 +71,6 @@ def _colors() -> dict:
     return {m: cmap(i) for i, m in enumerate(METHOD_ORDER)}
 
 
-def _save(fig, path: str, dpi: int) -> None:
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-
-
 def _variance_figure(curves: pd.DataFrame, after: int, path: str, dpi: int, width: float) -> None:
     quantized = curves[curves["method"] != "none"]
     bits = sorted(quantized["bits"].unique())
@@ -104,7 +94,7 @@ def _variance_figure(curves: pd.DataFrame, after: int, path: str, dpi: int, widt
     axes[0][0].legend(fontsize="small", title="levels")
     fig.suptitle("Quantized gradient exchange:\nvariance of each process's quantized gradient during training")
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_png(fig, path, dpi, tight=False)
 
 
 def _accuracy_figure(table: pd.DataFrame, path: str, dpi: int, width: float) -> None:
@@ -138,7 +128,7 @@ def _accuracy_figure(table: pd.DataFrame, path: str, dpi: int, width: float) -> 
     byte_ax.set_title("Communication per step (measured)")
     byte_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_png(fig, path, dpi, tight=False)
 
 
 def plot_gradquant(table: pd.DataFrame, curves: pd.DataFrame, variance_png: str, accuracy_png: str,

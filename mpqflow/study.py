@@ -1,12 +1,14 @@
-"""Tables that join evaluation artifacts: the uniform table, the study CSV, Pareto curves and their AUC.
+"""The variance study's tables from the evaluations: the study CSV, the sanity table, Pareto curves and their
+AUC, the estimates' standard errors and their calibration against the measurements.
 
 Usage:
-    uniform_table(uniform_jsons, "results/m/eval/uniform.csv")
     df = study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv", finetuned_eval_jsons,
                      sanity_paths=sanity_jsons, sanity_csv="results/m/sanity.csv")
     sanity = sanity_table(sanity_jsons)   # one row per (method, set): the no-budget solve
-    finetune_table(finetuned_eval_jsons, their_ptq_eval_jsons, "results/m/finetune.csv")
     auc = pareto_auc(df)      # one row per (method, set_size, set_id), over auc_range(df)
+    calibration_table(df)     # per method and set size: how well the estimates track the measurements
+(:mod:`mpqflow.study_plots` draws the figures; the PTQ, fine-tuning and gradient-quantization studies
+have their own modules.)
 """
 
 from __future__ import annotations
@@ -16,18 +18,17 @@ import logging
 import numpy as np
 import pandas as pd
 
+from .artifacts import decision_target, load_batch_file
 from .io import load_json, save_csv
 from .names import parse_option
 
 log = logging.getLogger("mpqflow")
 
 __all__ = [
-    "uniform_table", "study_table", "sanity_table", "finetune_table", "STUDY_COLUMNS", "SANITY_COLUMNS",
-    "FINETUNE_COLUMNS", "running_best", "auc_range", "calibration_table", "choice_vector", "estimate_standard_errors",
-    "pareto_auc", "ptq_table",
+    "study_table", "sanity_table", "STUDY_COLUMNS", "SANITY_COLUMNS", "running_best", "auc_range",
+    "calibration_table", "choice_vector", "estimate_standard_errors", "pareto_auc",
 ]  # fmt: skip
 
-UNIFORM_COLUMNS = ["option", "top1", "top5", "loss", "fp_top1", "size_mb", "avg_bits", "gbitops"]
 STUDY_COLUMNS = [
     "method",
     "set_size",
@@ -55,23 +56,6 @@ SANITY_COLUMNS = [
     "method", "set_size", "set_id", "passes", "layers_at_highest", "layers", "highest", "estimated_loss_increase",
     "estimated_at_highest", "solver_status", "choice",
 ]  # fmt: skip
-FINETUNE_COLUMNS = [
-    "method", "target", "size_mb", "avg_bits", "gbitops", "top1_ptq", "loss_ptq", "top1_qat", "loss_qat", "fp_top1",
-    "epochs", "world_size", "distill", "train_seconds",
-]  # fmt: skip
-
-
-def uniform_table(paths: list[str], out_csv: str) -> pd.DataFrame:
-    """One row per uniform option, largest first; written atomically as CSV."""
-    rows = [{k: load_json(p)[k] for k in UNIFORM_COLUMNS} for p in paths]
-    df = pd.DataFrame(rows, columns=UNIFORM_COLUMNS).sort_values(["size_mb", "top1"], ascending=False)
-    save_csv(out_csv, df)
-    return df
-
-
-def _target(r: dict) -> str:
-    """How a fine-tuned or evaluated decision is named in tables: set_4x0/avg_bits-2.5, or the uniform option."""
-    return r["option"] if r.get("method") == "uniform" else f"set_{r['set_size']}x{r['set_id']}/{r['budget']}"
 
 
 def sanity_table(paths: list[str]) -> pd.DataFrame:
@@ -101,11 +85,11 @@ def study_table(
     `sanity_csv`: also write the sanity table there."""
     rows = [{**load_json(p), "method": "uniform"} for p in uniform_paths]
     rows += [load_json(p) for p in eval_paths]
-    qat = {(r["method"], _target(r)): r for r in map(load_json, finetuned_paths)}
+    qat = {(r["method"], decision_target(r)): r for r in map(load_json, finetuned_paths)}
     sanity = sanity_table(list(sanity_paths))
     passes = {(r.method, r.set_size, r.set_id): bool(r.passes) for r in sanity.itertuples()}
     for r in rows:
-        q = qat.get((r["method"], _target(r)), {})
+        q = qat.get((r["method"], decision_target(r)), {})
         r.update(top1_qat=q.get("top1"), loss_qat=q.get("loss"))
         r["sanity_pass"] = passes.get((r["method"], r.get("set_size"), r.get("set_id")))
     if sanity_csv is not None:
@@ -113,24 +97,6 @@ def study_table(
     df = pd.DataFrame([{k: r.get(k) for k in STUDY_COLUMNS} for r in rows], columns=STUDY_COLUMNS)
     df = df.sort_values(["method", "set_size", "set_id", "budget", "option"], na_position="first")
     save_csv(out_csv, df.reset_index(drop=True))
-    return df
-
-
-def finetune_table(finetuned_paths: list[str], ptq_paths: list[str], out_csv: str) -> pd.DataFrame:
-    """One row per fine-tuned decision: its PTQ evaluation (eval/) beside the fine-tuned one."""
-    rows = []
-    for qp, pp in zip(finetuned_paths, ptq_paths, strict=True):
-        q, p = load_json(qp), load_json(pp)
-        if _target(q) != _target(p) or q["method"] != p.get("method", "uniform"):
-            raise ValueError(f"{qp} and {pp} evaluate different decisions ({_target(q)} vs {_target(p)})")
-        rows.append({
-            "method": q["method"], "target": _target(q), "size_mb": q["size_mb"], "avg_bits": q["avg_bits"],
-            "gbitops": q["gbitops"], "top1_ptq": p["top1"], "loss_ptq": p["loss"], "top1_qat": q["top1"],
-            "loss_qat": q["loss"], "fp_top1": q["fp_top1"], "epochs": q["epochs"], "world_size": q["world_size"],
-            "distill": q["distill"], "train_seconds": q["train_seconds"],
-        })  # fmt: skip
-    df = pd.DataFrame(rows, columns=FINETUNE_COLUMNS)
-    save_csv(out_csv, df, float_format=None)  # full precision: the table feeds the plot
     return df
 
 
@@ -192,15 +158,6 @@ def pareto_auc(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["method", "set_size", "set_id", "auc"])
 
 
-def ptq_table(results: list) -> pd.DataFrame:
-    """One row per (variant, option) of the PTQ study from :func:`mpqflow.stages.ptq.ptq_variant`
-    results (dicts or JSON paths)."""
-    rows = []
-    for r in results:
-        rows.extend((r if isinstance(r, dict) else load_json(r))["rows"])
-    return pd.DataFrame(rows)
-
-
 def choice_vector(choice: str, table) -> np.ndarray:
     """(n,) 0/1 decision of a study row's `choice` (one option name per candidate layer)."""
     names = choice.split()
@@ -230,7 +187,6 @@ def estimate_standard_errors(df: pd.DataFrame, batch_files: list[str], table, se
         settings: each method's own settings as solved ({method: dict}, :func:`mpqflow.methods.method_settings`;
             a method without settings may be left out).
     """
-    from .artifacts import load_batch_file
     from .methods import estimated_loss_increase, method_estimator, method_objective
 
     files: dict[str, list[dict]] = {}

@@ -35,7 +35,7 @@ rule uniform_table:
     conda:
         "../envs/mpqflow.yaml"
     params:
-        code=stage_code("study"),
+        code=stage_code("uniform_report"),
     script:
         "../workflow_scripts/uniform_table.py"
 

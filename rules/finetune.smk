@@ -72,7 +72,7 @@ rule finetune_table:
     conda:
         "../envs/mpqflow.yaml"
     params:
-        code=stage_code("study"),
+        code=stage_code("finetune_report"),
     script:
         "../workflow_scripts/finetune_table.py"
 
@@ -93,6 +93,6 @@ rule finetune_plot:
         "../envs/mpqflow.yaml"
     params:
         plots=config["plots"],
-        code=stage_code("study"),
+        code=stage_code("finetune_report"),
     script:
         "../workflow_scripts/finetune_plot.py"

@@ -54,7 +54,7 @@ rule gradquant_study:
         "../envs/mpqflow.yaml"
     params:
         plots=config["plots"],
-        code=stage_code("study"),
+        code=stage_code("gradquant_report"),
     script:
         "../workflow_scripts/gradquant_study.py"
 

@@ -37,7 +37,7 @@ rule ptq_table:
     conda:
         "../envs/mpqflow.yaml"
     params:
-        code=stage_code("study"),
+        code=stage_code("ptq_report"),
     script:
         "../workflow_scripts/ptq_table.py"
 
@@ -58,6 +58,6 @@ rule ptq_plot:
         "../envs/mpqflow.yaml"
     params:
         plots=config["plots"],
-        code=stage_code("study"),
+        code=stage_code("ptq_report"),
     script:
         "../workflow_scripts/ptq_plot.py"

@@ -22,7 +22,7 @@ from mpqflow.finetuned import load_finetuned, read_finetuned
 from mpqflow.metrics import evaluate as evaluate_fp
 from mpqflow.models import fresh_model
 from mpqflow.quant import load_export, read_export
-from mpqflow.stages import calibrate, evaluate, study, train
+from mpqflow.stages import calibrate, evaluate, finetune_report, study, train
 from mpqflow.stages.finetune import run_finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,20 +178,20 @@ def test_tables_pair_each_fine_tuned_target_with_its_ptq_evaluation(run, w2a4, t
     cfg, d = run
     qat, _, qat_path = w2a4
     ptq = str(d / "eval" / "uniform" / "w2a4.json")
-    df = study.finetune_table([qat_path], [ptq], str(tmp_path / "finetune.csv"))
+    df = finetune_report.finetune_table([qat_path], [ptq], str(tmp_path / "finetune.csv"))
     row = df.iloc[0]
     assert (row.method, row.target, row.top1_qat, row.epochs) == ("uniform", "w2a4", qat["top1"], 3)
     assert row.top1_ptq == json.loads(open(ptq).read())["top1"]
     s = study.study_table([ptq], [], str(tmp_path / "study.csv"), [qat_path])
     assert s.loc[s.option == "w2a4", "top1_qat"].item() == pytest.approx(qat["top1"])
     assert pd.read_csv(tmp_path / "study.csv").columns.tolist()[-3:] == ["top1_qat", "loss_qat", "sanity_pass"]
-    study.plot_finetune_table(str(tmp_path / "finetune.csv"), str(tmp_path / "ft.png"), cfg.plots)
+    finetune_report.plot_finetune_table(str(tmp_path / "finetune.csv"), str(tmp_path / "ft.png"), cfg.plots)
     assert open(tmp_path / "ft.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     other = copy.deepcopy(json.loads(open(ptq).read()))
     other["option"] = "w8a8"
     (tmp_path / "w8a8.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="evaluate different decisions"):
-        study.finetune_table([qat_path], [str(tmp_path / "w8a8.json")], str(tmp_path / "x.csv"))
+        finetune_report.finetune_table([qat_path], [str(tmp_path / "w8a8.json")], str(tmp_path / "x.csv"))
 
 
 def test_distillation_loss_is_cross_entropy_at_weight_zero_and_kl_at_one():

@@ -190,6 +190,10 @@ def _workflow_imports():
         {
             "mpqflow.stages.solve",
             "mpqflow.stages.study",
+            "mpqflow.stages.uniform_report",
+            "mpqflow.stages.ptq_report",
+            "mpqflow.stages.finetune_report",
+            "mpqflow.stages.gradquant_report",
             "mpqflow.config",
             "mpqflow.names",
             "mpqflow.data",

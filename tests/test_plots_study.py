@@ -1,4 +1,4 @@
-"""Study tables and plots (mpqflow/study.py, plots.py) and artifact file modes (mpqflow/io.py), without torch runs."""
+"""Study tables and plots (mpqflow/study.py, study_plots.py) and artifact file modes (mpqflow/io.py), no torch runs."""
 
 import os
 import stat
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mpqflow import io, plots, study
+from mpqflow import io, study, study_plots
 
 
 @pytest.fixture
@@ -127,14 +127,14 @@ def test_layer_bits_of_60_layers_stays_narrow(tmp_path):
         m: {f"avg_bits-{b}": [(int(rng.choice([2, 4, 8])), 8) for _ in layers] for b in (3, 4, 6)}
         for m in ("clado", "hawq", "mpqco", "uniform_search")
     }
-    plots.plot_layer_bits(decisions, layers, tmp_path / "bits.png", dpi=150)
+    study_plots.plot_layer_bits(decisions, layers, tmp_path / "bits.png", dpi=150)
     width, height = _png_size(tmp_path / "bits.png")
     assert width <= 2000 and height <= 3000, (width, height)
 
 
 def test_layer_bits_from_study_table(tmp_path):
-    plots.plot_layer_bits(plots.first_set_choices(_study()), ["conv1", "conv2"], tmp_path / "bits.png")
-    plots.plot_layer_bits({}, [], tmp_path / "empty.png")
+    study_plots.plot_layer_bits(study_plots.first_set_choices(_study()), ["conv1", "conv2"], tmp_path / "bits.png")
+    study_plots.plot_layer_bits({}, [], tmp_path / "empty.png")
     assert _png_size(tmp_path / "bits.png")[0] < 2000 and _png_size(tmp_path / "empty.png")[0] > 0
 
 
@@ -143,9 +143,9 @@ def test_accuracy_and_pareto_plots_raise_no_warning(tmp_path, sets):
     df = _study(sets=sets)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plots.plot_accuracy_vs_size(df, tmp_path / "acc.png")
-        auc = plots.plot_pareto(df, tmp_path / "pareto.png", tmp_path / "auc.csv")
-        plots.plot_estimated_vs_measured(df, tmp_path / "sanity.png")
+        study_plots.plot_accuracy_vs_size(df, tmp_path / "acc.png")
+        auc = study_plots.plot_pareto(df, tmp_path / "pareto.png", tmp_path / "auc.csv")
+        study_plots.plot_estimated_vs_measured(df, tmp_path / "sanity.png")
     assert len(auc) == 3 * 2 * sets and auc.auc.between(0, 1).all()
     assert pd.read_csv(tmp_path / "auc.csv").columns.tolist() == ["method", "set_size", "set_id", "auc"]
     for png in ("acc", "pareto", "sanity"):
@@ -154,7 +154,7 @@ def test_accuracy_and_pareto_plots_raise_no_warning(tmp_path, sets):
 
 def test_coinciding_methods_get_distinct_markers_and_offsets():
     methods = ["clado", "hawq", "mpqco"]
-    markers, offsets = plots._markers(methods), plots._offsets(methods, 0.01)
+    markers, offsets = study_plots._markers(methods), study_plots._offsets(methods, 0.01)
     assert len(set(markers.values())) == 3 and "s" not in markers.values()  # "s" is uniform's
     assert len(set(offsets.values())) == 3 and sum(offsets.values()) == pytest.approx(0)
 
@@ -163,6 +163,6 @@ def test_mean_std_over_sets_without_warnings():
     curves = np.array([[np.nan, 1.0, 2.0], [np.nan, np.nan, 4.0]])  # (sets, grid)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mean, std = plots._mean_std(curves)
+        mean, std = study_plots._mean_std(curves)
     np.testing.assert_array_equal(mean, [np.nan, 1.0, 3.0])
     np.testing.assert_array_equal(std, [np.nan, 0.0, 1.0])

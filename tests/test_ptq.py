@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from mpqflow.config import Config, QuantConfig, validate_config
-from mpqflow.plots import ptq_plot
+from mpqflow.ptq_study import ptq_plot, ptq_table
 from mpqflow.stages.ptq import VARIANTS, ptq_variant, variant_quant
 from mpqflow.stages.train import train_or_load
-from mpqflow.study import ptq_table
 
 OPTIONS = ["w4a4", "w4a8", "w8a4"]
 

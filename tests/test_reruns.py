@@ -41,38 +41,41 @@ def snakemake(workdir, configfile, *args, snakefile=REPO / "Snakefile", timeout=
     return proc.stdout + proc.stderr
 
 
-def jobs(output):
-    """{rule: sorted [first output of each job]} of the jobs a dry-run would run (without `all`)."""
+def jobs(output, target="all"):
+    """{rule: sorted [first output of each job]} of the jobs a dry-run would run (without the
+    `target` rule: `all`, or `gradquant`, which only gather files)."""
     out, rule = {}, None
     for line in output.splitlines():
         if m := re.match(r"(localrule|rule) (\w+):$", line):
             rule = m[2]
-            if rule != "all":
+            if rule != target:
                 out.setdefault(rule, [])
-        elif rule and rule != "all" and (m := re.match(r"\s+output: (.+)$", line)):
+        elif rule and rule != target and (m := re.match(r"\s+output: (.+)$", line)):
             out[rule].append(m[1].split(",")[0].strip())
         elif not line.startswith(" "):
             rule = None
     return {rule: sorted(outputs) for rule, outputs in out.items()}
 
 
-def job_stats(output):
-    """{rule: count} from the dry-run's `Job stats` table (without `all` and `total`)."""
+def job_stats(output, target="all"):
+    """{rule: count} from the dry-run's `Job stats` table (without the `target` rule and `total`)."""
     m = re.search(r"Job stats:\njob\s+count\n[- ]+\n((?:\w+\s+\d+\n)+)", output)
     assert m, f"no job stats table in:\n{output[-3000:]}"
     rows = dict(line.split() for line in m[1].splitlines())
-    return {rule: int(n) for rule, n in rows.items() if rule not in ("all", "total")}
+    return {rule: int(n) for rule, n in rows.items() if rule not in (target, "total")}
 
 
-def dry_run(workdir, config, name, snakefile=REPO / "Snakefile"):
-    """Dry-run the workflow on `config` (a dict) in `workdir`: {rule: sorted outputs} it would run."""
+def dry_run(workdir, config, name, snakefile=REPO / "Snakefile", target="all"):
+    """Dry-run `target` (the default one, `all`, or e.g. `gradquant`) on `config` (a dict) in `workdir`:
+    {rule: sorted outputs} it would run."""
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    output = snakemake(workdir, path, "--dry-run", snakefile=snakefile)
+    targets = () if target == "all" else (target,)
+    output = snakemake(workdir, path, "--dry-run", *targets, snakefile=snakefile)
     if "Nothing to be done" in output:
         return {}
-    found = jobs(output)
-    assert {rule: len(v) for rule, v in found.items()} == job_stats(output), output[-3000:]
+    found = jobs(output, target)
+    assert {rule: len(v) for rule, v in found.items()} == job_stats(output, target), output[-3000:]
     return found
 
 
@@ -437,15 +440,45 @@ def test_quantizer_code_change_recalibrates_but_never_retrains(tiny, every_job, 
 
 
 def test_plot_code_change_redraws_only_plots(tiny, repo_copy, tmp_path):
-    """(i) Editing the figures (mpqflow/plots.py) redraws the study's plots, rebuilds its tables (the
-    study stage owns both) and nothing that computes: no evaluation, PTQ variant or solve."""
+    """(i) Editing the study's figures (mpqflow/study_plots.py) redraws the study's plots, rebuilds its
+    table (the study stage owns both) and nothing else: no evaluation, solve, nor the other reports
+    (the uniform table, the PTQ and fine-tuning studies draw with their own modules)."""
     workdir, config = tiny
-    found = dry_run(workdir, config, "code", snakefile=_edit(repo_copy, tmp_path, "mpqflow/plots.py"))
-    assert found == {
-        "uniform_table": ["results/tiny/eval/uniform.csv"],
-        "study_table": STUDY,
-        "study_plots": PLOTS,
-        "ptq_table": ["results/tiny/ptq.csv"],
-        "ptq_plot": ["results/tiny/plots/ptq.png"],
-        **FT_TABLE,
+    found = dry_run(workdir, config, "code", snakefile=_edit(repo_copy, tmp_path, "mpqflow/study_plots.py"))
+    assert found == {"study_table": STUDY, "study_plots": PLOTS}
+
+
+# The gradient-quantization study is not part of `all`: its own short run, two runs of one epoch.
+GRADQUANT = {
+    "seed": 0, "device": "cpu", "threads": 1,
+    "models": {"d": {"arch": "digits_cnn", "dataset": {"name": "digits"}, "train": {"epochs": 1}}},
+    "methods": ["uniform"], "finetune": None, "ptq": None,
+    "gradquant": {"methods": ["none", "qsgd"], "bits": [3], "epochs": 1, "bucket_size": 512},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gradquant_run(tmp_path_factory):
+    """The working directory of one complete `snakemake gradquant` on GRADQUANT (about 40 s on 2 cores)."""
+    workdir = tmp_path_factory.mktemp("gradquant")
+    path = workdir / "gradquant.yaml"
+    path.write_text(yaml.safe_dump(GRADQUANT, sort_keys=False))
+    run_snakemake(workdir, "gradquant", "--quiet", "rules", configfile=path, timeout=600)
+    assert (workdir / "results" / "d" / "gradquant.csv").is_file()
+    assert dry_run(workdir, GRADQUANT, "same", target="gradquant") == {}
+    return workdir
+
+
+def test_gradquant_plot_code_change_redraws_only_the_gradquant_report(tiny, gradquant_run, repo_copy, tmp_path):
+    """(j) Editing the gradient-quantization study's figures (mpqflow/gradquant_study.py) redoes its
+    report (table, curves, plots, markdown) and nothing else: not its runs, nor anything of `all`
+    (the study, the PTQ and fine-tuning reports import none of it). Editing the study's figures, in
+    turn, leaves the gradient-quantization report alone."""
+    workdir, config = tiny
+    edited = _edit(repo_copy, tmp_path, "mpqflow/gradquant_study.py")
+    assert dry_run(gradquant_run, GRADQUANT, "code", snakefile=edited, target="gradquant") == {
+        "gradquant_study": ["results/d/gradquant.csv"]
     }
+    assert dry_run(workdir, config, "code", snakefile=edited) == {}
+    study_edited = _edit(repo_copy, tmp_path / "study", "mpqflow/study_plots.py")
+    assert dry_run(gradquant_run, GRADQUANT, "study_code", snakefile=study_edited, target="gradquant") == {}

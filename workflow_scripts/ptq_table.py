@@ -2,6 +2,6 @@ from mpqflow.io import setup_logging
 
 setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
 
-from mpqflow.stages.study import write_ptq_table  # noqa: E402
+from mpqflow.stages.ptq_report import write_ptq_table  # noqa: E402
 
 write_ptq_table(list(snakemake.input), snakemake.output.table)

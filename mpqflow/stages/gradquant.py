@@ -1,4 +1,4 @@
-"""Stage `gradquant`: one run of the gradient-quantization study (its table, plots and report: stage `study`).
+"""Stage `gradquant`: one run of the gradient-quantization study (its report: stage `gradquant_report`).
 
 Usage (workflow_scripts/gradquant_run.py):
     spec = GradQuantStudyConfig.from_dict(cfg["gradquant"]).run_spec("alq-3bit")   # processes, epochs, exchange

@@ -1,6 +1,6 @@
 """Stage `ptq`: uniform low-bit post-training quantization with the ACIQ paper's schemes (Banner et al. 2019).
 
-Usage (what workflow_scripts/ptq_variant.py calls; the PTQ table and plot belong to the study stage):
+Usage (what workflow_scripts/ptq_variant.py calls; its table and plot: stage `ptq_report`):
     ptq_variant("aciq", model_cfg, quant, ptq_cfg, seed, evaluation, runtime, "results/m/model.pt",
                 "results/m/ptq/aciq.json")
 

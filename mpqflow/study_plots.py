@@ -3,23 +3,20 @@
 Usage:
     df = pd.read_csv("results/m/study.csv")
     plot_accuracy_vs_size(df, "accuracy_vs_size.png", dpi=150, width=5.0)
-    ptq_plot(pd.read_csv("results/m/ptq.csv"), "ptq.png")
-(:mod:`mpqflow.stages.study` draws them all from the study's files.)
+    plot_pareto(df, "pareto_auc.png", "pareto_auc.csv")      # also writes the AUC table
+(:func:`mpqflow.stages.study.study_plots` draws them all from the study's files.)
 """
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import Normalize, TwoSlopeNorm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import Normalize, TwoSlopeNorm  # noqa: E402
-
-from .io import atomic_path, save_csv  # noqa: E402
-from .names import parse_option  # noqa: E402
-from .study import auc_range, pareto_auc, running_best  # noqa: E402
+from .io import save_csv
+from .names import parse_option
+from .plotting import plt, save_png
+from .study import auc_range, pareto_auc, running_best
 
 __all__ = [
     "plot_accuracy_vs_size",
@@ -28,7 +25,6 @@ __all__ = [
     "plot_interaction_heatmap",
     "plot_layer_bits",
     "first_set_choices",
-    "ptq_plot",
 ]
 
 
@@ -60,12 +56,6 @@ def _mean_std(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     dev = np.where(ok, curves - mean, 0.0)
     std = np.sqrt(np.divide((dev**2).sum(0), n, out=np.full(n.shape, np.nan), where=n > 0))
     return mean, std
-
-
-def _save(fig, path: str, dpi: int) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def _fp_line(ax, df: pd.DataFrame) -> None:
@@ -116,7 +106,7 @@ def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: fl
     axes[0][0].set_ylabel("held-out top-1 accuracy (%)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.suptitle("Accuracy vs size per method (mean ± std over sensitivity sets)")
-    _save(fig, path, dpi)
+    save_png(fig, path, dpi)
 
 
 def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width: float = 5.0) -> pd.DataFrame:
@@ -162,7 +152,7 @@ def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width
         title="Pareto AUC per method (mean ± std over sets)",
     )
     bx.grid(alpha=0.3, axis="x")
-    _save(fig, path, dpi)
+    save_png(fig, path, dpi)
     return auc
 
 
@@ -201,7 +191,7 @@ def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, widt
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path, dpi)
+    save_png(fig, path, dpi)
 
 
 def plot_interaction_heatmap(G: np.ndarray, layers: list[str], options: list, path: str, dpi: int = 150) -> None:
@@ -223,7 +213,7 @@ def plot_interaction_heatmap(G: np.ndarray, layers: list[str], options: list, pa
         title="CLADO interaction matrix G (cross-entropy; colour clipped at the 99th |G| percentile)",
     )
     fig.colorbar(im, ax=ax, shrink=0.8, label="G[i, j] (nats)")
-    _save(fig, path, dpi)
+    save_png(fig, path, dpi)
 
 
 def _layer_bits_panel(ax, decisions: dict, budgets: list, cols: range, norm, text: bool):
@@ -284,7 +274,7 @@ def plot_layer_bits(decisions: dict, layers: list[str], path: str, dpi: int = 15
     cell = "cell text: weight bits / input-activation bits; " if text else ""
     axes[-1, 0].set_xlabel(f"candidate layer ({cell}colour: weight bits)")
     fig.suptitle("Per-layer bit-widths of the chosen decisions (first set of the largest size)")
-    _save(fig, path, dpi)
+    save_png(fig, path, dpi)
 
 
 def first_set_choices(df: pd.DataFrame) -> dict:
@@ -298,69 +288,3 @@ def first_set_choices(df: pd.DataFrame) -> dict:
     for row in first.itertuples():
         out.setdefault(row.method, {})[row.budget] = [parse_option(o) for o in row.choice.split()]
     return out
-
-
-def _grouped_bars(acc: pd.DataFrame, fp: float, png: str, labels: dict, dpi: int, width: float) -> None:
-    """Grouped bar chart of top-1 (%): x = acc's index, one bar per column; FP top-1 as a dashed line.
-
-    The y axis starts just below the worst bar (not at 0), so every bar carries its value.
-    labels: xlabel, title, legend (title of the legend)."""
-    series = list(acc.columns)
-    x, w = np.arange(len(acc.index)), 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(1.3 * width, 0.5 * len(acc.index) * len(series)), 0.6 * width))
-    shifts = [(i - (len(series) - 1) / 2) * w for i in range(len(series))]
-    for shift, v in zip(shifts, series):
-        ax.bar(x + shift, acc[v].to_numpy(), w, label=v)
-    ax.axhline(fp, color="k", ls="--", lw=1, label="FP")
-    values = acc.to_numpy(dtype=float)
-    lo = float(np.nanmin(values))  # zoom on the differences: the axis starts near the worst bar
-    ax.set_ylim(
-        max(0.0, np.floor(lo - 2 - 0.1 * (fp - lo))), min(103.0, max(fp, float(np.nanmax(values))) + 3)
-    )  # room for the labels
-    for shift, v in zip(shifts, series):  # the value on every bar: the axis does not start at 0
-        for xi, val in zip(x + shift, acc[v].to_numpy()):
-            ax.annotate(
-                f"{val:.1f}", (xi, val), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                fontsize=6, rotation=90, bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
-            )  # fmt: skip
-    ax.set_xticks(
-        x, list(acc.index), rotation=30 if len(acc.index) > 4 else 0, ha="right" if len(acc.index) > 4 else "center"
-    )
-    ax.set_xlabel(labels["xlabel"])
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(labels["title"])
-    ax.legend(title=labels.get("legend"), fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    _save(fig, png, dpi)
-
-
-def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
-    """The PTQ study: x = uniform option, one bar per variant, y = top-1 (%)."""
-    options = list(dict.fromkeys(df["option"]))
-    variants = list(dict.fromkeys(df["variant"]))
-    acc = df.pivot(index="option", columns="variant", values="top1").loc[options, variants] * 100
-    acc.index = [o.upper() for o in options]
-    labels = {"xlabel": "uniform option (weight bits, activation bits)", "legend": "variant",
-              "title": "Post-training quantization: naive min/max vs ACIQ schemes"}  # fmt: skip
-    _grouped_bars(acc, 100 * float(df["fp_top1"].iloc[0]), png, labels, dpi, width)
-
-
-def finetune_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
-    """PTQ vs LSQ fine-tuned top-1 (%) of every fine-tuned decision: x = method / set / budget (size)."""
-    names = [  # one line per part: method, set, budget (or option), size; long labels would overlap
-        "\n".join(
-            [
-                r.method,
-                *str(r.target).split("/"),
-                f"{r.size_mb * 1e3:.3g} kB" if r.size_mb < 1 else f"{r.size_mb:.3g} MB",
-            ]
-        )
-        for r in df.itertuples()
-    ]
-    acc = pd.DataFrame(
-        {"PTQ": df["top1_ptq"].to_numpy() * 100, "fine-tuned (LSQ)": df["top1_qat"].to_numpy() * 100}, index=names
-    )
-    epochs = ", ".join(str(e) for e in sorted(set(df["epochs"])))
-    labels = {"xlabel": "decision (method, sensitivity set / budget or uniform option, weight size)",
-              "title": f"Quantization-aware fine-tuning ({epochs} epochs) vs post-training quantization"}  # fmt: skip
-    _grouped_bars(acc, 100 * float(df["fp_top1"].iloc[0]), png, labels, dpi, width)
