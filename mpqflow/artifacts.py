@@ -34,6 +34,7 @@ from .checkpoints import torch_load
 from .io import load_json, load_npz, save_json, save_npz, save_torch
 from .layers import LayerTable
 from .names import parse_option
+from .paths import set_dir
 
 __all__ = [
     "FORMAT_VERSION",
@@ -275,7 +276,7 @@ def decision_target(record: dict) -> str:
     budget), or its option ('w2a8') for a uniform one."""
     if record.get("method") == "uniform":
         return record["option"]
-    return f"set_{record['set_size']}x{record['set_id']}/{record['budget']}"
+    return f"{set_dir(record['set_size'], record['set_id'])}/{record['budget']}"
 
 
 def save_decision(path, decision: dict) -> None:

@@ -38,6 +38,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mpqflow",
             "mpqflow.io",
             "mpqflow.names",
+            "mpqflow.paths",
             "mpqflow.config_checks",
             "mpqflow.validation",
             "mpqflow.config",

@@ -23,6 +23,7 @@ from pathlib import Path
 from .checkpoints import EXPECTED as _CHECKPOINT_EXPECTED
 from .checkpoints import looks_like_torch_save
 from .names import option_name, option_table, parse_option
+from .paths import target_name, uniform_target
 
 MAX_LSQ_BITS = 8  # mpqflow.quant.lsq.MAX_LSQ_BITS (not imported: this module stays torch-free)
 
@@ -265,8 +266,9 @@ def check_limpq(cfg: dict) -> None:
 def finetune_target_name(target: dict) -> str:
     """The target's path under results/<model>/finetuned/ and eval/: 'clado/set_4x0/avg_bits-2.5', 'uniform/w2a4'."""
     if target["method"] == "uniform":
-        return f"uniform/{target['option']}"
-    return f"{target['method']}/set_{target['set']}/{target['budget']}"
+        return uniform_target(target["option"])
+    n, s = target["set"].split("x")
+    return target_name(target["method"], int(n), int(s), target["budget"])
 
 
 def check_finetune(cfg: dict) -> dict:

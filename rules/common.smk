@@ -4,6 +4,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
+from mpqflow import paths
 from mpqflow.codehash import code_hash
 from mpqflow.config import (
     ConfigError,
@@ -53,7 +54,16 @@ SETS = [
 FINETUNE = FinetuneConfig.of_section(config["finetune"])
 # 'clado/set_4x0/avg_bits-2.5' or 'uniform/w2a4': results/{model}/finetuned/<target>.pt, eval/<target>.json
 FINETUNE_TARGETS = finetune_target_names(config["finetune"])
+# each target's canonical dict ({method, set: "NxS", budget} or {method: uniform, option}), by name
+FINETUNE_TARGET_SPECS = dict(zip(FINETUNE_TARGETS, config["finetune"]["targets"]))
 GRADQUANT = GradQuantStudyConfig.from_dict(config["gradquant"])
+# what target `gradquant` makes per model (the study's table, report and plots)
+GRADQUANT_OUTPUTS = [
+    paths.GRADQUANT_TABLE,
+    paths.GRADQUANT_REPORT,
+    paths.plot("gradquant_variance"),
+    paths.plot("gradquant_accuracy"),
+]
 
 
 wildcard_constraints:
@@ -179,20 +189,18 @@ def limpq_batches(wildcards):
     )
 
 
-def pruning_masks(model, method, set_name):
-    """{"masks": the set file} when the method's estimator prunes (LIMPQP: limpq.prune) and its set
-    file of set_name ('2x0') carries the masks that the decision keeps; {} otherwise."""
+def pruning_masks(model, method, n, s):
+    """{"masks": the set file} when the method's estimator prunes (LIMPQP: limpq.prune) and its file of
+    set NxS carries the masks that the decision keeps; {} otherwise."""
     estimator = method_estimator(method)
     if not estimator_prunes(estimator, config):
         return {}
-    return {"masks": f"results/{model}/sensitivity/{estimator}/set_{set_name}.npz"}
+    return {"masks": paths.set_file(model, estimator, n, s)}
 
 
 def decision_masks(wildcards):
     """The pruning masks an evaluate_decisions job applies (decisions of a pruned set only)."""
-    return pruning_masks(
-        wildcards.model, wildcards.method, f"{wildcards.n}x{wildcards.s}"
-    )
+    return pruning_masks(wildcards.model, wildcards.method, wildcards.n, wildcards.s)
 
 
 def solve_settings(wildcards):
@@ -208,29 +216,31 @@ def study_method_settings():
 def finetune_decision(wildcards):
     """The decision a fine-tuning target starts from ({} for a uniform option: none), and the
     pruning masks it keeps (LIMPQP decisions)."""
-    if wildcards.target.startswith("uniform/"):
+    spec = FINETUNE_TARGET_SPECS[wildcards.target]
+    if "option" in spec:
         return {}
-    method, set_dir, _ = wildcards.target.split("/")
+    n, s = spec["set"].split("x")
     return {
-        "decision": f"results/{wildcards.model}/decisions/{wildcards.target}.json",
-        **pruning_masks(wildcards.model, method, set_dir.removeprefix("set_")),
+        "decision": paths.TARGET_DECISION.format(
+            model=wildcards.model, target=wildcards.target
+        ),
+        **pruning_masks(wildcards.model, spec["method"], n, s),
     }
 
 
 def finetune_option(wildcards):
     """The uniform option ('w2a4') of a uniform target, None for a searched decision."""
-    method, _, rest = wildcards.target.partition("/")
-    return rest if method == "uniform" else None
+    return FINETUNE_TARGET_SPECS[wildcards.target].get("option")
 
 
 def finetuned_evals(wildcards):
     """The fine-tuned targets' evaluations, in config order."""
-    return [f"results/{wildcards.model}/finetuned/{t}.json" for t in FINETUNE_TARGETS]
+    return expand(paths.FINETUNED_EVAL, model=wildcards.model, target=FINETUNE_TARGETS)
 
 
 def finetuned_ptq_evals(wildcards):
     """The PTQ evaluations of the same targets (eval/ holds decisions and uniform options alike)."""
-    return [f"results/{wildcards.model}/eval/{t}.json" for t in FINETUNE_TARGETS]
+    return expand(paths.TARGET_EVAL, model=wildcards.model, target=FINETUNE_TARGETS)
 
 
 def set_batch_files(wildcards):
@@ -239,7 +249,7 @@ def set_batch_files(wildcards):
         n, s, config["sensitivity"]["pool_batches"], config["seed"]
     )
     return expand(
-        "results/{model}/sensitivity/{estimator}/batch_{batch}.npz",
+        paths.BATCH,
         model=wildcards.model,
         estimator=wildcards.estimator,
         batch=batches,
@@ -248,20 +258,24 @@ def set_batch_files(wildcards):
 
 def method_set_file(wildcards):
     estimator = method_estimator(wildcards.method)
-    return f"results/{wildcards.model}/sensitivity/{estimator}/set_{wildcards.n}x{wildcards.s}.npz"
+    return paths.set_file(wildcards.model, estimator, wildcards.n, wildcards.s)
 
 
 def set_decisions(wildcards):
     """Every budget's decision of one (method, set), in config order."""
-    return [
-        f"results/{wildcards.model}/decisions/{wildcards.method}/set_{wildcards.n}x{wildcards.s}/{budget}.json"
-        for budget in config["budgets"]
-    ]
+    return expand(
+        paths.DECISION,
+        model=wildcards.model,
+        method=wildcards.method,
+        n=wildcards.n,
+        s=wildcards.s,
+        budget=config["budgets"],
+    )
 
 
 def decision_evals(wildcards):
     return [
-        f"results/{wildcards.model}/eval/{method}/set_{n}x{s}/{budget}.json"
+        paths.EVAL.format(model=wildcards.model, method=method, n=n, s=s, budget=budget)
         for method in SEARCH_METHODS
         for n, s in SETS
         for budget in config["budgets"]
@@ -271,17 +285,12 @@ def decision_evals(wildcards):
 def method_set_files(wildcards):
     """Every set file of the {method}'s estimator, in SETS order."""
     estimator = method_estimator(wildcards.method)
-    return [
-        f"results/{wildcards.model}/sensitivity/{estimator}/set_{n}x{s}.npz"
-        for n, s in SETS
-    ]
+    return [paths.set_file(wildcards.model, estimator, n, s) for n, s in SETS]
 
 
 def sanity_results(wildcards):
     """Every method's no-budget solves (one file per method, a result per set)."""
-    return [
-        f"results/{wildcards.model}/sanity/{method}.json" for method in SEARCH_METHODS
-    ]
+    return expand(paths.SANITY, model=wildcards.model, method=SEARCH_METHODS)
 
 
 def pool_batch_files(wildcards):
@@ -290,7 +299,7 @@ def pool_batch_files(wildcards):
     pool, seed = config["sensitivity"]["pool_batches"], config["seed"]
     batches = sorted({b for n, s in SETS for b in sensitivity_set(n, s, pool, seed)})
     return expand(
-        "results/{model}/sensitivity/{estimator}/batch_{batch}.npz",
+        paths.BATCH,
         model=wildcards.model,
         estimator=ADDITIVE_ESTIMATORS,
         batch=batches,
@@ -304,12 +313,12 @@ def heatmap_matrix(wildcards):
     if estimator is None:
         return []
     n = max(config["study"]["set_sizes"])
-    return f"results/{wildcards.model}/sensitivity/{estimator}/set_{n}x0.npz"
+    return paths.set_file(wildcards.model, estimator, n, 0)
 
 
 def uniform_evals(wildcards):
     return expand(
-        "results/{model}/eval/uniform/{option}.json",
+        paths.UNIFORM_EVAL,
         model=wildcards.model,
         option=OPTIONS,
     )
@@ -324,17 +333,17 @@ def all_targets():
     """The study of every model, its PTQ study unless `ptq.variants` is empty (or `ptq: null`), and its
     PTQ-vs-fine-tuned table and plot when `finetune.targets` names any."""
     targets = [
-        "results/{model}/budgets.json",
-        "results/{model}/eval/uniform.csv",
-        "results/{model}/study.csv",
-        "results/{model}/plots/accuracy_vs_size.png",
+        paths.BUDGETS,
+        paths.UNIFORM_TABLE,
+        paths.STUDY_TABLE,
+        paths.plot("accuracy_vs_size"),
     ]
     if config["ptq"]["variants"]:
-        targets += ["results/{model}/ptq.csv", "results/{model}/plots/ptq.png"]
+        targets += [paths.PTQ_TABLE, paths.plot("ptq")]
     if FINETUNE_TARGETS:
         targets += [
-            "results/{model}/finetune.csv",
-            "results/{model}/plots/finetune.png",
+            paths.FINETUNE_TABLE,
+            paths.plot("finetune"),
         ]
     targets = expand(targets, model=MODELS)
     if REPORTING:
@@ -361,13 +370,15 @@ def check_local_device():
 def report_where():
     """Tell the user where the study's (and the gradient-quantization study's) tables and plots are."""
     for model in MODELS:
+        tables = (paths.STUDY_TABLE, paths.GRADQUANT_TABLE, paths.GRADQUANT_REPORT)
         made = [
-            f"results/{model}/{f}"
-            for f in ("study.csv", "gradquant.csv", "gradquant.md")
-            if os.path.exists(f"results/{model}/{f}")
+            t.format(model=model)
+            for t in tables
+            if os.path.exists(t.format(model=model))
         ]
         if made:
-            print(f"mpqflow: {model}: {', '.join(made)}, results/{model}/plots/*.png")
+            plots = paths.plot("*").format(model=model)
+            print(f"mpqflow: {model}: {', '.join(made)}, {plots}")
     print(
         "mpqflow: build the browsable report with: snakemake --report results/report.html"
     )

@@ -1,9 +1,9 @@
 rule evaluate_uniform:
     input:
-        model="results/{model}/model.pt",
-        calibration="results/{model}/calibration.pt",
+        model=paths.CHECKPOINT,
+        calibration=paths.CALIBRATION,
     output:
-        expand("results/{{model}}/eval/uniform/{option}.json", option=OPTIONS),
+        expand(paths.UNIFORM_EVAL, option=OPTIONS, allow_missing=True),
     log:
         "logs/{model}/eval/uniform.log",
     conda:
@@ -28,7 +28,7 @@ rule uniform_table:
     input:
         uniform_evals,
     output:
-        table="results/{model}/eval/uniform.csv",
+        table=paths.UNIFORM_TABLE,
     log:
         "logs/{model}/eval/uniform_table.log",
     localrule: True
@@ -45,14 +45,11 @@ rule uniform_table:
 rule evaluate_decisions:
     input:
         unpack(decision_masks),
-        model="results/{model}/model.pt",
-        calibration="results/{model}/calibration.pt",
+        model=paths.CHECKPOINT,
+        calibration=paths.CALIBRATION,
         decisions=set_decisions,
     output:
-        expand(
-            "results/{{model}}/eval/{{method}}/set_{{n}}x{{s}}/{budget}.json",
-            budget=config["budgets"],
-        ),
+        expand(paths.EVAL, budget=config["budgets"], allow_missing=True),
     log:
         "logs/{model}/eval/{method}/set_{n}x{s}.log",
     conda:

@@ -1,12 +1,12 @@
 rule finetune:
     input:
         unpack(finetune_decision),
-        model="results/{model}/model.pt",
-        calibration="results/{model}/calibration.pt",
+        model=paths.CHECKPOINT,
+        calibration=paths.CALIBRATION,
     output:
-        model="results/{model}/finetuned/{target}.pt",
-        export="results/{model}/finetuned/{target}.export.pt",
-        export_meta="results/{model}/finetuned/{target}.export.json",
+        model=paths.FINETUNED,
+        export=paths.FINETUNED_EXPORT,
+        export_meta=paths.FINETUNED_EXPORT_META,
     log:
         "logs/{model}/finetune/{target}.log",
     wildcard_constraints:
@@ -27,18 +27,18 @@ rule finetune:
         option=finetune_option,
         code=stage_code("finetune"),
         # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
-        state_dir="results/{model}/.finetune_state/{target}",
+        state_dir=paths.FINETUNE_STATE,
     script:
         "../workflow_scripts/finetune.py"
 
 
 rule evaluate_finetuned:
     input:
-        finetuned="results/{model}/finetuned/{target}.pt",
-        model="results/{model}/model.pt",
-        calibration="results/{model}/calibration.pt",
+        finetuned=paths.FINETUNED,
+        model=paths.CHECKPOINT,
+        calibration=paths.CALIBRATION,
     output:
-        eval="results/{model}/finetuned/{target}.json",
+        eval=paths.FINETUNED_EVAL,
     log:
         "logs/{model}/finetune/{target}.eval.log",
     wildcard_constraints:
@@ -65,7 +65,7 @@ rule finetune_table:
         finetuned=finetuned_evals,
         ptq=finetuned_ptq_evals,
     output:
-        table="results/{model}/finetune.csv",
+        table=paths.FINETUNE_TABLE,
     log:
         "logs/{model}/finetune_table.log",
     localrule: True
@@ -79,10 +79,10 @@ rule finetune_table:
 
 rule finetune_plot:
     input:
-        table="results/{model}/finetune.csv",
+        table=paths.FINETUNE_TABLE,
     output:
         plot=report(
-            "results/{model}/plots/finetune.png",
+            paths.plot("finetune"),
             caption="../report/finetune.rst",
             category="{model}",
         ),

@@ -4,7 +4,7 @@
 
 rule gradquant_run:
     output:
-        run="results/{model}/gradquant/{run}.json",
+        run=paths.GRADQUANT_RUN,
     log:
         "logs/{model}/gradquant/{run}.log",
     wildcard_constraints:
@@ -25,25 +25,25 @@ rule gradquant_run:
         spec=gradquant_run_spec,
         code=stage_code("gradquant"),
         # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
-        state_dir="results/{model}/.gradquant_state/{run}",
+        state_dir=paths.GRADQUANT_STATE,
     script:
         "../workflow_scripts/gradquant_run.py"
 
 
 rule gradquant_study:
     input:
-        runs=expand("results/{{model}}/gradquant/{run}.json", run=GRADQUANT.runs()),
+        runs=expand(paths.GRADQUANT_RUN, run=GRADQUANT.runs(), allow_missing=True),
     output:
-        table="results/{model}/gradquant.csv",
-        variance="results/{model}/gradquant_variance.csv",
-        report="results/{model}/gradquant.md",
+        table=paths.GRADQUANT_TABLE,
+        variance=paths.GRADQUANT_VARIANCE_TABLE,
+        report=paths.GRADQUANT_REPORT,
         variance_plot=report(
-            "results/{model}/plots/gradquant_variance.png",
+            paths.plot("gradquant_variance"),
             caption="../report/gradquant_variance.rst",
             category="{model}",
         ),
         accuracy_plot=report(
-            "results/{model}/plots/gradquant_accuracy.png",
+            paths.plot("gradquant_accuracy"),
             caption="../report/gradquant_accuracy.rst",
             category="{model}",
         ),
@@ -61,14 +61,5 @@ rule gradquant_study:
 
 rule gradquant:
     input:
-        expand(
-            "results/{model}/{out}",
-            model=GRADQUANT.study_models(MODELS),
-            out=[
-                "gradquant.csv",
-                "gradquant.md",
-                "plots/gradquant_variance.png",
-                "plots/gradquant_accuracy.png",
-            ],
-        ),
+        expand(GRADQUANT_OUTPUTS, model=GRADQUANT.study_models(MODELS)),
     localrule: True

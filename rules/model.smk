@@ -1,6 +1,6 @@
 rule train_model:
     output:
-        model="results/{model}/model.pt",
+        model=paths.CHECKPOINT,
     log:
         "logs/{model}/train_model.log",
     conda:
@@ -15,17 +15,17 @@ rule train_model:
         seed=config["seed"],
         code=stage_code("train"),
         # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
-        state_dir="results/{model}/.train_state",
+        state_dir=paths.TRAIN_STATE,
     script:
         "../workflow_scripts/train_model.py"
 
 
 rule calibrate:
     input:
-        model="results/{model}/model.pt",
+        model=paths.CHECKPOINT,
     output:
-        calibration="results/{model}/calibration.pt",
-        layers="results/{model}/layers.json",
+        calibration=paths.CALIBRATION,
+        layers=paths.LAYERS,
     log:
         "logs/{model}/calibrate.log",
     conda:

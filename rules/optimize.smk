@@ -2,9 +2,9 @@
 # stops the run here, naming the smallest achievable size or BitOPs.
 rule check_budgets:
     input:
-        layers="results/{model}/layers.json",
+        layers=paths.LAYERS,
     output:
-        caps="results/{model}/budgets.json",
+        caps=paths.BUDGETS,
     log:
         "logs/{model}/check_budgets.log",
     priority: 100
@@ -20,10 +20,10 @@ rule check_budgets:
 
 rule solve_budget:
     input:
-        layers="results/{model}/layers.json",
+        layers=paths.LAYERS,
         pooled=method_set_file,
     output:
-        decision="results/{model}/decisions/{method}/set_{n}x{s}/{budget}.json",
+        decision=paths.DECISION,
     log:
         "logs/{model}/decisions/{method}/set_{n}x{s}/{budget}.log",
     conda:
@@ -45,10 +45,10 @@ rule solve_budget:
 # solves: a job each would cost more in start-up than in solving).
 rule sanity_check:
     input:
-        layers="results/{model}/layers.json",
+        layers=paths.LAYERS,
         pooled=method_set_files,
     output:
-        result="results/{model}/sanity/{method}.json",
+        result=paths.SANITY,
     log:
         "logs/{model}/sanity/{method}.log",
     conda:

@@ -1,8 +1,8 @@
 rule ptq_variant:
     input:
-        model="results/{model}/model.pt",
+        model=paths.CHECKPOINT,
     output:
-        metrics="results/{model}/ptq/{variant}.json",
+        metrics=paths.PTQ_VARIANT,
     log:
         "logs/{model}/ptq/{variant}.log",
     wildcard_constraints:
@@ -26,11 +26,9 @@ rule ptq_variant:
 
 rule ptq_table:
     input:
-        expand(
-            "results/{{model}}/ptq/{variant}.json", variant=config["ptq"]["variants"]
-        ),
+        expand(paths.PTQ_VARIANT, variant=config["ptq"]["variants"], allow_missing=True),
     output:
-        table="results/{model}/ptq.csv",
+        table=paths.PTQ_TABLE,
     log:
         "logs/{model}/ptq_table.log",
     localrule: True
@@ -44,10 +42,10 @@ rule ptq_table:
 
 rule ptq_plot:
     input:
-        table="results/{model}/ptq.csv",
+        table=paths.PTQ_TABLE,
     output:
         plot=report(
-            "results/{model}/plots/ptq.png",
+            paths.plot("ptq"),
             caption="../report/ptq.rst",
             category="{model}",
         ),

@@ -1,9 +1,9 @@
 rule sensitivity_batch:
     input:
-        model="results/{model}/model.pt",
-        calibration="results/{model}/calibration.pt",
+        model=paths.CHECKPOINT,
+        calibration=paths.CALIBRATION,
     output:
-        batch="results/{model}/sensitivity/{estimator}/batch_{batch}.npz",
+        batch=paths.BATCH,
     log:
         "logs/{model}/sensitivity/{estimator}/batch_{batch}.log",
     wildcard_constraints:
@@ -29,7 +29,7 @@ rule pool_set:
     input:
         batches=set_batch_files,
     output:
-        pooled="results/{model}/sensitivity/{estimator}/set_{n}x{s}.npz",
+        pooled=paths.SET,
     log:
         "logs/{model}/sensitivity/{estimator}/set_{n}x{s}.log",
     wildcard_constraints:
@@ -48,10 +48,10 @@ rule pool_set:
 rule limpq_indicators:
     input:
         unpack(limpq_imported),
-        model="results/{model}/model.pt",
-        calibration="results/{model}/calibration.pt",
+        model=paths.CHECKPOINT,
+        calibration=paths.CALIBRATION,
     output:
-        indicators="results/{model}/sensitivity/limpq/set_{n}x{s}.npz",
+        indicators=paths.LIMPQ_SET,
     log:
         "logs/{model}/sensitivity/limpq/set_{n}x{s}.log",
     conda:
@@ -71,6 +71,6 @@ rule limpq_indicators:
         settings=LIMPQ.settings(),
         code=stage_code("limpq_indicators"),
         # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
-        state_dir="results/{model}/.limpq_state/set_{n}x{s}",
+        state_dir=paths.LIMPQ_STATE,
     script:
         "../workflow_scripts/limpq_indicators.py"

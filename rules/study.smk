@@ -5,9 +5,9 @@ rule study_table:
         finetuned=finetuned_evals,
         sanity=sanity_results,
     output:
-        table="results/{model}/study.csv",
+        table=paths.STUDY_TABLE,
         sanity=report(
-            "results/{model}/sanity.csv",
+            paths.SANITY_TABLE,
             caption="../report/sanity.rst",
             category="{model}",
         ),
@@ -24,43 +24,43 @@ rule study_table:
 
 rule study_plots:
     input:
-        table="results/{model}/study.csv",
+        table=paths.STUDY_TABLE,
         pooled=heatmap_matrix,
-        layers="results/{model}/layers.json",
+        layers=paths.LAYERS,
         batches=pool_batch_files,
     output:
         accuracy=report(
-            "results/{model}/plots/accuracy_vs_size.png",
+            paths.plot("accuracy_vs_size"),
             caption="../report/accuracy_vs_size.rst",
             category="{model}",
         ),
         pareto=report(
-            "results/{model}/plots/pareto_auc.png",
+            paths.plot("pareto_auc"),
             caption="../report/pareto_auc.rst",
             category="{model}",
         ),
         sanity=report(
-            "results/{model}/plots/estimated_vs_measured.png",
+            paths.plot("estimated_vs_measured"),
             caption="../report/estimated_vs_measured.rst",
             category="{model}",
         ),
         heatmap=report(
-            "results/{model}/plots/interaction_heatmap.png",
+            paths.plot("interaction_heatmap"),
             caption="../report/interaction_heatmap.rst",
             category="{model}",
         ),
         bits=report(
-            "results/{model}/plots/layer_bits.png",
+            paths.plot("layer_bits"),
             caption="../report/layer_bits.rst",
             category="{model}",
         ),
         auc=report(
-            "results/{model}/pareto_auc.csv",
+            paths.PARETO_AUC_TABLE,
             caption="../report/pareto_auc.rst",
             category="{model}",
         ),
         calibration=report(
-            "results/{model}/calibration.csv",
+            paths.CALIBRATION_TABLE,
             caption="../report/calibration.rst",
             category="{model}",
         ),
