@@ -1,5 +1,6 @@
 """The package layout: the import-graph code hashes (mpqflow/codehash.py) on a tiny fake package,
-then the real package's layering (LAYERS), stage isolation, module sizes and torch-free imports."""
+then the real package's layering (LAYERS), stage isolation, the levels leaf, module sizes and torch-free
+imports."""
 
 import re
 import subprocess
@@ -167,6 +168,20 @@ def test_each_stage_runs_no_other_stage(stage):
     module = f"mpqflow.stages.{stage}"
     closure = module_closure(module, REPO)  # raises if the stage module or one of its imports is missing
     assert [m for m in closure if m.startswith("mpqflow.stages.")] == [module]
+
+
+def test_levels_are_a_leaf_that_training_reaches_without_the_quantizers():
+    """The ALQ/AMQ levels (mpqflow.levels) import nothing else from mpqflow; the quantizers and the
+    gradient exchange both import them, and the exchange and the training stages import no quantizer
+    code, so editing the quantizers does not retrain."""
+    graph = import_graph(REPO)
+    levels = [m for m in graph if m == "mpqflow.levels" or m.startswith("mpqflow.levels.")]
+    assert levels and all(d == "mpqflow" or d.startswith("mpqflow.levels") for m in levels for d in graph[m])
+    assert "mpqflow.levels.fit" in module_closure("mpqflow.quant", REPO)
+    assert "mpqflow.levels.fit" in module_closure("mpqflow.comm", REPO)
+    for module in ("mpqflow.comm", "mpqflow.stages.train", "mpqflow.stages.gradquant"):
+        closure = module_closure(module, REPO)
+        assert not [m for m in closure if m == "mpqflow.quant" or m.startswith("mpqflow.quant.")], module
 
 
 def test_no_module_is_too_long():
