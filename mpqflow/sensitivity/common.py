@@ -74,7 +74,7 @@ class OptionIndex:
 
     @classmethod
     def from_table(cls, table) -> OptionIndex:
-        """The index of a pipeline.LayerTable (its candidates and option table)."""
+        """The index of a :class:`mpqflow.layers.LayerTable` (its candidates and option table)."""
         return cls(tuple(table.candidates), tuple(tuple(int(b) for b in o) for o in table.options))
 
     @property
