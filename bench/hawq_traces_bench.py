@@ -34,6 +34,7 @@ from mpqflow.context import load_context  # noqa: E402
 from mpqflow.data import pool_batch_indices, stack  # noqa: E402
 from mpqflow.sensitivity import compute_batch  # noqa: E402
 from mpqflow.sensitivity.hawq import hutchinson_traces  # noqa: E402
+from mpqflow.validation import schema_defaults  # noqa: E402
 
 
 def own_traces(ctx, x, y, probes: int, seed: int) -> np.ndarray:
@@ -44,7 +45,11 @@ def own_traces(ctx, x, y, probes: int, seed: int) -> np.ndarray:
         for w in weights:
             w.requires_grad_(True)
         loss = F.cross_entropy(ctx.net(x), y)
-        traces, _, _ = hutchinson_traces(loss, weights, max_probes=probes, min_probes=probes, seed=seed)
+        # exactly `probes` probes (min = max), the schema's deflation sketch
+        hawq = {k.removeprefix("hawq_"): v for k, v in schema_defaults("sensitivity").items() if k.startswith("hawq_")}
+        traces, _, _ = hutchinson_traces(
+            loss, weights, **{**hawq, "max_probes": probes, "min_probes": probes, "seed": seed}
+        )
     return traces.cpu().numpy()
 
 

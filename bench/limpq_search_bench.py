@@ -33,8 +33,12 @@ from mpqflow.config import QuantConfig  # noqa: E402
 from mpqflow.context import layer_table  # noqa: E402
 from mpqflow.indicators import bit_lists, limpq_allowed, limpq_linear, read_limpq_pickle  # noqa: E402
 from mpqflow.models import build_model  # noqa: E402
-from mpqflow.optimize import BackendUnavailable, Budget, solve  # noqa: E402
-from mpqflow.stages.solve import build_problem  # noqa: E402
+from mpqflow.optimize import (  # noqa: E402
+    BackendUnavailable,
+    Budget,
+    build_problem,  # noqa: E402
+    solve,
+)
 
 BITS = [6, 5, 4, 3, 2]
 # LIMPQ's published ResNet-50 policy at W3A4-level BitOPs and 12.2x compression (searched layers in order)

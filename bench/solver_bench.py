@@ -36,8 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mpqflow.artifacts import load_batch_file, load_layer_table  # noqa: E402
 from mpqflow.layers import LayerTable  # noqa: E402
 from mpqflow.methods import method_objective, psd_project  # noqa: E402
-from mpqflow.optimize import BACKENDS, BackendUnavailable, Problem, solve  # noqa: E402
-from mpqflow.stages.solve import build_problem  # noqa: E402
+from mpqflow.optimize import (  # noqa: E402
+    BACKENDS,
+    BackendUnavailable,
+    Problem,
+    build_problem,  # noqa: E402
+    solve,
+)
 
 
 def _layer_table(results: Path) -> LayerTable:

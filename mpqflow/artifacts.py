@@ -9,7 +9,7 @@ Usage:
     save_batch_file(path, payload, meta); pool_batch_files(paths)     # sensitivity/{est}/*.npz
     save_decision(path, decision); load_decision(path, table)         # decisions/.../{budget}.json
     decision_assignment(decision, table)                              # its choices + the fixed layers
-    set_of(path)                                                      # (n, s) of a set_{n}x{s} path
+    set_identity(load_batch_file(path), path)                         # (n, s) a set file records
     decision_target(eval_record)                                      # "set_4x0/avg_bits-2.5" or "w2a8"
 
 Every write is atomic (:mod:`mpqflow.io`); every read checks what the file claims to be made from
@@ -25,7 +25,6 @@ settings (the estimator settings that change numbers), format.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,21 +54,22 @@ __all__ = [
     "save_decision",
     "load_decision",
     "decision_assignment",
-    "set_name",
-    "set_of",
+    "SET_FIELDS",
+    "set_identity",
     "decision_target",
 ]
 
 FORMAT_VERSION = 3  # 2: every estimator also stores second moments (standard errors); 3: CLADO's paired differences
 META_FIELDS = ("format", "estimator", "layers", "options", "quant", "checkpoint_sha256", "settings")
+SET_FIELDS = ("set_size", "set_id")  # a set file's identity (set NxS); per-batch files have none
 _CONST_RTOL = 1e-6  # per-file constants (e.g. weight errors) may differ by float noise across devices
 
 
 def split_meta(data: dict) -> tuple[dict, dict]:
     """(payload, meta) of a loaded or pooled dict."""
     return (
-        {k: v for k, v in data.items() if k not in META_FIELDS},
-        {k: v for k, v in data.items() if k in META_FIELDS},
+        {k: v for k, v in data.items() if k not in META_FIELDS + SET_FIELDS},
+        {k: v for k, v in data.items() if k in META_FIELDS + SET_FIELDS},
     )
 
 
@@ -84,10 +84,11 @@ def save_batch_file(path: str | Path, payload: dict, meta: dict | None = None) -
     Args:
         path: output file.
         payload: arrays of an estimator (sums + `count`), or a loaded/pooled dict that carries meta.
-        meta: from :func:`batch_meta`; None when `payload` already holds the meta fields.
+        meta: from :func:`batch_meta`; None when `payload` already holds the meta fields. A set file
+            also records its identity (SET_FIELDS: set_size, set_id), in payload or meta.
     """
     payload, carried = split_meta(payload)
-    meta = carried if meta is None else meta
+    meta = {**carried, **(meta or {})}  # an explicit meta wins over what the payload carries
     missing = [f for f in META_FIELDS if f not in meta]
     if missing:
         raise ValueError(f"{path}: meta fields {missing} are missing")
@@ -103,6 +104,7 @@ def save_batch_file(path: str | Path, payload: dict, meta: dict | None = None) -
         checkpoint_sha256=np.str_(meta["checkpoint_sha256"]),
         settings=np.str_(meta["settings"]),
     )
+    arrays.update({f: np.int64(meta[f]) for f in SET_FIELDS if f in meta})
     save_npz(path, **arrays)
 
 
@@ -122,7 +124,21 @@ def load_batch_file(path: str | Path) -> dict:
             "its job; delete a file made outside it)"
         )
     data["options"] = np.asarray(data["options"], dtype=np.int64).reshape(-1, 2)
+    for f in SET_FIELDS:
+        if f in data:
+            data[f] = int(data[f])
     return data
+
+
+def set_identity(data: dict, path) -> tuple[int, int]:
+    """(set_size, set_id) that a set file records (rule pool_set or limpq_indicators wrote it); a
+    ValueError naming the file for a per-batch file or one written before sets recorded their identity."""
+    if any(f not in data for f in SET_FIELDS):
+        raise ValueError(
+            f"{path}: not a sensitivity set file (no set_size / set_id recorded): a per-batch file, or a set "
+            "file written before sets recorded their identity; recompute it (the workflow reruns its job)"
+        )
+    return int(data["set_size"]), int(data["set_id"])
 
 
 def _meta_differs(a, b) -> bool:
@@ -174,7 +190,7 @@ def pool_batch_files(paths: Sequence[str | Path]) -> dict:
                 pooled[k] = pooled[k] + v
             elif np.shape(v) != np.shape(pooled[k]) or not np.allclose(v, pooled[k], rtol=_CONST_RTOL, atol=0):
                 raise ValueError(f"cannot pool {paths[0]} with {p}: per-file constant {k!r} differs")
-    return {**pooled, **meta}
+    return {**pooled, **{k: v for k, v in meta.items() if k not in SET_FIELDS}}  # a pool of batches is no set yet
 
 
 def means(pooled: dict) -> dict:
@@ -253,13 +269,6 @@ def load_layer_table(path) -> LayerTable:
 
 # ---------------------------------------------------------------- decisions
 
-SET_RE = re.compile(r"set_(\d+)x(\d+)")
-
-
-def set_name(n: int, s: int) -> str:
-    """'set_4x1' for set 1 of size 4."""
-    return f"set_{int(n)}x{int(s)}"
-
 
 def decision_target(record: dict) -> str:
     """How tables name an evaluated (or fine-tuned) decision: 'set_4x0/avg_bits-2.5' (its set and
@@ -267,14 +276,6 @@ def decision_target(record: dict) -> str:
     if record.get("method") == "uniform":
         return record["option"]
     return f"set_{record['set_size']}x{record['set_id']}/{record['budget']}"
-
-
-def set_of(path) -> tuple[int, int]:
-    """(n, s) of a path holding `set_{n}x{s}`; ValueError naming the path otherwise."""
-    m = SET_RE.search(str(path))
-    if not m:
-        raise ValueError(f"{path}: expected a path holding set_<n>x<s>")
-    return int(m.group(1)), int(m.group(2))
 
 
 def save_decision(path, decision: dict) -> None:

@@ -23,6 +23,7 @@ from .validation import ConfigError, load_config, validate_config
 
 __all__ = [
     "ConfigError",
+    "Section",
     "validate_config",
     "load_config",
     "Runtime",
@@ -33,13 +34,17 @@ __all__ = [
     "SamplePlanConfig",
     "SensitivityConfig",
     "SolverConfig",
+    "HawqConfig",
     "StudyConfig",
     "GradQuantStudyConfig",
     "PlotsConfig",
     "EvaluationConfig",
     "PtqConfig",
     "FinetuneConfig",
+    "finetune_target_names",
     "LimpqConfig",
+    "CladoNaConfig",
+    "LimpqSearchConfig",
     "Config",
 ]
 
@@ -51,8 +56,9 @@ def _tuples(value):
     return value
 
 
-class _Section:
-    """from_dict/to_dict for a frozen dataclass whose fields are plain values or nested sections."""
+class Section:
+    """from_dict/to_dict for a frozen dataclass whose fields are plain values or nested sections: the
+    base of every typed config section (and of the method registry's settings)."""
 
     _nested: dict = {}
 
@@ -79,6 +85,10 @@ class _Section:
         return _plain(dataclasses.asdict(self))
 
 
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
 def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -88,7 +98,7 @@ def _plain(value):
 
 
 @dataclass(frozen=True)
-class Runtime(_Section):
+class Runtime(Section):
     """Execution settings: where and how a job runs. Not rule params, so changing them reruns nothing.
 
     Args:
@@ -101,7 +111,7 @@ class Runtime(_Section):
 
 
 @dataclass(frozen=True)
-class DatasetConfig(_Section):
+class DatasetConfig(Section):
     """models.<m>.dataset: which data and how it is read."""
 
     name: str
@@ -112,7 +122,7 @@ class DatasetConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainSettings(_Section):
+class TrainSettings(Section):
     """models.<m>.train: SGD with Nesterov momentum, one-cycle learning rate, random shifts.
 
     batch_size is the global batch, split over `world_size` data-parallel processes; `amp` turns on
@@ -136,7 +146,7 @@ class TrainSettings(_Section):
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """models.<m>: architecture, local weights (None = train), class count (None = the dataset's) and data."""
 
     arch: str
@@ -148,7 +158,7 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True)
-class QuantConfig(_Section):
+class QuantConfig(Section):
     """quant: the quantizer schemes (plain dicts for :meth:`mpqflow.quant.QuantScheme.from_dict`),
     the searched bit-widths and the calibration samples."""
 
@@ -168,7 +178,7 @@ class QuantConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SamplePlanConfig(_Section):
+class SamplePlanConfig(Section):
     """How the training split is used: calibration samples first, then the sensitivity batch pool.
 
     Built from quant.calibration_samples, sensitivity.batch_size / pool_batches and seed: the
@@ -188,7 +198,7 @@ class SamplePlanConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SensitivityConfig(_Section):
+class SensitivityConfig(Section):
     """sensitivity: the batch pool and each estimator's settings (`<estimator>_<key>`)."""
 
     batch_size: int
@@ -206,9 +216,36 @@ class SensitivityConfig(_Section):
         own = {k: v for k, v in self.to_dict().items() if k.startswith(f"{estimator}_")}
         return {"batch_size": self.batch_size, **own}
 
+    @property
+    def hawq(self) -> HawqConfig:
+        """HAWQ's settings as a typed section."""
+        return HawqConfig.of(self.to_dict())
+
 
 @dataclass(frozen=True)
-class SolverConfig(_Section):
+class HawqConfig(Section):
+    """HAWQ's settings (sensitivity.hawq_<field>): probe each layer's Hutchinson trace until its
+    standard error is at most `rel_se` of it, after `min_probes` and at most `max_probes` probes,
+    with `sketch` Hutch++ deflation directions, probes seeded by `seed` and the batch."""
+
+    rel_se: float
+    min_probes: int
+    max_probes: int
+    sketch: int
+    seed: int
+
+    @classmethod
+    def of(cls, settings: dict) -> HawqConfig:
+        """From an estimator's settings dict (:meth:`SensitivityConfig.of_estimator`: `hawq_<field>` keys;
+        other keys ignored); a missing key is a ConfigError naming it."""
+        missing = [f"hawq_{f}" for f in _fields(cls) if f"hawq_{f}" not in settings]
+        if missing:
+            raise ConfigError(f"HAWQ settings: missing key(s) {missing} (sensitivity.hawq_*)")
+        return cls(**{f: settings[f"hawq_{f}"] for f in _fields(cls)})
+
+
+@dataclass(frozen=True)
+class SolverConfig(Section):
     """solver: back-end, limits and gap of every solve."""
 
     backend: str
@@ -224,15 +261,25 @@ class SolverConfig(_Section):
 
 
 @dataclass(frozen=True)
-class CladoNaConfig(_Section):
+class CladoNaConfig(Section):
     """clado_na: noise-aware CLADO's threshold `k` (entries within k standard errors of 0 are noise): a
-    number, or "universal" (√(2 ln m) over the m entries of each family, :mod:`mpqflow.methods`)."""
+    number, or "universal" (√(2 ln m) over the m entries of each family, :mod:`mpqflow.methods`).
+    Method clado_na's settings in the method registry (:data:`mpqflow.methods.METHODS`)."""
 
     k: float | str
 
 
 @dataclass(frozen=True)
-class StudyConfig(_Section):
+class LimpqSearchConfig(Section):
+    """limpq.alpha: the search's weight of the weight indicators against the activation ones,
+    Σ s_a + α·s_w. Method limpq's settings in the method registry; the rest of `limpq` trains the
+    indicators (:class:`LimpqConfig`), so retuning α re-solves and retrains nothing."""
+
+    alpha: float
+
+
+@dataclass(frozen=True)
+class StudyConfig(Section):
     """study: sensitivity-set sizes and how many sets of each size."""
 
     set_sizes: tuple[int, ...]
@@ -240,7 +287,7 @@ class StudyConfig(_Section):
 
 
 @dataclass(frozen=True)
-class PlotsConfig(_Section):
+class PlotsConfig(Section):
     """plots: resolution and panel size."""
 
     dpi: int
@@ -248,14 +295,14 @@ class PlotsConfig(_Section):
 
 
 @dataclass(frozen=True)
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     """evaluation: batch size on the held-out split."""
 
     batch_size: int
 
 
 @dataclass(frozen=True)
-class PtqConfig(_Section):
+class PtqConfig(Section):
     """ptq: the PTQ study's variants and uniform options."""
 
     variants: tuple[str, ...]
@@ -263,7 +310,7 @@ class PtqConfig(_Section):
 
 
 @dataclass(frozen=True)
-class GradQuantStudyConfig(_Section):
+class GradQuantStudyConfig(Section):
     """gradquant: the gradient-quantization study's models, exchange methods x bits and run settings."""
 
     models: tuple[str, ...] | None
@@ -299,39 +346,50 @@ class GradQuantStudyConfig(_Section):
 
 @dataclass(frozen=True)
 class FinetuneConfig(TrainSettings):
-    """finetune: which decisions are fine-tuned (target dicts, canonical) and the LSQ fine-tuning's
-    settings: SGD as in `train`, plus knowledge distillation (`distill` weight of the KL from the FP
-    model's logits at `temperature`) and how the weight steps start (`weight_init`)."""
+    """finetune (but its `targets`, :func:`finetune_target_names`): the LSQ fine-tuning's settings, SGD
+    as in `train`, plus knowledge distillation (`distill` weight of the KL from the FP model's logits at
+    `temperature`) and how the weight steps start (`weight_init`). What one fine-tuning job depends on:
+    adding a target refits no other."""
 
-    targets: tuple[dict, ...]
     distill: float
     temperature: float
     weight_init: str
 
-    @property
-    def target_names(self) -> list[str]:
-        """Each target's path under results/<model>/finetuned/: 'clado/set_4x0/avg_bits-2.5', 'uniform/w2a4'."""
-        return [finetune_target_name(t) for t in self.targets]
+    @classmethod
+    def of_section(cls, section: dict) -> FinetuneConfig:
+        """From the validated `finetune` section, leaving out its targets."""
+        return cls.from_dict({k: v for k, v in section.items() if k != "targets"})
 
     def settings(self) -> dict:
-        """Everything but the targets: what one fine-tuning job depends on (its rule's params)."""
-        return {k: v for k, v in self.to_dict().items() if k != "targets"}
+        """The settings as a plain dict (the rule's params)."""
+        return self.to_dict()
+
+
+def finetune_target_names(section: dict) -> list[str]:
+    """Each target of a validated `finetune` section as its path under results/<model>/finetuned/:
+    'clado/set_4x0/avg_bits-2.5', 'uniform/w2a4'."""
+    return [finetune_target_name(t) for t in section["targets"]]
 
 
 @dataclass(frozen=True)
 class LimpqConfig(TrainSettings):
     """limpq: the indicator pretraining (SGD as in `train`, on `data`: a set's batches or the whole
     training split; `prune`: LIMPQP's iterative pruning with rewinding, or None), or an imported LIMPQ
-    pickle (`indicators`), and the search's `alpha`."""
+    pickle (`indicators`). The section's `alpha` is the search's (:class:`LimpqSearchConfig`), not
+    part of this one: an indicator file does not depend on it."""
 
     data: str
-    alpha: float
     indicators: str | None
     prune: dict | None
 
+    @classmethod
+    def of_section(cls, section: dict) -> LimpqConfig:
+        """From the validated `limpq` section, leaving out the search's alpha."""
+        return cls.from_dict({k: v for k, v in section.items() if k not in _fields(LimpqSearchConfig)})
+
     def settings(self) -> dict:
-        """What an indicator file depends on (its rule's params): everything but alpha (the search's)."""
-        return {k: v for k, v in self.to_dict().items() if k != "alpha"}
+        """What an indicator file depends on (its rule's params): the whole section but the search's alpha."""
+        return self.to_dict()
 
 
 @dataclass(frozen=True)
@@ -352,6 +410,7 @@ class Config:
     ptq: PtqConfig
     gradquant: GradQuantStudyConfig
     finetune: FinetuneConfig
+    finetune_targets: tuple[str, ...]
     limpq: LimpqConfig
     plots: PlotsConfig
     evaluation: EvaluationConfig
@@ -373,8 +432,9 @@ class Config:
             solver=SolverConfig.from_dict(cfg["solver"]),
             ptq=PtqConfig.from_dict(cfg["ptq"]),
             gradquant=GradQuantStudyConfig.from_dict(cfg["gradquant"]),
-            finetune=FinetuneConfig.from_dict(cfg["finetune"]),
-            limpq=LimpqConfig.from_dict(cfg["limpq"]),
+            finetune=FinetuneConfig.of_section(cfg["finetune"]),
+            finetune_targets=tuple(finetune_target_names(cfg["finetune"])),
+            limpq=LimpqConfig.of_section(cfg["limpq"]),
             plots=PlotsConfig.from_dict(cfg["plots"]),
             evaluation=EvaluationConfig.from_dict(cfg["evaluation"]),
         )

@@ -2,8 +2,14 @@
 
 Usage:
     method_estimator("clado_kl")                       # "clado"  (None for uniform)
-    G, linear = method_objective("clado", pooled, table)
+    settings = method_settings("clado_na", config)     # CladoNaConfig(k="universal"), from config["clado_na"]
+    G, linear = method_objective("clado_na", pooled, table, settings)
     estimated_loss_increase("clado", (G, linear), x)   # (xᵀGx + linear·x) / 2
+
+The registry owns everything that differs between methods and estimators: a method's own settings
+(a typed section read from the config key it names; None for most), its estimator, and each
+estimator's kind (additive per-batch sums or one training run per set, pairwise or not, pruning).
+Rules, scripts and stages ask the registry; none of them branches on a method's name.
 
 Convention (shared with mpqflow.optimize.Problem): the objective xᵀGx + linear·x is TWICE the
 method's estimated loss increase, as CLADO's G is (G[i,i] = 2(L(i) − L0)). So
@@ -29,17 +35,26 @@ sums): mpqco_se (n,), clado_matrix_se (n, n), hawq_omega_se (n,) (probe noise, n
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from .artifacts import means
+from .config import CladoNaConfig, ConfigError, LimpqSearchConfig, Section
 from .indicators import limpq_allowed, limpq_linear
 
 __all__ = [
     "Method",
     "METHODS",
+    "Estimator",
+    "ESTIMATORS",
     "method_estimator",
+    "method_settings",
+    "settings_of",
+    "additive_estimators",
+    "pairwise_estimator",
+    "estimator_prunes",
     "method_objective",
     "estimated_loss_increase",
     "psd_project",
@@ -56,6 +71,7 @@ __all__ = [
     "clado_na_thresholds",
     "noise_aware_matrix",
     "method_allowed",
+    "settings_record",
 ]
 
 
@@ -66,9 +82,11 @@ class Method:
     Args:
         name: the {method} wildcard.
         estimator: the sensitivity estimator whose files it reads (None: no estimator).
-        form: "none" | "linear" | "psd" | "raw" | "diag" (how the objective is formed).
+        form: "none" | "linear" | "psd" | "raw" | "diag" | "na" (how the objective is formed).
         loss: "ce" | "kl" for CLADO-based methods (which measured matrix), else None.
         description: one line for tables and logs.
+        settings: the method's own settings section (a frozen dataclass), None when it has none.
+        config_key: the config section its settings' fields are read from (None: no settings).
     """
 
     name: str
@@ -76,6 +94,37 @@ class Method:
     form: str
     loss: str | None
     description: str
+    settings: type | None = None
+    config_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A sensitivity estimator.
+
+    Args:
+        name: the {estimator} wildcard (results/<model>/sensitivity/<name>/).
+        additive: its set files are sums of per-batch files (rule pool_set); False: one run per set.
+        pairwise: it measures cross-layer interactions (the study's heat map draws its matrix).
+        prune_key: the dotted config key that, when not null, makes its set files carry pruning masks
+            that the decisions' evaluation and fine-tuning keep (None: it never prunes).
+    """
+
+    name: str
+    additive: bool
+    pairwise: bool
+    prune_key: str | None
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in (
+        Estimator("mpqco", additive=True, pairwise=False, prune_key=None),
+        Estimator("hawq", additive=True, pairwise=False, prune_key=None),
+        Estimator("clado", additive=True, pairwise=True, prune_key=None),
+        Estimator("limpq", additive=False, pairwise=False, prune_key="limpq.prune"),
+    )
+}
 
 
 METHODS: dict[str, Method] = {
@@ -88,11 +137,13 @@ METHODS: dict[str, Method] = {
         Method("clado_raw", "clado", "raw", "ce", "CLADO cross-entropy matrix as measured"),
         Method("clado_naive", "clado", "diag", "ce", "diagonal of the CLADO cross-entropy matrix"),
         Method("clado_kl", "clado", "psd", "kl", "CLADO KL matrix projected on the PSD cone"),
-        Method("clado_na", "clado", "na", "ce", "CLADO, interactions thresholded at k SE, effects at k SE above, PSD"),
+        Method("clado_na", "clado", "na", "ce", "CLADO, interactions thresholded at k SE, effects at k SE above, PSD",
+               CladoNaConfig, "clado_na"),
         Method("zeroq", "clado", "diag", "kl", "diagonal of the CLADO KL matrix (ZeroQ-style)"),
-        Method("limpq", "limpq", "linear", None, "LIMPQ's learned per-bit step sizes, s_a + alpha * s_w"),
+        Method("limpq", "limpq", "linear", None, "LIMPQ's learned per-bit step sizes, s_a + alpha * s_w",
+               LimpqSearchConfig, "limpq"),
     )
-}
+}  # fmt: skip
 
 
 def _method(name: str) -> Method:
@@ -104,6 +155,56 @@ def _method(name: str) -> Method:
 def method_estimator(method: str) -> str | None:
     """The estimator whose per-batch files `method` needs (None for uniform)."""
     return _method(method).estimator
+
+
+def method_settings(method: str, config: dict) -> dict:
+    """The method's own settings read from a validated config ({} for a method without any): what a
+    rule passes as its one `settings` param, so retuning one method's setting re-solves that method only."""
+    m = _method(method)
+    if m.settings is None:
+        return {}
+    section = config[m.config_key]
+    return {f.name: section[f.name] for f in dataclasses.fields(m.settings)}
+
+
+def settings_of(method: str, settings) -> Section | None:
+    """The method's typed settings from `settings` (its dict, e.g. a rule's param, or the typed
+    section itself); None for a method without settings. Missing or unknown keys are refused."""
+    m = _method(method)
+    if m.settings is None:
+        if settings:
+            raise ConfigError(f"method {method!r} takes no settings, got {dict(settings)}")
+        return None
+    if isinstance(settings, m.settings):
+        return settings
+    if settings is None:
+        raise ConfigError(f"method {method!r} needs its settings ({m.config_key}: {m.settings.__name__})")
+    return m.settings.from_dict(dict(settings))
+
+
+def settings_record(settings: Section | None) -> dict:
+    """The settings as a decision records them: numbers as floats, strings as they are."""
+    if settings is None:
+        return {}
+    return {k: (v if isinstance(v, str) else float(v)) for k, v in settings.to_dict().items()}
+
+
+def additive_estimators(estimators) -> list[str]:
+    """Those of `estimators` whose set files are sums of per-batch files, in the given order."""
+    return [e for e in estimators if ESTIMATORS[e].additive]
+
+
+def pairwise_estimator(estimators) -> str | None:
+    """The first of `estimators` that measures cross-layer interactions (None: none does)."""
+    return next((e for e in estimators if ESTIMATORS[e].pairwise), None)
+
+
+def estimator_prunes(estimator: str | None, config: dict) -> bool:
+    """Whether the estimator's set files carry pruning masks under this config (its prune key set)."""
+    if estimator is None or ESTIMATORS[estimator].prune_key is None:
+        return False
+    section, key = ESTIMATORS[estimator].prune_key.split(".")
+    return config[section][key] is not None
 
 
 def psd_project(G) -> np.ndarray:
@@ -302,19 +403,18 @@ def _check_pooled(method: Method, pooled: dict, table) -> None:
             )
 
 
-def method_objective(
-    method: str, pooled: dict, table, *, alpha: float = 2.0, k: float | str = "universal"
-) -> tuple[np.ndarray | None, np.ndarray | None]:
+def method_objective(method: str, pooled: dict, table, settings=None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(G (n, n) or None, linear (n,) or None): the method's objective xᵀGx + linear·x.
 
     Args:
         method: a key of METHODS.
         pooled: a pooled (or per-batch) sensitivity dict of the method's estimator (None for uniform).
         table: layers.LayerTable (candidates, options, numel).
-        alpha: LIMPQ's weight of the weight indicators against the activation ones (limpq only).
-        k: clado_na's threshold in standard errors, or "universal" (:func:`clado_na_thresholds`).
+        settings: the method's own settings (:func:`settings_of`: its typed section or a dict; required
+            for clado_na's k and limpq's alpha, none for the others).
     """
     m = _method(method)
+    own = settings_of(method, settings)
     if m.estimator is None:
         return None, None
     _check_pooled(m, pooled, table)
@@ -325,11 +425,11 @@ def method_objective(
     if m.estimator == "hawq":
         return None, hawq_omega(pooled, [table.numel[l] for l in table.candidates])
     if m.estimator == "limpq":
-        return None, limpq_linear(pooled, table, alpha)
+        return None, limpq_linear(pooled, table, own.alpha)
     G = clado_matrix(pooled, m.loss, layer_of)
     if m.form == "na":
         paired = clado_diff_se(pooled, m.loss)[np.arange(len(layer_of)), reference_options(table)]  # (n,)
-        return psd_project(noise_aware_matrix(G, clado_matrix_se(pooled, m.loss), k, paired)), None
+        return psd_project(noise_aware_matrix(G, clado_matrix_se(pooled, m.loss), own.k, paired)), None
     if m.form == "diag":
         return None, np.diag(G).copy()
     if m.form == "psd":

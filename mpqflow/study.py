@@ -170,9 +170,7 @@ def choice_vector(choice: str, table) -> np.ndarray:
     return x
 
 
-def estimate_standard_errors(
-    df: pd.DataFrame, batch_files: list[str], table, *, alpha: float = 2.0, k: float | str = "universal"
-) -> np.ndarray:
+def estimate_standard_errors(df: pd.DataFrame, batch_files: list[str], table, settings: dict) -> np.ndarray:
     """(len(df),) standard error of each decision's estimated loss increase: the spread of the
     estimate the method gives the same decision from each single pool batch, over √(set size)
     (batches are i.i.d. samples, so a set of N batches averages N such estimates).
@@ -186,7 +184,8 @@ def estimate_standard_errors(
         df: study rows (method, set_size, choice).
         batch_files: per-batch sensitivity files (the pool batches of the sets; any estimators).
         table: layers.LayerTable.
-        alpha, k: LIMPQ's alpha and clado_na's k, as solved.
+        settings: each method's own settings as solved ({method: dict}, :func:`mpqflow.methods.method_settings`;
+            a method without settings may be left out).
     """
     from .methods import estimated_loss_increase, method_estimator, method_objective
 
@@ -201,7 +200,9 @@ def estimate_standard_errors(
         if est is None or len(files.get(est, [])) < 2 or not isinstance(row.choice, str):
             continue
         if row.method not in objectives:
-            objectives[row.method] = [method_objective(row.method, f, table, alpha=alpha, k=k) for f in files[est]]
+            objectives[row.method] = [
+                method_objective(row.method, f, table, settings.get(row.method, {})) for f in files[est]
+            ]
         x = choice_vector(row.choice, table)
         per_batch = [estimated_loss_increase(row.method, obj, x) for obj in objectives[row.method]]
         out[i] = np.std(per_batch, ddof=1) / np.sqrt(int(row.set_size))

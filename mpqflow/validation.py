@@ -19,6 +19,7 @@ No torch here (nor numpy): the Snakefile calls this while building the DAG.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ __all__ = [
     "cuda_available",
     "cuda_device_count",
     "load_config",
+    "schema_defaults",
     "train_samples",
     "validate_config",
 ]
@@ -96,6 +98,26 @@ def _message(err: jsonschema.ValidationError) -> str:
 def _schema() -> dict:
     with open(SCHEMA_PATH) as f:
         return yaml.safe_load(f)
+
+
+@functools.cache
+def _schema_cached() -> dict:
+    return _schema()
+
+
+def schema_defaults(pointer: str) -> dict:
+    """The schema's defaults of the properties of one object, by a '/'-separated path of property
+    names ('sensitivity', 'models/*/train') or a definition ('$defs/scheme'): the one place defaults
+    live, for the code that builds a section from a partial dict (tests, library callers)."""
+    node = _schema_cached()
+    for part in pointer.split("/"):
+        if part == "$defs":
+            node = node["$defs"]
+        elif part == "*":
+            node = node["additionalProperties"]
+        else:
+            node = node["properties"][part] if "properties" in node else node[part]
+    return copy.deepcopy({k: v["default"] for k, v in node.get("properties", {}).items() if "default" in v})
 
 
 def validate_config(config: Mapping, *, local: bool = True) -> dict:

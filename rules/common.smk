@@ -11,12 +11,19 @@ from mpqflow.config import (
     GradQuantStudyConfig,
     LimpqConfig,
     SamplePlanConfig,
+    finetune_target_names,
     SensitivityConfig,
     validate_config,
 )
 from mpqflow.validation import check_device
 from mpqflow.data import sensitivity_set
-from mpqflow.methods import method_estimator
+from mpqflow.methods import (
+    additive_estimators,
+    estimator_prunes,
+    method_estimator,
+    method_settings,
+    pairwise_estimator,
+)
 from mpqflow.names import option_name, option_table
 
 # The device is checked in check_local_device (onstart), once the executor is known: a cluster's
@@ -35,17 +42,17 @@ OPTIONS = [
 ]
 SEARCH_METHODS = [m for m in config["methods"] if method_estimator(m) is not None]
 ESTIMATORS = sorted({method_estimator(m) for m in SEARCH_METHODS})
-# estimators whose set file is the sum of per-batch files (limpq's comes from a training run)
-ADDITIVE_ESTIMATORS = [e for e in ESTIMATORS if e != "limpq"]
-LIMPQ = LimpqConfig.from_dict(config["limpq"])
+# estimators whose set file is the sum of per-batch files (the others train one run per set)
+ADDITIVE_ESTIMATORS = additive_estimators(ESTIMATORS)
+LIMPQ = LimpqConfig.of_section(config["limpq"])
 SETS = [
     (n, s)
     for n in config["study"]["set_sizes"]
     for s in range(config["study"]["sets_per_size"])
 ]
-FINETUNE = FinetuneConfig.from_dict(config["finetune"])
+FINETUNE = FinetuneConfig.of_section(config["finetune"])
 # 'clado/set_4x0/avg_bits-2.5' or 'uniform/w2a4': results/{model}/finetuned/<target>.pt, eval/<target>.json
-FINETUNE_TARGETS = FINETUNE.target_names
+FINETUNE_TARGETS = finetune_target_names(config["finetune"])
 GRADQUANT = GradQuantStudyConfig.from_dict(config["gradquant"])
 
 
@@ -172,28 +179,30 @@ def limpq_batches(wildcards):
     )
 
 
-def limpq_masks(model, method, set_name):
-    """{"masks": the limpq set file} when a limpq decision of set_name ('2x0') is pruned (limpq.prune)."""
-    if method != "limpq" or LIMPQ.prune is None:
+def pruning_masks(model, method, set_name):
+    """{"masks": the set file} when the method's estimator prunes (LIMPQP: limpq.prune) and its set
+    file of set_name ('2x0') carries the masks that the decision keeps; {} otherwise."""
+    estimator = method_estimator(method)
+    if not estimator_prunes(estimator, config):
         return {}
-    return {"masks": f"results/{model}/sensitivity/limpq/set_{set_name}.npz"}
+    return {"masks": f"results/{model}/sensitivity/{estimator}/set_{set_name}.npz"}
 
 
 def decision_masks(wildcards):
-    """The pruning masks an evaluate_decisions job applies (LIMPQP decisions only)."""
-    return limpq_masks(
+    """The pruning masks an evaluate_decisions job applies (decisions of a pruned set only)."""
+    return pruning_masks(
         wildcards.model, wildcards.method, f"{wildcards.n}x{wildcards.s}"
     )
 
 
-def solve_alpha(wildcards):
-    """LIMPQ's alpha for method limpq, None for the others (retuning it re-solves limpq only)."""
-    return LIMPQ.alpha if wildcards.method == "limpq" else None
+def solve_settings(wildcards):
+    """The {method}'s own settings (the registry's; {} for most): retuning one re-solves that method only."""
+    return method_settings(wildcards.method, config)
 
 
-def solve_k(wildcards):
-    """clado_na's threshold k for method clado_na, None for the others (retuning it re-solves clado_na only)."""
-    return config["clado_na"]["k"] if wildcards.method == "clado_na" else None
+def study_method_settings():
+    """Every searched method's own settings, by method: what the study's standard errors re-form."""
+    return {m: method_settings(m, config) for m in SEARCH_METHODS}
 
 
 def finetune_decision(wildcards):
@@ -204,7 +213,7 @@ def finetune_decision(wildcards):
     method, set_dir, _ = wildcards.target.split("/")
     return {
         "decision": f"results/{wildcards.model}/decisions/{wildcards.target}.json",
-        **limpq_masks(wildcards.model, method, set_dir.removeprefix("set_")),
+        **pruning_masks(wildcards.model, method, set_dir.removeprefix("set_")),
     }
 
 
@@ -289,11 +298,13 @@ def pool_batch_files(wildcards):
 
 
 def heatmap_matrix(wildcards):
-    """The CLADO matrix of the largest first set feeds the interaction heat map (none without CLADO)."""
-    if "clado" not in ESTIMATORS:
+    """The pairwise estimator's (CLADO's) matrix of the largest first set feeds the interaction heat map
+    (none without a pairwise estimator)."""
+    estimator = pairwise_estimator(ESTIMATORS)
+    if estimator is None:
         return []
     n = max(config["study"]["set_sizes"])
-    return f"results/{wildcards.model}/sensitivity/clado/set_{n}x0.npz"
+    return f"results/{wildcards.model}/sensitivity/{estimator}/set_{n}x0.npz"
 
 
 def uniform_evals(wildcards):

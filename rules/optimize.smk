@@ -34,8 +34,7 @@ rule solve_budget:
         runtime=lambda wildcards: int(config["solver"]["time_limit"] / 60) + 5,
     params:
         solver=config["solver"],
-        alpha=solve_alpha,
-        k=solve_k,
+        settings=solve_settings,
         code=stage_code("solve"),
     script:
         "../workflow_scripts/solve_budget.py"
@@ -60,8 +59,7 @@ rule sanity_check:
         runtime=lambda wildcards: int(config["solver"]["time_limit"] / 60) + 5,
     params:
         solver=config["solver"],
-        alpha=solve_alpha,
-        k=solve_k,
+        settings=solve_settings,
         code=stage_code("solve"),
     script:
         "../workflow_scripts/sanity_check.py"

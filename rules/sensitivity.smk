@@ -69,7 +69,7 @@ rule limpq_indicators:
         batches=limpq_batches,
         # without alpha: retuning the search's alpha re-solves, it does not retrain the indicators
         settings=LIMPQ.settings(),
-        code=stage_code("limpq"),
+        code=stage_code("limpq_indicators"),
         # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
         state_dir="results/{model}/.limpq_state/set_{n}x{s}",
     script:

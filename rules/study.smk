@@ -71,8 +71,7 @@ rule study_plots:
         "../envs/mpqflow.yaml"
     params:
         plots=config["plots"],
-        alpha=LIMPQ.alpha,
-        k=config["clado_na"]["k"],
+        settings=study_method_settings(),
         code=stage_code("study"),
     script:
         "../workflow_scripts/study_plots.py"

@@ -7,4 +7,5 @@ ruff format --check .
 snakefmt --check Snakefile rules/
 # --lint parses the workflow with the embedded default config (no job runs).
 snakemake --lint --quiet
+mkdocs build --strict --quiet -d "$(mktemp -d)"  # the docs: a broken link or anchor fails (mkdocs.yml)
 echo "lint: clean"

@@ -67,3 +67,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def sensitivity_settings(**overrides) -> dict:
+    """The sensitivity section's settings with the schema's defaults (the only place they live), as an
+    estimator gets them from its rule, with `overrides` on top."""
+    from mpqflow.validation import schema_defaults
+
+    return {**schema_defaults("sensitivity"), **overrides}

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from mpqflow.artifacts import load_layer_table, save_decision
-from mpqflow.config import Config, ConfigError, FinetuneConfig, Runtime, validate_config
+from mpqflow.config import Config, ConfigError, FinetuneConfig, Runtime, finetune_target_names, validate_config
 from mpqflow.data import data_spec, load_split
 from mpqflow.finetuned import load_finetuned, read_finetuned
 from mpqflow.metrics import evaluate as evaluate_fp
@@ -60,10 +60,10 @@ def _job(cfg, d, target, name, world_size=1, out_dir=None, **settings):
     """run_finetune's job for the model in `d`; outputs under `out_dir` (default `d`)."""
     out_dir = d if out_dir is None else out_dir
     out = out_dir / "finetuned" / name
-    s = {**cfg.finetune.settings(), "world_size": world_size, **settings}
+    s = FinetuneConfig.from_dict({**cfg.finetune.settings(), "world_size": world_size, **settings})
     outputs = {k: f"{out}{suffix}" for k, suffix in
                (("model", ".pt"), ("export", ".export.pt"), ("export_meta", ".export.json"))}  # fmt: skip
-    return dict(model=cfg.models["m"].to_dict(), quant=cfg.quant.to_dict(), seed=cfg.seed, settings=s,
+    return dict(model=cfg.models["m"], quant=cfg.quant, seed=cfg.seed, settings=s,
                 checkpoint=str(d / "model.pt"),
                 calibration=str(d / "calibration.pt"), target=target, outputs=outputs,
                 state_dir=str(out_dir / ".finetune_state" / name))  # fmt: skip
@@ -195,7 +195,7 @@ def test_tables_pair_each_fine_tuned_target_with_its_ptq_evaluation(run, w2a4, t
 
 
 def test_distillation_loss_is_cross_entropy_at_weight_zero_and_kl_at_one():
-    from mpqflow.stages.finetune import distillation_loss
+    from mpqflow.train.losses import distillation_loss
 
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
@@ -225,7 +225,7 @@ def _finetune(section):
 
 def test_default_config_fine_tunes_clado_and_mpqco_at_the_lowest_budget_of_set_size_4():
     cfg = Config.from_dict(validate_config(_default_raw()))
-    assert cfg.finetune.target_names[:2] == ["clado/set_4x0/avg_bits-2.5", "mpqco/set_4x0/avg_bits-2.5"]
+    assert list(cfg.finetune_targets[:2]) == ["clado/set_4x0/avg_bits-2.5", "mpqco/set_4x0/avg_bits-2.5"]
     assert "targets" not in cfg.finetune.settings() and cfg.finetune.train_settings().epochs == cfg.finetune.epochs
 
 
@@ -236,7 +236,7 @@ def test_targets_are_canonical_and_all_expands_every_decision():
     n = len([m for m in raw["methods"] if m != "uniform"]) * 4 * len(raw["budgets"])  # 2 sizes x 2 sets
     assert len(_finetune({"targets": "all"})["targets"]) == n
     assert _finetune(None)["targets"] == [] and _finetune({})["targets"] == []
-    assert FinetuneConfig.from_dict(_finetune({"targets": "all"})).target_names[0] == "mpqco/set_1x0/avg_bits-2.25"
+    assert finetune_target_names(_finetune({"targets": "all"}))[0] == "mpqco/set_1x0/avg_bits-2.25"
 
 
 @pytest.mark.parametrize(

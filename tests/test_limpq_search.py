@@ -20,8 +20,7 @@ from mpqflow.indicators import (
 from mpqflow.layers import LayerTable
 from mpqflow.methods import method_allowed, method_objective
 from mpqflow.models import build_model
-from mpqflow.optimize import Budget, InfeasibleBudget, solve
-from mpqflow.stages.solve import build_problem
+from mpqflow.optimize import Budget, InfeasibleBudget, build_problem, solve
 
 
 def _quant(w_bits, a_bits):
@@ -116,7 +115,7 @@ def test_objective_and_allowed_options_on_the_option_table():
     assert allowed.tolist() == [True, True, True, True, True, True, False, False]  # b's 2-bit weights
     assert method_allowed("limpq", payload, table).tolist() == allowed.tolist()
     assert method_allowed("mpqco", {}, table) is None
-    G, linear = method_objective("limpq", payload, table, alpha=1.0)
+    G, linear = method_objective("limpq", payload, table, {"alpha": 1.0})
     assert G is None and linear[1] == pytest.approx(2 * (0.4 + 0.0))
     # the forbidden option would win without the rule; the problem leaves it out
     p = build_problem(table, linear=lin, allowed=allowed)

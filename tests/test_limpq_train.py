@@ -1,5 +1,5 @@
 """LIMPQ's training half: the switchable LSQ model (mpqflow/sensitivity/limpq.py), the indicator
-stage (mpqflow/stages/limpq.py) and its config, on a small digits CNN trained and calibrated once.
+stage (mpqflow/stages/limpq_indicators.py) and its config, on a small digits CNN trained and calibrated once.
 
 The workflow rule (2 gloo processes, the limpq decisions fine-tuned) runs in the tiny study of
 test_workflow.py."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mpqflow.artifacts import load_batch_file, load_layer_table
-from mpqflow.config import Config, ConfigError, SolverConfig, validate_config
+from mpqflow.config import Config, ConfigError, FinetuneConfig, LimpqConfig, SolverConfig, validate_config
 from mpqflow.config_checks import MAX_LSQ_BITS as CHECKED_MAX_BITS
 from mpqflow.context import load_context
 from mpqflow.data import sensitivity_set
@@ -20,7 +20,7 @@ from mpqflow.indicators import limpq_allowed, limpq_forbidden_bits, write_limpq_
 from mpqflow.quant.lsq import MAX_LSQ_BITS
 from mpqflow.sensitivity.limpq import SwitchableBatchNorm2d, indicator_payload, limpq_loss, limpq_supernet
 from mpqflow.stages import calibrate, train
-from mpqflow.stages.limpq import run_limpq_indicators
+from mpqflow.stages.limpq_indicators import run_limpq_indicators
 from mpqflow.stages.solve import solve_budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,8 +60,8 @@ def _context(cfg, d):
 def _job(cfg, d, out, **settings):
     data = {**cfg.limpq.settings(), **settings}["data"]
     batches = sensitivity_set(2, 0, cfg.sample_plan.pool_batches, cfg.seed) if data == "set" else None
-    return dict(model=cfg.models["m"].to_dict(), quant=cfg.quant.to_dict(), seed=cfg.seed,
-                plan=cfg.sample_plan.to_dict(), settings={**cfg.limpq.settings(), **settings},
+    return dict(model=cfg.models["m"], quant=cfg.quant, seed=cfg.seed,
+                plan=cfg.sample_plan, settings=LimpqConfig.from_dict({**cfg.limpq.settings(), **settings}),
                 checkpoint=str(d / "model.pt"), calibration=str(d / "calibration.pt"), set_size=2, set_id=0,
                 batches=batches, out_path=str(out), state_dir=str(out) + ".state")  # fmt: skip
 
@@ -159,7 +159,7 @@ def test_imported_pickle_becomes_the_set_file_and_the_search_reads_it(run, train
     assert int(got["count"]) == 0
     solver = SolverConfig.from_dict(cfg.solver.to_dict())
     decision = solve_budget(str(d / "layers.json"), str(out), "limpq", "avg_bits-4", solver, str(tmp_path / "d.json"),
-                            alpha=1.5)  # fmt: skip
+                            {"alpha": 1.5})  # fmt: skip
     assert decision["alpha"] == 1.5
     assert sorted(decision["forbidden"]) == ["conv2:w2a4", "conv2:w2a8"]
     assert not decision["choice"][0].startswith("w2")
@@ -205,7 +205,7 @@ def test_config_checks_of_the_limpq_section(tmp_path):
 def test_interrupted_indicator_run_resumes_to_the_same_indicators(run, tmp_path, monkeypatch, caplog):
     """Killed in its third epoch, the run resumes from the second epoch's checkpoint (weights, steps,
     BatchNorm copies, optimizer and the random-assignment counter) to the uninterrupted indicators."""
-    import mpqflow.stages.limpq as stage
+    import mpqflow.stages.limpq_indicators as stage
     from mpqflow.sensitivity.limpq import limpq_loss as real_loss
 
     cfg, d = run
@@ -286,7 +286,7 @@ def pruned(run, tmp_path_factory):
 def test_pruned_indicator_run_stores_masks_and_resumes_between_rounds(run, pruned, tmp_path, monkeypatch):
     """The file holds each candidate's mask (a quarter kept after two halvings); a run killed in its
     second round resumes from the first pruning's checkpoint to the same masks and indicators."""
-    import mpqflow.stages.limpq as stage
+    import mpqflow.stages.limpq_indicators as stage
     from mpqflow.indicators import prune_masks
     from mpqflow.sensitivity.limpq import limpq_loss as real_loss
 
@@ -329,7 +329,7 @@ def test_pruned_decision_is_evaluated_and_fine_tuned_with_its_masks(run, pruned,
     cfg, d = run
     solver = SolverConfig.from_dict(cfg.solver.to_dict())
     decision = tmp_path / "decisions" / "limpq" / "set_2x0" / "avg_bits-4.json"
-    solve_budget(str(d / "layers.json"), str(pruned), "limpq", "avg_bits-4", solver, str(decision))
+    solve_budget(str(d / "layers.json"), str(pruned), "limpq", "avg_bits-4", solver, str(decision), {"alpha": 2.0})
     args = (cfg.models["m"], cfg.quant, cfg.sample_plan, cfg.evaluation, cfg.runtime, str(d / "model.pt"),
             str(d / "calibration.pt"), [str(decision)])  # fmt: skip
     dense = evaluate_decisions(*args, [str(tmp_path / "dense.json")])[0]
@@ -338,8 +338,8 @@ def test_pruned_decision_is_evaluated_and_fine_tuned_with_its_masks(run, pruned,
     assert sparse["loss"] != dense["loss"]
     out = tmp_path / "ft"
     outputs = {"model": f"{out}.pt", "export": f"{out}.export.pt", "export_meta": f"{out}.export.json"}
-    settings = {**cfg.finetune.settings(), "epochs": 1}
-    job = dict(model=cfg.models["m"].to_dict(), quant=cfg.quant.to_dict(), seed=cfg.seed, settings=settings,
+    settings = FinetuneConfig.from_dict({**cfg.finetune.settings(), "epochs": 1})
+    job = dict(model=cfg.models["m"], quant=cfg.quant, seed=cfg.seed, settings=settings,
                checkpoint=str(d / "model.pt"), calibration=str(d / "calibration.pt"),
                target={"decision": str(decision)}, outputs=outputs, state_dir=str(tmp_path / "ft_state"),
                masks=str(pruned))  # fmt: skip

@@ -4,6 +4,7 @@ samples of the union; noise-aware CLADO's shrinkage; old files without second mo
 import numpy as np
 import pytest
 import torch
+from conftest import sensitivity_settings
 
 from mpqflow.artifacts import FORMAT_VERSION, load_batch_file, pool_batch_files, save_batch_file, save_npz
 from mpqflow.methods import (
@@ -37,7 +38,7 @@ def tiny():
 
 def _files(ctx, x, y, estimator, tmp_path, sizes=(10, 14)):
     """Per-batch files of two unequal batches, and the samples in order."""
-    settings = {"progress": False, "hawq_max_probes": 40}
+    settings = sensitivity_settings(progress=False, hawq_max_probes=40)
     paths, start = [], 0
     for b, size in enumerate(sizes):
         payload = compute_batch(estimator, ctx, x[start : start + size], y[start : start + size], settings)
@@ -120,7 +121,7 @@ def test_shrinkage_keeps_noise_free_entries(tiny):
     meta = batch_meta(ctx, "clado", {})
     pooled = {**dup, **meta}
     assert np.abs(clado_matrix_se(pooled)).max() <= 1e-9 * np.abs(clado_matrix(pooled)).max()
-    G_na, _ = method_objective("clado_na", pooled, ctx.table)
+    G_na, _ = method_objective("clado_na", pooled, ctx.table, {"k": "universal"})
     G_psd, _ = method_objective("clado", pooled, ctx.table)
     np.testing.assert_allclose(G_na, G_psd, rtol=1e-6, atol=1e-12)
 

@@ -243,7 +243,7 @@ def test_aciq_observer_is_optimal_for_the_applied_core_quantizer(name, prior):
     for one_sided in (False, True):
         xx = x.abs() if one_sided else x
         for bits in (2, 3, 4):
-            obs = make_observer(QuantScheme(observer=name), bits, None)
+            obs = make_observer(QuantScheme.of(observer=name), bits, None)
             perm = torch.randperm(xx.numel(), generator=torch.Generator().manual_seed(bits))
             for chunk in xx[perm].chunk(4):  # streamed over (shuffled) calibration batches
                 obs(chunk)
@@ -260,7 +260,7 @@ def test_aciq_observer_is_optimal_for_the_applied_core_quantizer(name, prior):
 def test_aciq_observer_per_channel_state_dict_and_quantizer():
     g = torch.Generator().manual_seed(11)
     w = torch.randn(6, 4, 3, 3, generator=g) * torch.linspace(0.05, 1, 6)[:, None, None, None]
-    scheme = QuantScheme(observer="aciq_laplace", granularity="per_channel")
+    scheme = QuantScheme.of(observer="aciq_laplace", granularity="per_channel")
     obs = make_observer(scheme, 4, True)
     assert isinstance(obs, ACIQObserver) and not obs.observed
     obs(w)
@@ -277,7 +277,7 @@ def test_aciq_observer_per_channel_state_dict_and_quantizer():
         model,
         ["0", "2"],
         scheme,
-        QuantScheme(observer="aciq_gauss", granularity="per_channel", symmetric=False),
+        QuantScheme.of(observer="aciq_gauss", granularity="per_channel", symmetric=False),
         [2, 4],
         [4, 8],
     )
@@ -320,7 +320,7 @@ def test_aciq_model_banner_through_observer_and_quantizer():
     model = torch.nn.Sequential(lin)
     ranges = {}
     for name in ("banner", "signed_grid"):
-        s = QuantScheme(observer="aciq_laplace", aciq_model=name)
+        s = QuantScheme.of(observer="aciq_laplace", aciq_model=name)
         q = ModelQuantizer(model, ["0"], s, s, w_bits=bits, a_bits=bits)
         q.calibrate([x])
         st = q.state_dict()["qparams"]["0"]
@@ -340,12 +340,12 @@ def test_aciq_model_banner_through_observer_and_quantizer():
         assert sg_up == pytest.approx(optimal_clip_ratio(b, "laplace", model="narrow_grid"), rel=1e-5)
         assert not torch.equal(hi, ranges["signed_grid"][kind, b][1]), (kind, b)
     # the default is signed_grid, the observer path before the key existed
-    assert QuantScheme().aciq_model == "signed_grid"
-    assert make_observer(QuantScheme(observer="aciq_gauss"), 4).model == "narrow_grid"
-    full = QuantScheme(observer="aciq_gauss", symmetric_range=False)
+    assert QuantScheme.of().aciq_model == "signed_grid"
+    assert make_observer(QuantScheme.of(observer="aciq_gauss"), 4).model == "narrow_grid"
+    full = QuantScheme.of(observer="aciq_gauss", symmetric_range=False)
     assert make_observer(full, 4).model == "symmetric_grid"
-    assert make_observer(QuantScheme(observer="aciq_gauss", symmetric=False), 4).model == "signed_grid"
-    assert make_observer(QuantScheme(observer="aciq_gauss", aciq_model="grid"), 4).model == "grid"
+    assert make_observer(QuantScheme.of(observer="aciq_gauss", symmetric=False), 4).model == "signed_grid"
+    assert make_observer(QuantScheme.of(observer="aciq_gauss", aciq_model="grid"), 4).model == "grid"
 
 
 def test_aciq_model_in_per_channel_bit_allocation():
@@ -356,8 +356,8 @@ def test_aciq_model_in_per_channel_bit_allocation():
     w = lin.weight.detach()
     alloc = {}
     for name in ("banner", "signed_grid"):
-        s = QuantScheme(observer="aciq_laplace", granularity="per_channel", bit_allocation=True, aciq_model=name)
-        q = ModelQuantizer(torch.nn.Sequential(lin), ["0"], s, QuantScheme(), w_bits=[3], a_bits=[8])
+        s = QuantScheme.of(observer="aciq_laplace", granularity="per_channel", bit_allocation=True, aciq_model=name)
+        q = ModelQuantizer(torch.nn.Sequential(lin), ["0"], s, QuantScheme.of(), w_bits=[3], a_bits=[8])
         q.calibrate([torch.randn(4, 32, generator=g)])
         cb = alloc[name] = q.channel_bits("0", "weight", 3)
         assert cb.bits.max() > cb.bits.min()
@@ -371,19 +371,19 @@ def test_aciq_model_in_per_channel_bit_allocation():
 
 def test_aciq_model_validation_and_state():
     with pytest.raises(ValueError) as err:
-        QuantScheme(observer="aciq_laplace", aciq_model="paper")
+        QuantScheme.of(observer="aciq_laplace", aciq_model="paper")
     msg = str(err.value)
     assert "QuantScheme.aciq_model" in msg and "'paper'" in msg
     assert all(f"'{m}'" in msg for m in ("signed_grid", "grid", "banner")), msg
     with pytest.raises(ValueError, match="model must be one of"):
         ACIQObserver(4, model="paper")
-    s = QuantScheme(observer="aciq_gauss", aciq_model="banner")
+    s = QuantScheme.of(observer="aciq_gauss", aciq_model="banner")
     assert QuantScheme.from_dict(s.to_dict()) == s
     assert QuantScheme.from_dict({"observer": "aciq_gauss"}).aciq_model == "signed_grid"  # older dicts load
     # a state calibrated under one model does not load into a quantizer of another
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))
-    q = ModelQuantizer(model, ["0"], s, QuantScheme(), [4], [8])
+    q = ModelQuantizer(model, ["0"], s, QuantScheme.of(), [4], [8])
     q.calibrate([torch.randn(16, 8)])
-    other = ModelQuantizer(model, ["0"], QuantScheme(observer="aciq_gauss"), QuantScheme(), [4], [8])
+    other = ModelQuantizer(model, ["0"], QuantScheme.of(observer="aciq_gauss"), QuantScheme.of(), [4], [8])
     with pytest.raises(ValueError, match="aciq_model"):
         other.load_state_dict(q.state_dict())

@@ -163,9 +163,9 @@ def test_model_quantizer_bias_correction_option(mode):
         torch.nn.Flatten(),
         torch.nn.Linear(6, 4),
     )
-    act = QuantScheme(observer="ema_minmax", symmetric=False)
+    act = QuantScheme.of(observer="ema_minmax", symmetric=False)
     for levels in ("uniform", "alq"):
-        scheme = QuantScheme(granularity="per_tensor", bias_correction=mode, levels=levels)
+        scheme = QuantScheme.of(granularity="per_tensor", bias_correction=mode, levels=levels)
         q = ModelQuantizer(model, ["0", "4"], scheme, act, [2, 4], [8])
         q.calibrate([torch.randn(4, 3, 5, 5)])
         for layer, dims in (("0", (1, 2, 3)), ("4", (1,))):
@@ -173,14 +173,14 @@ def test_model_quantizer_bias_correction_option(mode):
             w_q = q.quantized_weight(layer, 2)
             torch.testing.assert_close(w_q.mean(dims), w.mean(dims), atol=1e-6, rtol=0)
             plain = quantize_weight(
-                w, q.weight_qparams(layer, 2), QuantScheme(granularity="per_tensor", levels=levels), 2
+                w, q.weight_qparams(layer, 2), QuantScheme.of(granularity="per_tensor", levels=levels), 2
             )
             assert (plain.mean(dims) - w.mean(dims)).abs().max() > 1e-5  # there was a mean error to correct
             torch.testing.assert_close(w_q, correct_bias(w, plain, 0, variance=mode == "bias_variance"))
     with pytest.raises(ValueError, match="weights only"):
-        ModelQuantizer(model, ["0"], QuantScheme(), QuantScheme(bias_correction=mode), [4], [8])
+        ModelQuantizer(model, ["0"], QuantScheme.of(), QuantScheme.of(bias_correction=mode), [4], [8])
     with pytest.raises(ValueError, match="QuantScheme.bias_correction"):
-        QuantScheme(bias_correction="yes")
+        QuantScheme.of(bias_correction="yes")
 
 
 # ---------------------------------------------------------------- bit allocation inside ModelQuantizer
@@ -200,8 +200,8 @@ def _spread_layer(seed: int = 0):
 def _quantized_output(net, x, alloc: bool, w: int | None, a: int | None, observer: str = "minmax"):
     from mpqflow.quant import ModelQuantizer, QuantScheme
 
-    ws = QuantScheme(observer=observer, granularity="per_channel", bit_allocation=alloc)
-    acts = QuantScheme(observer=observer, granularity="per_channel", bit_allocation=alloc)
+    ws = QuantScheme.of(observer=observer, granularity="per_channel", bit_allocation=alloc)
+    acts = QuantScheme.of(observer=observer, granularity="per_channel", bit_allocation=alloc)
     q = ModelQuantizer(net, ["0"], ws, acts, w_bits=[3], a_bits=[3])
     q.calibrate([x[:256], x[256:]])
     with q.applied({"0": (w, a)}), torch.no_grad():
@@ -230,7 +230,7 @@ def test_quantizer_bit_allocation_state_round_trip():
 
     net, x = _spread_layer()
     out, q = _quantized_output(net, x, True, 3, 3)
-    s = QuantScheme(granularity="per_channel", bit_allocation=True)
+    s = QuantScheme.of(granularity="per_channel", bit_allocation=True)
     q2 = ModelQuantizer(net, ["0"], s, s, w_bits=[3], a_bits=[3])
     q2.load_state_dict(q.state_dict())
     with q2.applied({"0": (3, 3)}), torch.no_grad():
@@ -241,4 +241,4 @@ def test_bit_allocation_needs_per_channel():
     from mpqflow.quant import QuantScheme
 
     with pytest.raises(ValueError, match="bit_allocation"):
-        QuantScheme(bit_allocation=True)
+        QuantScheme.of(bit_allocation=True)

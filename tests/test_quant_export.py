@@ -56,8 +56,8 @@ def tuned():
     q = ModelQuantizer(
         net,
         ["stem", "conv", "fc"],
-        QuantScheme(granularity="per_channel"),
-        QuantScheme(observer="ema_minmax", symmetric=False),
+        QuantScheme.of(granularity="per_channel"),
+        QuantScheme.of(observer="ema_minmax", symmetric=False),
         [2, 3],
         [4, 8],
     )

@@ -174,9 +174,9 @@ def test_model_quantizer_levels_option(levels):
     from mpqflow.quant import ModelQuantizer, QuantScheme
 
     model = _tiny()
-    act = QuantScheme(observer="ema_minmax", symmetric=False)
+    act = QuantScheme.of(observer="ema_minmax", symmetric=False)
     for granularity, ch_axis in (("per_channel", 0), ("per_tensor", None)):
-        scheme = QuantScheme(granularity=granularity, levels=levels)
+        scheme = QuantScheme.of(granularity=granularity, levels=levels)
         q = ModelQuantizer(model, ["0", "2"], scheme, act, [2, 3, 4], [8])
         q.calibrate([torch.randn(4, 3, 8, 8)])
         w = model[2].weight.detach()
@@ -195,9 +195,9 @@ def test_model_quantizer_levels_option(levels):
         with q.applied({"0": (3, 8), "2": (2, None)}):
             assert torch.equal(model[2].weight, q.quantized_weight("2", 2))
     with pytest.raises(ValueError, match="at least 2 bits"):
-        ModelQuantizer(model, ["0"], QuantScheme(symmetric=False, levels=levels), act, [1, 4], [8])
+        ModelQuantizer(model, ["0"], QuantScheme.of(symmetric=False, levels=levels), act, [1, 4], [8])
     with pytest.raises(ValueError, match="weights only"):
-        ModelQuantizer(model, ["0"], QuantScheme(), QuantScheme(levels=levels), [4], [8])
+        ModelQuantizer(model, ["0"], QuantScheme.of(), QuantScheme.of(levels=levels), [4], [8])
     with pytest.raises(ValueError, match="QuantScheme.levels"):
-        QuantScheme(levels="lloyd")
+        QuantScheme.of(levels="lloyd")
     assert QuantScheme.from_dict({"observer": "mse"}).levels == "uniform"  # old dicts still load

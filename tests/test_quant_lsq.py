@@ -55,8 +55,8 @@ def _calibrated(weight=None, w_bits=(2, 3, 4, 5, 6, 7, 8), a_bits=(2, 4, 8), see
     q = ModelQuantizer(
         net,
         LAYERS,
-        weight or QuantScheme(granularity="per_channel"),
-        QuantScheme(observer="ema_minmax", symmetric=False),
+        weight or QuantScheme.of(granularity="per_channel"),
+        QuantScheme.of(observer="ema_minmax", symmetric=False),
         list(w_bits),
         list(a_bits),
     )
@@ -228,7 +228,7 @@ def test_calibrated_weights_identical_for_every_bit_width():
             m = qnet.get_submodule(n)
             assert torch.equal(m.weight_quant(m.weight), q.quantized_weight(n, bits)), (n, bits)
     # per-tensor calibrated scales broadcast to per-channel steps: still identical
-    net, q = _calibrated(weight=QuantScheme(), w_bits=(3,))
+    net, q = _calibrated(weight=QuantScheme.of(), w_bits=(3,))
     qnet = prepare_lsq(copy.deepcopy(net), {"conv": (3, None)}, quantizer=q)
     assert torch.equal(qnet.conv.weight_quant(qnet.conv.weight), q.quantized_weight("conv", 3))
 
@@ -268,7 +268,7 @@ def test_affine_signed_activation_gets_a_covering_symmetric_step():
     err_ptq = (q.quantize_input("stem", x, 4) - x).pow(2).mean()
     assert err_lsq <= 4 * err_ptq  # the step is at most twice the calibrated scale
     # affine weights likewise: a symmetric step per channel covering each channel's calibrated range
-    net, q = _calibrated(weight=QuantScheme(granularity="per_channel", symmetric=False), w_bits=(4,))
+    net, q = _calibrated(weight=QuantScheme.of(granularity="per_channel", symmetric=False), w_bits=(4,))
     qnet = prepare_lsq(copy.deepcopy(net), {"conv": (4, None)}, quantizer=q)
     p = q.weight_qparams("conv", 4)
     zp, scale = p.zero_point.double(), p.scale.double()
@@ -360,7 +360,7 @@ def test_bad_inputs_are_refused_naming_the_layer():
         with pytest.raises(ValueError, match=msg):
             prepare_lsq(fresh, assignment, **{"quantizer": q, **kwargs})
         assert not lsq_layers(fresh)  # nothing swapped when anything is refused
-    other = ModelQuantizer(fresh, ["conv"], QuantScheme(), QuantScheme(), [4], [8])
+    other = ModelQuantizer(fresh, ["conv"], QuantScheme.of(), QuantScheme.of(), [4], [8])
     with pytest.raises(ValueError, match="not calibrated"):
         prepare_lsq(fresh, {"conv": (4, 8)}, quantizer=other)
     other.calibrate(_batches(1))

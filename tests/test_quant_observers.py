@@ -42,13 +42,13 @@ from mpqflow.quant.functional import clip_ratios
 )
 def test_scheme_validation_names_field_and_value(kwargs, field, value):
     with pytest.raises(ValueError) as err:
-        QuantScheme(**kwargs)
+        QuantScheme.of(**kwargs)
     msg = str(err.value)
     assert f"QuantScheme.{field}" in msg and f"got {value}" in msg and "expected" in msg
 
 
 def test_scheme_dict_round_trip_and_unknown_key():
-    s = QuantScheme(
+    s = QuantScheme.of(
         observer="ema_mse",
         granularity="per_channel",
         symmetric=False,
@@ -57,7 +57,7 @@ def test_scheme_dict_round_trip_and_unknown_key():
         mse_grid=50,
     )
     assert QuantScheme.from_dict(s.to_dict()) == s
-    assert QuantScheme.from_dict({}) == QuantScheme()
+    assert QuantScheme.from_dict({}) == QuantScheme.of()
     assert QuantScheme.from_dict({"observer": "mse"}).observer == "mse"
     with pytest.raises(ValueError, match="unknown key.*'gran'"):
         QuantScheme.from_dict({"gran": "per_channel"})
@@ -66,8 +66,8 @@ def test_scheme_dict_round_trip_and_unknown_key():
 
 
 def test_schema_scheme_matches_quant_scheme():
-    """schemas/config.schema.yaml's $defs/scheme: every key a QuantScheme field with the same default,
-    every enum the vocabulary QuantScheme validates against."""
+    """schemas/config.schema.yaml's $defs/scheme: every key a QuantScheme field whose default (filled in
+    by from_dict) is the schema's, every enum the vocabulary QuantScheme validates against."""
     import dataclasses
     from pathlib import Path
 
@@ -78,7 +78,8 @@ def test_schema_scheme_matches_quant_scheme():
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "config.schema.yaml").read_text())
     props = schema["$defs"]["scheme"]["properties"]
-    defaults = {f.name: f.default for f in dataclasses.fields(QuantScheme)}
+    defaults = QuantScheme.from_dict({}).to_dict()
+    assert {f.name for f in dataclasses.fields(QuantScheme)} == set(defaults)
     assert set(props) <= set(defaults), set(props) - set(defaults)
     assert "aciq_model" in props
     for key, spec in props.items():
@@ -97,13 +98,13 @@ def test_registry_is_open():
 
     register_observer("half_minmax")(lambda scheme, bits, signed: Half(bits, signed=signed))
     try:
-        obs = make_observer(QuantScheme(observer="half_minmax"), 4, True)
+        obs = make_observer(QuantScheme.of(observer="half_minmax"), 4, True)
         obs(torch.tensor([-2.0, 4.0]))
         assert obs.max_val.item() == 2.0
     finally:
         del OBSERVERS["half_minmax"]
     with pytest.raises(ValueError, match="half_minmax"):
-        QuantScheme(observer="half_minmax")
+        QuantScheme.of(observer="half_minmax")
 
 
 # ---------------------------------------------------------------- observers
@@ -112,13 +113,13 @@ def test_registry_is_open():
 def test_make_observer_kinds():
     kinds = {"minmax": MinMaxObserver, "ema_minmax": EMAMinMaxObserver, "mse": MSEObserver, "ema_mse": EMAMSEObserver}
     for name, cls in kinds.items():
-        obs = make_observer(QuantScheme(observer=name, granularity="per_channel", ch_axis=1), 4, None)
+        obs = make_observer(QuantScheme.of(observer=name, granularity="per_channel", ch_axis=1), 4, None)
         assert type(obs) is cls and obs.ch_axis == 1 and obs.bits == 4
-        assert make_observer(QuantScheme(observer=name), 4, True).ch_axis is None
+        assert make_observer(QuantScheme.of(observer=name), 4, True).ch_axis is None
 
 
 def test_minmax_running_range_and_qparams():
-    obs = make_observer(QuantScheme(), 4, True)
+    obs = make_observer(QuantScheme.of(), 4, True)
     with pytest.raises(RuntimeError, match="observed no data"):
         obs.calculate_qparams()
     x1, x2 = torch.tensor([-1.0, 0.5]), torch.tensor([-0.2, 2.0])
@@ -130,7 +131,7 @@ def test_minmax_running_range_and_qparams():
 
 
 def test_minmax_per_channel():
-    obs = make_observer(QuantScheme(granularity="per_channel", symmetric=False), 8, None)
+    obs = make_observer(QuantScheme.of(granularity="per_channel", symmetric=False), 8, None)
     w = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.25, 0.0]])
     obs(w)
     assert obs.min_val.tolist() == [-2.0, 0.0] and obs.max_val.tolist() == [3.0, 0.5]
@@ -140,7 +141,7 @@ def test_minmax_per_channel():
 
 
 def test_ema_minmax_by_hand():
-    obs = make_observer(QuantScheme(observer="ema_minmax", averaging_constant=0.25), 8, None)
+    obs = make_observer(QuantScheme.of(observer="ema_minmax", averaging_constant=0.25), 8, None)
     obs(torch.tensor([-1.0, 1.0]))  # first batch initializes: (-1, 1)
     obs(torch.tensor([-3.0, 5.0]))  # (-1 + 0.25 * (-2), 1 + 0.25 * 4) = (-1.5, 2)
     obs(torch.tensor([1.0, 2.0]))  # (-1.5 + 0.25 * 2.5, 2 + 0) = (-0.875, 2)
@@ -149,7 +150,7 @@ def test_ema_minmax_by_hand():
 
 def test_signed_from_data():
     for name in ("minmax", "ema_minmax", "mse", "ema_mse"):
-        scheme = QuantScheme(observer=name, symmetric=True)
+        scheme = QuantScheme.of(observer=name, symmetric=True)
         relu = make_observer(scheme, 4, None)
         relu(torch.relu(torch.randn(1000)))
         s, z, qmin, qmax = relu.calculate_qparams()
@@ -170,7 +171,7 @@ def test_mse_observer_beats_minmax_on_heavy_tails(bits, granularity):
     ch_axis = 0 if granularity == "per_channel" else None
     errs = {}
     for name in ("minmax", "mse"):
-        obs = make_observer(QuantScheme(observer=name, granularity=granularity), bits, True)
+        obs = make_observer(QuantScheme.of(observer=name, granularity=granularity), bits, True)
         obs(w)
         errs[name] = (
             quantization_mse(w, obs.min_val, obs.max_val, bits, symmetric=True, signed=True, ch_axis=ch_axis)
@@ -185,9 +186,11 @@ def test_mse_observer_running_range_of_batch_optima():
     batches = [torch.distributions.Laplace(0.0, 1.0 + i).sample((3, 500)) for i in range(3)]
     kw = dict(symmetric=False, signed=True, ch_axis=0, ratios=clip_ratios(20))
     best = [mse_clip_range(x, 3, **kw) for x in batches]
-    obs = make_observer(QuantScheme(observer="mse", granularity="per_channel", symmetric=False, mse_grid=20), 3, True)
+    obs = make_observer(
+        QuantScheme.of(observer="mse", granularity="per_channel", symmetric=False, mse_grid=20), 3, True
+    )
     ema = make_observer(
-        QuantScheme(
+        QuantScheme.of(
             observer="ema_mse", granularity="per_channel", symmetric=False, mse_grid=20, averaging_constant=0.5
         ),
         3,
@@ -207,7 +210,7 @@ def test_mse_observer_running_range_of_batch_optima():
 @pytest.mark.parametrize("name", ["minmax", "ema_minmax", "mse", "ema_mse"])
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_observer_state_dict_round_trip(name, granularity):
-    scheme = QuantScheme(observer=name, granularity=granularity, symmetric=False)
+    scheme = QuantScheme.of(observer=name, granularity=granularity, symmetric=False)
     obs = make_observer(scheme, 4, None)
     for _ in range(2):
         obs(torch.randn(4, 64))
@@ -221,7 +224,7 @@ def test_observer_state_dict_round_trip(name, granularity):
 
 def test_qparams_match_functional_core():
     x = torch.randn(5, 40)
-    obs = make_observer(QuantScheme(granularity="per_channel", pow2_scale=True), 3, True)
+    obs = make_observer(QuantScheme.of(granularity="per_channel", pow2_scale=True), 3, True)
     obs(x)
     ref = choose_qparams(x.amin(1), x.amax(1), 3, symmetric=True, signed=True, pow2_scale=True)
     for a, b in zip(obs.calculate_qparams(), ref):
@@ -230,11 +233,11 @@ def test_qparams_match_functional_core():
 
 def test_one_bit_observers():
     with pytest.raises(ValueError, match="1-bit"):
-        make_observer(QuantScheme(), 1, True)
-    obs = make_observer(QuantScheme(), 1, None)
+        make_observer(QuantScheme.of(), 1, True)
+    obs = make_observer(QuantScheme.of(), 1, None)
     obs(torch.relu(torch.randn(100)))
     assert obs.calculate_qparams()[2:] == (0, 1)
-    obs = make_observer(QuantScheme(), 1, None)
+    obs = make_observer(QuantScheme.of(), 1, None)
     obs(torch.randn(100))
     with pytest.raises(ValueError, match="1-bit signed symmetric"):
         obs.calculate_qparams()

@@ -44,8 +44,8 @@ def _setup(weight=None, act=None, w_bits=(2, 4, 8), a_bits=(4, 8), seed=0):
     q = ModelQuantizer(
         model,
         LAYERS,
-        weight or QuantScheme(granularity="per_channel"),
-        act or QuantScheme(observer="ema_minmax", symmetric=False),
+        weight or QuantScheme.of(granularity="per_channel"),
+        act or QuantScheme.of(observer="ema_minmax", symmetric=False),
         list(w_bits),
         list(a_bits),
     )
@@ -72,15 +72,15 @@ def _fp_state(model):
 def test_constructor_errors():
     model = Net()
     with pytest.raises(ValueError, match="'block.conv3' is not a module"):
-        ModelQuantizer(model, ["stem", "block.conv3"], QuantScheme(), QuantScheme(), [4], [8])
+        ModelQuantizer(model, ["stem", "block.conv3"], QuantScheme.of(), QuantScheme.of(), [4], [8])
     with pytest.raises(ValueError, match="'block.bn' is a BatchNorm2d"):
-        ModelQuantizer(model, ["block.bn"], QuantScheme(), QuantScheme(), [4], [8])
+        ModelQuantizer(model, ["block.bn"], QuantScheme.of(), QuantScheme.of(), [4], [8])
     with pytest.raises(ValueError, match="w_bits"):
-        ModelQuantizer(model, ["stem"], QuantScheme(), QuantScheme(), [0], [8])
+        ModelQuantizer(model, ["stem"], QuantScheme.of(), QuantScheme.of(), [0], [8])
     with pytest.raises(ValueError, match="1-bit"):
-        ModelQuantizer(model, ["stem"], QuantScheme(), QuantScheme(), [1, 2], [8])
+        ModelQuantizer(model, ["stem"], QuantScheme.of(), QuantScheme.of(), [1, 2], [8])
     with pytest.raises(ValueError, match="more than once"):
-        ModelQuantizer(model, ["stem", "stem"], QuantScheme(), QuantScheme(), [4], [8])
+        ModelQuantizer(model, ["stem", "stem"], QuantScheme.of(), QuantScheme.of(), [4], [8])
 
 
 def test_uncalibrated_use_raises():
@@ -190,7 +190,7 @@ def test_weight_and_input_quantization_semantics(calibrated):
 
 
 def test_signed_inputs_and_symmetric_act():
-    model, q = _setup(act=QuantScheme(observer="minmax", symmetric=True))
+    model, q = _setup(act=QuantScheme.of(observer="minmax", symmetric=True))
     q.calibrate(_batches())
     assert q.act_qparams("stem", 8)[2:4] == (-127, 127)  # raw images: signed (restricted range)
     assert q.act_qparams("block.conv2", 8)[2:4] == (0, 255)  # after ReLU: unsigned
@@ -198,7 +198,7 @@ def test_signed_inputs_and_symmetric_act():
 
 
 def test_per_channel_activations():
-    model, q = _setup(act=QuantScheme(observer="ema_mse", granularity="per_channel", mse_grid=10))
+    model, q = _setup(act=QuantScheme.of(observer="ema_mse", granularity="per_channel", mse_grid=10))
     q.calibrate(_batches(2))
     qp = q.act_qparams("block.conv1", 4)
     assert qp.ch_axis == 1 and qp.scale.shape == (8,)
@@ -264,7 +264,7 @@ def test_load_state_dict_mismatches_raise(calibrated):
     with pytest.raises(ValueError, match="a_bits differ"):
         other.load_state_dict(state)
     other = ModelQuantizer(
-        model, LAYERS, QuantScheme(observer="mse", granularity="per_channel"), q.act_scheme, q.w_bits, q.a_bits
+        model, LAYERS, QuantScheme.of(observer="mse", granularity="per_channel"), q.act_scheme, q.w_bits, q.a_bits
     )
     with pytest.raises(ValueError, match="weight_scheme differs.*observer: 'minmax' vs 'mse'"):
         other.load_state_dict(state)
@@ -322,7 +322,7 @@ def test_cuda(calibrated):
 def test_layer_that_never_runs_is_reported():
     model = Net()
     model.unused = nn.Linear(8, 8)
-    q = ModelQuantizer(model, LAYERS + ["unused"], QuantScheme(), QuantScheme(), [4], [8])
+    q = ModelQuantizer(model, LAYERS + ["unused"], QuantScheme.of(), QuantScheme.of(), [4], [8])
     with pytest.raises(RuntimeError, match=r"never ran.*\['unused'\]"):
         q.calibrate(_batches(1))
 

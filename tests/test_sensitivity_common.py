@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import sensitivity_settings
 
 from mpqflow.methods import clado_matrix
 from mpqflow.models import build_model
@@ -86,9 +87,11 @@ def test_pooled_G_equals_G_of_the_union(tmp_path, digits_ctx):
 
 def test_hawq_constants_are_kept_not_summed(tmp_path, digits_ctx):
     ctx, x, y = digits_ctx
-    meta = batch_meta(ctx, "hawq", {"hawq_max_probes": 3})
+    meta = batch_meta(ctx, "hawq", sensitivity_settings(hawq_max_probes=3))
     for b in range(2):
-        payload = compute_batch("hawq", ctx, x[b * 5 : (b + 1) * 5], y[b * 5 : (b + 1) * 5], {"hawq_max_probes": 3})
+        payload = compute_batch(
+            "hawq", ctx, x[b * 5 : (b + 1) * 5], y[b * 5 : (b + 1) * 5], sensitivity_settings(hawq_max_probes=3)
+        )
         save_batch_file(tmp_path / f"h{b}.npz", payload, meta)
     pooled = pool_batch_files([tmp_path / "h0.npz", tmp_path / "h1.npz"])
     np.testing.assert_allclose(pooled["weight_err"], payload["weight_err"])

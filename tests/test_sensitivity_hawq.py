@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import sensitivity_settings
 
 from mpqflow.methods import hawq_omega, hawq_omega_se
 from mpqflow.models import DigitsCNN
@@ -64,7 +65,9 @@ def _probe_sd(H: torch.Tensor) -> float:
 def test_hutchinson_trace_within_5_percent_of_exact(mlp):
     ctx, x, y, blocks = mlp
     probes = 1500  # forced: min = max
-    settings = {"hawq_max_probes": probes, "hawq_min_probes": probes, "hawq_seed": 1, "hawq_sketch": 0}
+    settings = sensitivity_settings(
+        **{"hawq_max_probes": probes, "hawq_min_probes": probes, "hawq_seed": 1, "hawq_sketch": 0}
+    )
     payload = compute_batch("hawq", ctx, x, y, settings)
     assert list(payload["probes_sum"]) == [probes, probes]
     for l, H in enumerate(blocks):
@@ -82,7 +85,9 @@ def test_stopping_rule_reaches_the_stated_precision(mlp, seed):
     reported SE at most 2 % of its trace; that SE is the true one (sd/√probes from the exact block,
     within 25 %) and the trace is within 4 true SEs (< 9 %) of the exact trace."""
     ctx, x, y, blocks = mlp
-    settings = {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 20000, "hawq_seed": seed}
+    settings = sensitivity_settings(
+        **{"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 20000, "hawq_seed": seed}
+    )
     settings["hawq_sketch"] = 0
     payload = compute_batch("hawq", ctx, x, y, settings)
     for l, H in enumerate(blocks):
@@ -99,7 +104,9 @@ def test_deflated_traces_reach_the_stated_precision_with_fewer_probes(mlp, seed)
     """Hutch++ deflation (the default, 16 directions): the same stated precision, an estimate within
     4 reported SEs of the exact trace, in fewer probes than plain Hutchinson needs for it."""
     ctx, x, y, blocks = mlp
-    settings = {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 20000, "hawq_seed": seed}
+    settings = sensitivity_settings(
+        **{"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 20000, "hawq_seed": seed}
+    )
     payload = compute_batch("hawq", ctx, x, y, settings)
     for l, H in enumerate(blocks):
         exact, probes = float(H.trace()), int(payload["probes_sum"][l])
@@ -116,7 +123,7 @@ def test_small_blocks_are_traced_exactly():
     A = torch.randn(12, 12, dtype=torch.float64)
     H = A @ A.T
     w = torch.zeros(12, dtype=torch.float64, requires_grad=True)
-    t, s, p = hutchinson_traces(0.5 * w @ H @ w, [w], sketch=16, seed=0)
+    t, s, p = _traces(0.5 * w @ H @ w, [w], sketch=16, seed=0)
     assert p == [0] and float(s[0]) == 0 and float(t[0]) == pytest.approx(float(H.trace()), rel=1e-12)
 
 
@@ -126,28 +133,28 @@ def test_hutchinson_minimum_guard_and_seed():
     H = A @ A.T + 30 * torch.eye(30, dtype=torch.float64)  # diagonally dominant: low probe variance
     w = torch.zeros(30, dtype=torch.float64, requires_grad=True)
     loss = 0.5 * w @ H @ w + w.sum()
-    t1, s1, p1 = hutchinson_traces(loss, [w], max_probes=5000, rel_se=0.02, min_probes=30, seed=3, sketch=0)
-    t2, s2, p2 = hutchinson_traces(0.5 * w @ H @ w + w.sum(), [w], max_probes=5000, rel_se=0.02, seed=3, sketch=0)
+    t1, s1, p1 = _traces(loss, [w], max_probes=5000, rel_se=0.02, min_probes=30, seed=3, sketch=0)
+    t2, s2, p2 = _traces(0.5 * w @ H @ w + w.sum(), [w], max_probes=5000, rel_se=0.02, seed=3, sketch=0)
     assert p1 == p2 and torch.equal(t1, t2) and torch.equal(s1, s2)
     assert 30 <= p1[0] < 5000 and float(s1[0]) <= 0.02 * float(t1[0])
     # the rule needs (sd / (0.02 tr))^2 probes, give or take the sampling noise of sd
     need = (_probe_sd(H) / (0.02 * float(H.trace()))) ** 2
     assert max(30, 0.5 * need) <= p1[0] <= max(31, 2 * need), (p1, need)
     assert float(t1[0]) == pytest.approx(float(H.trace()), rel=0.1)
-    _, _, p3 = hutchinson_traces(0.5 * w @ H @ w, [w], max_probes=7, rel_se=1e-9, seed=3, sketch=0)
+    _, _, p3 = _traces(0.5 * w @ H @ w, [w], max_probes=7, rel_se=1e-9, seed=3, sketch=0)
     assert p3 == [7]  # the guard
-    _, _, p4 = hutchinson_traces(0.5 * w @ H @ w, [w], max_probes=500, rel_se=10.0, min_probes=40, seed=3, sketch=0)
+    _, _, p4 = _traces(0.5 * w @ H @ w, [w], max_probes=500, rel_se=10.0, min_probes=40, seed=3, sketch=0)
     assert p4 == [40]  # the minimum, however loose the target
     # a block with trace 0 but noisy probes (H = [[0, 1], [1, 0]]: vᵀHv = ±2) never reaches a
     # relative SE: the guard stops it; a block the loss is linear in is exactly 0 at the minimum
     u, w0 = (torch.zeros(2, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    t5, s5, p5 = hutchinson_traces(u[0] * u[1] + w0.sum(), [u, w0], max_probes=60, min_probes=30, seed=3, sketch=0)
+    t5, s5, p5 = _traces(u[0] * u[1] + w0.sum(), [u, w0], max_probes=60, min_probes=30, seed=3, sketch=0)
     assert p5 == [60, 30] and float(s5[0]) > 0 and float(t5[1]) == 0 and float(s5[1]) == 0
 
 
 def test_weight_err_and_omega(small):
     ctx, x, y = small
-    payload = compute_batch("hawq", ctx, x, y, {"hawq_max_probes": 20})
+    payload = compute_batch("hawq", ctx, x, y, sensitivity_settings(hawq_max_probes=20))
     idx = OptionIndex.from_table(ctx.table)
     modules = dict(ctx.net.named_modules())
     for i in range(idx.n):
@@ -165,6 +172,12 @@ def test_weight_err_and_omega(small):
     with pytest.raises(ValueError, match="trace_var_sum"):
         hawq_omega_se({k: v for k, v in payload.items() if k != "trace_var_sum"}, numel)
     # same batch, same probes: reproducible
-    again = compute_batch("hawq", ctx, x, y, {"hawq_max_probes": 20})
+    again = compute_batch("hawq", ctx, x, y, sensitivity_settings(hawq_max_probes=20))
     np.testing.assert_array_equal(again["trace_sum"], payload["trace_sum"])
     assert ctx.quantizer.assignment == {}
+
+
+def _traces(loss, weights, **kw):
+    """hutchinson_traces with the schema's HAWQ defaults for the settings a test does not set."""
+    defaults = {k.removeprefix("hawq_"): v for k, v in sensitivity_settings().items() if k.startswith("hawq_")}
+    return hutchinson_traces(loss, weights, **{**defaults, **kw})

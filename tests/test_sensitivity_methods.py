@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import sensitivity_settings
 
 from mpqflow.methods import (
     METHODS,
@@ -30,9 +31,10 @@ def pooled():
     ctx = make_context(net, x[:32], w_bits=(2, 4), a_bits=(4, 8))
     x, y = x[32:], torch.randint(0, 10, (16,))
     out = {}
+    settings = sensitivity_settings(progress=False, hawq_max_probes=5)
     for est in ("clado", "mpqco", "hawq"):
-        payload = compute_batch(est, ctx, x, y, {"progress": False, "hawq_max_probes": 5})
-        out[est] = {**payload, **batch_meta(ctx, est, {})}
+        payload = compute_batch(est, ctx, x, y, settings)
+        out[est] = {**payload, **batch_meta(ctx, est, settings)}
     return ctx, out
 
 
@@ -71,14 +73,14 @@ def test_objectives(pooled):
     # k = 0 is clado
     # (the effects' bound on the SE of their paired difference to the layer's highest option)
     se, dse = clado_matrix_se(files["clado"]), clado_diff_se(files["clado"])
-    G, lin = method_objective("clado_na", files["clado"], table, k=1.5)
+    G, lin = method_objective("clado_na", files["clado"], table, {"k": 1.5})
     shrunk = np.sign(Gce) * np.clip(np.abs(Gce) - 1.5 * se, 0, None)
     ref = reference_options(table)
     assert [table.options[r % len(table.options)] for r in ref] == [max(table.options)] * len(ref)
     np.fill_diagonal(shrunk, np.diag(Gce) + 1.5 * dse[np.arange(len(ref)), ref])
     want = psd_project(shrunk)
     assert lin is None and np.allclose(G, want) and not np.allclose(G, psd_project(Gce))
-    assert np.allclose(method_objective("clado_na", files["clado"], table, k=0)[0], psd_project(Gce))
+    assert np.allclose(method_objective("clado_na", files["clado"], table, {"k": 0})[0], psd_project(Gce))
 
     # diagonal methods: linear = diag(G), the same objective as diag(G) as a matrix on binary x
     for m, Gm in (("clado_naive", Gce), ("zeroq", Gkl)):

@@ -157,8 +157,8 @@ def pooled(run):
                 str(path),
             )
             batches.append(str(path))
-        sensitivity.pool_set(batches, str(d / "sensitivity" / est / "set_2x0.npz"))
-        sensitivity.pool_set(batches[:1], str(d / "sensitivity" / est / "set_1x0.npz"))
+        sensitivity.pool_set(batches, str(d / "sensitivity" / est / "set_2x0.npz"), 2, 0)
+        sensitivity.pool_set(batches[:1], str(d / "sensitivity" / est / "set_1x0.npz"), 1, 0)
         out[est] = d / "sensitivity" / est
     return out
 
@@ -180,7 +180,7 @@ def test_check_budgets_and_solve_stage(run, pooled, tmp_path):
         solve.check_budgets(str(d / "layers.json"), ["avg_bits-2.1"])
     out = tmp_path / "decisions" / "clado" / "set_2x0" / "avg_bits-4.json"
     dec = solve.solve_budget(
-        str(d / "layers.json"), str(pooled["clado"] / "set_2x0.npz"), "clado", "avg_bits-4", cfg.solver, str(out)
+        str(d / "layers.json"), str(pooled["clado"] / "set_2x0.npz"), "clado", "avg_bits-4", cfg.solver, str(out), {}
     )
     assert json.loads(out.read_text())["choice"] == dec["choice"]
     assert (dec["set_size"], dec["set_id"]) == (2, 0) and dec["avg_bits"] <= 4 + 1e-9
@@ -194,7 +194,7 @@ def test_sanity_check_stage(run, pooled, tmp_path):
     cfg, d = run
     layers = str(d / "layers.json")
     good = solve.sanity_check(
-        layers, str(pooled["mpqco"] / "set_2x0.npz"), "mpqco", cfg.solver, str(tmp_path / "a.json")
+        layers, str(pooled["mpqco"] / "set_2x0.npz"), "mpqco", cfg.solver, {}, str(tmp_path / "a.json")
     )
     assert good["passes"] and good["layers_at_highest"] == good["layers"] > 0 and good["highest"] == "w8a8"
     assert good["estimated_loss_increase"] == pytest.approx(good["estimated_at_highest"])
@@ -204,8 +204,9 @@ def test_sanity_check_stage(run, pooled, tmp_path):
     i = options.index((2, 8))  # layer 0 at w2a8
     noisy["sq_sum"] = noisy["sq_sum"].copy()
     noisy["sq_sum"][i] = -1.0
+    noisy["set_size"], noisy["set_id"] = 1, 1  # the identity the set file records
     save_batch_file(str(tmp_path / "set_1x1.npz"), noisy)
-    bad = solve.sanity_check(layers, str(tmp_path / "set_1x1.npz"), "mpqco", cfg.solver, str(tmp_path / "b.json"))
+    bad = solve.sanity_check(layers, str(tmp_path / "set_1x1.npz"), "mpqco", cfg.solver, {}, str(tmp_path / "b.json"))
     assert not bad["passes"] and bad["layers_at_highest"] == bad["layers"] - 1 and bad["choice"][0] == "w2a8"
     assert (bad["set_size"], bad["set_id"]) == (1, 1)
     assert bad["estimated_loss_increase"] < bad["estimated_at_highest"]
@@ -244,7 +245,7 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
     for n in (1, 2):
         for b in cfg.budgets:
             path = tmp_path / "decisions" / "mpqco" / f"set_{n}x0" / f"{b}.json"
-            solve.solve_budget(layers, str(pooled["mpqco"] / f"set_{n}x0.npz"), "mpqco", b, cfg.solver, str(path))
+            solve.solve_budget(layers, str(pooled["mpqco"] / f"set_{n}x0.npz"), "mpqco", b, cfg.solver, str(path), {})
             decisions.append(str(path))
             evals.append(str(path).replace("/decisions/", "/eval/"))
     evaluate_decisions = functools.partial(
@@ -267,7 +268,7 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
     }
     checks = [str(tmp_path / "sanity" / "mpqco.json")]
     sets = [str(pooled["mpqco"] / f"set_{n}x0.npz") for n in (1, 2)]
-    assert len(solve.sanity_checks(layers, sets, "mpqco", cfg.solver, checks[0])) == 2
+    assert len(solve.sanity_checks(layers, sets, "mpqco", cfg.solver, checks[0], {})) == 2
     table = study.study_table(
         uni, evals, str(tmp_path / "study.csv"), sanity_paths=checks, sanity_csv=str(tmp_path / "sanity.csv")
     )
@@ -288,7 +289,7 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
     assert list(zip(calib.method, calib.set_size, calib.decisions)) == [("mpqco", 1, 2), ("mpqco", 2, 2)]
     # error bars: MPQCO's estimate is linear in the batch means, so a decision's SE is the spread of its
     # two single-batch estimates over √(set size), computed here by hand
-    se = estimate_standard_errors(table, batch_files, load_layer_table(layers))
+    se = estimate_standard_errors(table, batch_files, load_layer_table(layers), {})
     assert np.isnan(se[table.method.to_numpy() == "uniform"]).all()
     for i in np.flatnonzero(table.method.to_numpy() == "mpqco"):
         x = choice_vector(table.choice.iloc[i], load_layer_table(layers))

@@ -267,11 +267,11 @@ def test_user_model_and_data_through_the_stages(arch, dataset, request, tmp_path
         m, cfg.quant, cfg.sample_plan, settings, cfg.runtime, p["model"], p["calibration"], "mpqco", 0,
         str(sens / "batch_0.npz"),
     )  # fmt: skip
-    sensitivity.pool_set([str(sens / "batch_0.npz")], str(sens / "set_1x0.npz"))
+    sensitivity.pool_set([str(sens / "batch_0.npz")], str(sens / "set_1x0.npz"), 1, 0)
     decisions, evals = [], []
     for budget in cfg.budgets:
         path = tmp_path / "results" / "decisions" / "mpqco" / "set_1x0" / f"{budget}.json"
-        solve.solve_budget(p["layers"], str(sens / "set_1x0.npz"), "mpqco", budget, cfg.solver, str(path))
+        solve.solve_budget(p["layers"], str(sens / "set_1x0.npz"), "mpqco", budget, cfg.solver, str(path), {})
         decisions.append(str(path))
         evals.append(str(path).replace("/decisions/", "/eval/"))
     evaluate.evaluate_decisions(

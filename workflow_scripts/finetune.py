@@ -2,16 +2,16 @@ from mpqflow.io import setup_logging
 
 setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
 
-from mpqflow.config import Runtime  # noqa: E402
+from mpqflow.config import FinetuneConfig, ModelConfig, QuantConfig, Runtime  # noqa: E402
 from mpqflow.stages.finetune import run_finetune  # noqa: E402
 
 p, out = snakemake.params, snakemake.output
 target = {"decision": snakemake.input.decision} if p.option is None else {"option": p.option}
 job = dict(
-    model=p.model,
-    quant=p.quant,
+    model=ModelConfig.from_dict(p.model),
+    quant=QuantConfig.from_dict(p.quant),
     seed=p.seed,
-    settings=p.settings,
+    settings=FinetuneConfig.from_dict(p.settings),
     checkpoint=snakemake.input.model,
     calibration=snakemake.input.calibration,
     target=target,

@@ -2,17 +2,17 @@ from mpqflow.io import setup_logging
 
 setup_logging(snakemake.log[0])  # first: an import-time error below lands in the rule's log
 
-from mpqflow.config import Runtime, SamplePlanConfig  # noqa: E402
-from mpqflow.stages.limpq import run_limpq_indicators  # noqa: E402
+from mpqflow.config import LimpqConfig, ModelConfig, QuantConfig, Runtime, SamplePlanConfig  # noqa: E402
+from mpqflow.stages.limpq_indicators import run_limpq_indicators  # noqa: E402
 
 p = snakemake.params
 job = dict(
-    model=p.model,
-    quant=p.quant,
+    model=ModelConfig.from_dict(p.model),
+    quant=QuantConfig.from_dict(p.quant),
     seed=p.seed,
     # the pool's size only bounds the batch ids (as in sensitivity_batch.py): not a param
-    plan=SamplePlanConfig(**p.plan, pool_batches=snakemake.config["sensitivity"]["pool_batches"]).to_dict(),
-    settings=dict(p.settings),
+    plan=SamplePlanConfig(**p.plan, pool_batches=snakemake.config["sensitivity"]["pool_batches"]),
+    settings=LimpqConfig.from_dict(dict(p.settings)),
     checkpoint=snakemake.input.model,
     calibration=snakemake.input.calibration,
     set_size=int(snakemake.wildcards.n),

@@ -11,6 +11,5 @@ sanity_checks(
     snakemake.wildcards.method,
     SolverConfig.from_dict(snakemake.params.solver),
     snakemake.output.result,
-    **({} if snakemake.params.alpha is None else {"alpha": snakemake.params.alpha}),
-    **({} if snakemake.params.k is None else {"k": snakemake.params.k}),
+    snakemake.params.settings,
 )

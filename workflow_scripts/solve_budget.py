@@ -12,6 +12,5 @@ solve_budget(
     snakemake.wildcards.budget,
     SolverConfig.from_dict(snakemake.params.solver),
     snakemake.output.decision,
-    **({} if snakemake.params.alpha is None else {"alpha": snakemake.params.alpha}),
-    **({} if snakemake.params.k is None else {"k": snakemake.params.k}),
+    snakemake.params.settings,
 )

@@ -12,6 +12,5 @@ study_plots(
     dict(snakemake.output.items()),
     PlotsConfig.from_dict(snakemake.params.plots),
     list(snakemake.input.batches),
-    alpha=snakemake.params.alpha,
-    k=snakemake.params.k,
+    snakemake.params.settings,
 )

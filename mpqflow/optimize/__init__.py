@@ -12,7 +12,7 @@ Modules: problem (the Problem), budgets (caps), forms and qcr (the objective's f
 from .backends import BackendUnavailable
 from .budgets import BITS_PER_MB, KINDS, Budget, InfeasibleBudget, caps_of, parse_budgets
 from .incumbent import local_search
-from .problem import Problem
+from .problem import Problem, build_problem
 from .solve import BACKENDS, Solution, solve
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Budget",
     "InfeasibleBudget",
     "Problem",
+    "build_problem",
     "Solution",
     "caps_of",
     "local_search",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Problem"]
+__all__ = ["Problem", "build_problem"]
 
 _SYM_RTOL = 1e-8
 
@@ -239,3 +239,31 @@ class Problem:
             if self.is_feasible(x, size_cap, bitops_cap):
                 return x
         return None
+
+
+def build_problem(table, G=None, linear=None, allowed=None) -> Problem:
+    """The integer program of an objective xᵀGx + linear·x over a layer table (:class:`mpqflow.layers.LayerTable`:
+    candidates, options, numel, macs, fixed, unreached_numel): one option per
+    candidate layer, each option's size and BitOPs, the fixed layers' totals.
+
+    `allowed`: (n,) bool over the table's options (option i = l*K + k); the others are left out of the
+    problem (G, linear and the problem's options are then over the allowed ones only)."""
+    K = len(table.options)
+    keep = np.ones(len(table.candidates) * K, bool) if allowed is None else np.asarray(allowed, bool)
+    sub = (lambda a: a) if allowed is None else (lambda a: None if a is None else np.asarray(a)[keep])
+    return Problem(
+        G=None if G is None else (G if allowed is None else np.asarray(G)[np.ix_(keep, keep)]),
+        linear=sub(linear),
+        layer_of=np.repeat(np.arange(len(table.candidates)), K)[keep],
+        layer_names=list(table.candidates),
+        options=[o for o, k in zip([tuple(o) for o in table.options] * len(table.candidates), keep) if k],
+        size_bits=np.array([table.numel[l] * w for l in table.candidates for w, _ in table.options], float)[keep],
+        bitops=np.array([table.macs[l] * w * a for l in table.candidates for w, a in table.options], float)[keep],
+        # unreached weights stay FP: 32 bits each, in every size and average-bits budget
+        fixed_size_bits=float(
+            sum(table.numel[l] * w for l, (w, _) in table.fixed.items()) + 32 * table.unreached_numel
+        ),
+        fixed_bitops=float(sum(table.macs[l] * w * a for l, (w, a) in table.fixed.items())),
+        numel=np.array([table.numel[l] for l in table.candidates], float),
+        fixed_numel=float(sum(table.numel[l] for l in table.fixed) + table.unreached_numel),
+    )

@@ -1,8 +1,8 @@
 """Quantization core: schemes, observers, fake quantization and per-layer assignments on a model.
 
     from mpqflow.quant import ModelQuantizer, QuantScheme
-    q = ModelQuantizer(model, layers, QuantScheme(granularity="per_channel"),
-                       QuantScheme(observer="ema_minmax", symmetric=False), w_bits=[2, 4, 8], a_bits=[4, 8])
+    q = ModelQuantizer(model, layers, QuantScheme.of(granularity="per_channel"),
+                       QuantScheme.of(observer="ema_minmax", symmetric=False), w_bits=[2, 4, 8], a_bits=[4, 8])
     q.calibrate(batches)
     with q.applied({"layer1.0.conv1": (4, 8), "fc": (8, None)}):
         logits = model(x)

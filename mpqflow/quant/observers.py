@@ -1,6 +1,6 @@
 """Observers: modules that collect a range (min_val, max_val) from data and turn it into qparams.
 
-    obs = make_observer(QuantScheme(observer="mse", granularity="per_channel"), bits=4, signed=True)
+    obs = make_observer(QuantScheme.of(observer="mse", granularity="per_channel"), bits=4, signed=True)
     obs(w)                                                   # records statistics, returns w unchanged
     scale, zero_point, quant_min, quant_max = obs.calculate_qparams()
 

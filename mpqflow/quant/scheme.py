@@ -1,13 +1,17 @@
 """Quantization scheme: a frozen, self-validating description of how one kind of tensor is quantized.
 
-    w = QuantScheme(observer="mse", granularity="per_channel")          # weights
+    w = QuantScheme.of(observer="mse", granularity="per_channel")       # weights
     a = QuantScheme.from_dict({"observer": "ema_minmax", "symmetric": False})  # activations
     QuantScheme.from_dict(a.to_dict()) == a
+
+The fields' defaults are the schema's (`$defs/scheme` in schemas/config.schema.yaml, the one place
+defaults live): :meth:`QuantScheme.from_dict` and :meth:`QuantScheme.of` fill what a dict leaves out
+from there, and the dataclass itself has none.
 
 The bit-width is not part of the scheme: one scheme serves every bit-width of a layer. Observer
 names are looked up in :data:`OBSERVERS`, a registry that :mod:`mpqflow.quant.observers` fills and
 later modules extend (``register_observer("aciq_laplace")(factory)``); new knobs (non-uniform levels,
-bias correction) become new fields with defaults that keep old dicts loading.
+bias correction) become new fields with schema defaults that keep old dicts loading.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..validation import schema_defaults
 from .aciq import MODELS as _ACIQ_MODELS  # MSE models of the aciq_* observers' clipping
 
 __all__ = ["GRANULARITIES", "LEVELS", "BIAS_CORRECTIONS", "OBSERVERS", "QuantScheme", "register_observer"]
@@ -41,6 +46,10 @@ def register_observer(name: str) -> Callable[[Callable[..., Any]], Callable[...,
         return factory
 
     return deco
+
+
+# Fields that are no config key: the channel axis of per-channel weights is the layers' output channels.
+_OUTSIDE_CONFIG = {"ch_axis": 0}
 
 
 def _fail(field: str, value: Any, expected: str) -> None:
@@ -85,18 +94,18 @@ class QuantScheme:
             clip + alpha^2 / (3 * 4^M); Laplace alpha* = 2.83b, 3.89b, 5.03b at 2, 3, 4 bits).
     """
 
-    observer: str = "minmax"
-    granularity: str = "per_tensor"
-    symmetric: bool = True
-    pow2_scale: bool = False
-    symmetric_range: bool = True
-    ch_axis: int = 0
-    averaging_constant: float = 0.01
-    mse_grid: int = 100
-    levels: str = "uniform"
-    bias_correction: str = "none"
-    bit_allocation: bool = False
-    aciq_model: str = "signed_grid"
+    observer: str
+    granularity: str
+    symmetric: bool
+    pow2_scale: bool
+    symmetric_range: bool
+    ch_axis: int
+    averaging_constant: float
+    mse_grid: int
+    levels: str
+    bias_correction: str
+    bit_allocation: bool
+    aciq_model: str
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
@@ -134,12 +143,18 @@ class QuantScheme:
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantScheme:
-        """Build from a dict of field values (missing fields take defaults); unknown keys raise ValueError."""
+        """Build from a dict of field values (missing fields take the schema's defaults; `ch_axis`, not a
+        config key, 0: output channels); unknown keys raise ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"QuantScheme: unknown key(s) {unknown}; expected a subset of {sorted(names)}")
-        return cls(**d)
+        return cls(**{**_OUTSIDE_CONFIG, **schema_defaults("$defs/scheme"), **d})
+
+    @classmethod
+    def of(cls, **fields) -> QuantScheme:
+        """:meth:`from_dict` of keyword arguments: ``QuantScheme.of(granularity="per_channel")``."""
+        return cls.from_dict(fields)
 
     def to_dict(self) -> dict:
         """All fields as a plain dict (JSON/YAML-ready); ``from_dict(s.to_dict()) == s``."""

@@ -51,12 +51,12 @@ __all__ = [
     "make_context",
 ]
 
-# Estimator settings that change the numbers (and their defaults); anything else (the CLADO engine,
-# chunk sizes, progress bars) is an execution detail and is not recorded.
+# Estimator settings that change the numbers (config keys; their defaults are the schema's); anything
+# else (the CLADO engine, chunk sizes, progress bars) is an execution detail and is not recorded.
 _NUMERIC_SETTINGS = {
-    "clado": {"loss": "cross_entropy"},
-    "mpqco": {},
-    "hawq": {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 1000, "hawq_sketch": 16, "hawq_seed": 0},
+    "clado": (),
+    "mpqco": (),
+    "hawq": ("hawq_rel_se", "hawq_min_probes", "hawq_max_probes", "hawq_sketch", "hawq_seed"),
 }
 
 
@@ -113,13 +113,18 @@ class OptionIndex:
 
 
 def estimator_settings(estimator: str, settings: dict | None) -> dict:
-    """The settings of `estimator` that change its numbers, defaults filled in."""
+    """The settings of `estimator` that change its numbers, as its file records them (every one
+    required; CLADO records its loss: cross_entropy, or the name of a callable `loss_fn`)."""
     if estimator not in _NUMERIC_SETTINGS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {sorted(_NUMERIC_SETTINGS)}")
     settings = settings or {}
-    out = {k: settings.get(k, v) for k, v in _NUMERIC_SETTINGS[estimator].items()}
-    if estimator == "clado" and callable(settings.get("loss_fn")):
-        out["loss"] = getattr(settings["loss_fn"], "__name__", "custom")
+    missing = [k for k in _NUMERIC_SETTINGS[estimator] if k not in settings]
+    if missing:
+        raise ValueError(f"{estimator} settings: missing key(s) {missing} (the config's sensitivity section)")
+    out = {k: settings[k] for k in _NUMERIC_SETTINGS[estimator]}
+    if estimator == "clado":
+        loss_fn = settings.get("loss_fn")
+        out["loss"] = getattr(loss_fn, "__name__", "custom") if callable(loss_fn) else "cross_entropy"
     return out
 
 
@@ -152,7 +157,7 @@ def make_context(
     *,
     quant: dict | None = None,
     candidates: Sequence[str] | None = None,
-    fix_first_last: bool = True,
+    fix_first_last: bool | None = None,
     device=None,
 ):
     """A calibrated context.Context for an in-memory model (tests, benchmarks; no files involved).
@@ -163,14 +168,17 @@ def make_context(
         w_bits, a_bits: the option table is w_bits x a_bits.
         quant: overrides of the config's quant section (weight/activation schemes ...).
         candidates: keep only these candidate layers searched (others stay FP); default all.
-        fix_first_last: first and last layer fixed at 8 bits.
+        fix_first_last: first and last layer fixed at 8 bits (None: the schema's quant.fix_first_last).
         device: default the device of net's parameters.
     """
     import dataclasses
 
     from ..config import QuantConfig
     from ..context import Context, build_quantizer, layer_table
+    from ..validation import schema_defaults
 
+    if fix_first_last is None:
+        fix_first_last = schema_defaults("quant")["fix_first_last"]
     device = torch_device(net) if device is None else device
     net = net.to(device).eval()
     calib_x = calib_x.to(device)

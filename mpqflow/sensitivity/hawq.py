@@ -1,8 +1,7 @@
 """HAWQ (v2/v3): Hutchinson traces of each candidate layer's Hessian block, times the weight error.
 
 Usage:
-    payload = hawq_batch(ctx, x, y, {"hawq_rel_se": 0.02, "hawq_min_probes": 30, "hawq_max_probes": 1000,
-                                     "hawq_sketch": 16})
+    payload = hawq_batch(ctx, x, y, SensitivityConfig.from_dict(cfg["sensitivity"]).of_estimator("hawq"))
     omega = methods.hawq_omega(pooled, numel)  # (n,) Ω(l, o) = Tr(H_l)/count / numel(W_l) · ‖Q_o(W_l) − W_l‖²
     omega_se = methods.hawq_omega_se(pooled, numel)  # (n,) its standard error (probe noise)
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..config import HawqConfig
 from .common import OptionIndex
 
 __all__ = ["hutchinson_traces", "hawq_batch"]
@@ -77,11 +77,12 @@ def _deflation(grad, w, sketch: int, gen) -> tuple[torch.Tensor | None, float]:
 def hutchinson_traces(
     loss: torch.Tensor,
     weights: list,
-    max_probes: int = 1000,
-    rel_se: float = 0.02,
-    min_probes: int = 30,
-    seed: int = 0,
-    sketch: int = 16,
+    *,
+    max_probes: int,
+    rel_se: float,
+    min_probes: int,
+    seed: int,
+    sketch: int,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Hutchinson estimates of the Hessian block traces Tr(∂²loss/∂W_l²), one per tensor in `weights`,
     deflated as in Hutch++ (Meyer et al., SOSA 2021) and probed to a stated standard error.
@@ -148,10 +149,10 @@ def hawq_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = No
 
     Args:
         ctx: context.Context; x: (B, ...) inputs on ctx.device; y: (B,) labels.
-        settings: hawq_rel_se (0.02), hawq_min_probes (30), hawq_max_probes (1000), hawq_sketch (16),
-            hawq_seed (0).
+        settings: the `hawq_*` keys of the sensitivity section (:class:`mpqflow.config.HawqConfig`; every
+            one required: the schema holds their defaults).
     """
-    settings = settings or {}
+    hawq = HawqConfig.of(settings or {})
     idx = OptionIndex.from_table(ctx.table)
     net, q = ctx.net.eval(), ctx.quantizer
     modules = dict(net.named_modules())
@@ -166,11 +167,11 @@ def hawq_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = No
             traces, se, probes = hutchinson_traces(
                 loss,
                 weights,
-                max_probes=settings.get("hawq_max_probes", 1000),
-                rel_se=settings.get("hawq_rel_se", 0.02),
-                min_probes=settings.get("hawq_min_probes", 30),
-                seed=_batch_seed(settings.get("hawq_seed", 0), x, y),
-                sketch=settings.get("hawq_sketch", 16),
+                max_probes=hawq.max_probes,
+                rel_se=hawq.rel_se,
+                min_probes=hawq.min_probes,
+                seed=_batch_seed(hawq.seed, x, y),
+                sketch=hawq.sketch,
             )
         err = torch.stack(
             [

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from ..indicators import bit_lists
 from ..quant.lsq import LsqQuantizer, calibrated_step, lsq_layers, prepare_lsq
 
+ESTIMATOR = "limpq"  # the estimator these indicators are: results/<model>/sensitivity/limpq/
+
 __all__ = ["SwitchableQuantizer", "SwitchableBatchNorm2d", "LimpqSupernet", "limpq_supernet", "limpq_loss"]
 __all__ += ["indicator_payload"]
 

@@ -1,8 +1,8 @@
 """Stage `finetune`: LSQ quantization-aware fine-tuning of a searched decision (or a uniform option).
 
-Usage (workflow_scripts/finetune.py; `job` holds finetune()'s arguments but `env`, all JSON-able so
-torchrun's workers get them too):
-    record = run_finetune(dict(model=model_dict, quant=quant_dict, seed=0, settings=finetune_settings,
+Usage (workflow_scripts/finetune.py; `job` holds finetune()'s arguments but `env`: typed config
+sections and JSON-ready values, which the launcher hands to torchrun's workers too):
+    record = run_finetune(dict(model=model_cfg, quant=quant_cfg, seed=0, settings=finetune_cfg,
                                checkpoint="results/m/model.pt", calibration="results/m/calibration.pt",
                                target={"decision": ".../avg_bits-2.5.json"},   # or {"option": "w2a4"}
                                outputs={"model": ..., "export": ..., "export_meta": ...},
@@ -29,7 +29,6 @@ import logging
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..artifacts import decision_assignment, load_decision
 from ..codehash import code_hash
@@ -41,27 +40,11 @@ from ..names import parse_option
 from ..quant import prepare_lsq, save_export
 from ..quant.prune import bake_masks, keep_masks, sparsity
 from ..train import fit, launch, step_sizes_without_decay
+from ..train.losses import distillation_loss
 from ..train.state import clear_state
 
-__all__ = ["run_finetune", "finetune", "distillation_loss"]
+__all__ = ["run_finetune", "finetune"]
 log = logging.getLogger("mpqflow")
-
-
-def distillation_loss(teacher: torch.nn.Module, weight: float, temperature: float):
-    """loss_fn for :func:`mpqflow.train.fit`: (1 - weight) * CE + weight * T^2 * KL(teacher || student)
-    on logits softened by T (Hinton et al.); weight 0 is plain cross-entropy."""
-
-    def loss_fn(model, x, y):
-        logits = model(x)  # (B, classes)
-        loss = F.cross_entropy(logits, y)
-        if weight == 0:
-            return loss, logits
-        with torch.no_grad():
-            target = F.log_softmax(teacher(x) / temperature, dim=1)
-        kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, reduction="batchmean", log_target=True)
-        return (1 - weight) * loss + weight * temperature**2 * kl, logits
-
-    return loss_fn
 
 
 def _assignment(ctx, target: dict) -> tuple[dict, dict]:
@@ -80,17 +63,17 @@ def run_finetune(job: dict, runtime: Runtime) -> dict:
     """Fine-tune on `job["settings"]["world_size"]` processes sharing `runtime.threads`; the saved record.
     The workers' output goes to this process's stderr (the rule's log after io.setup_logging)."""
     job = {"tag": code_hash(__name__), **job}  # an epoch checkpoint of other fine-tuning code is not resumed
-    world_size = job["settings"]["world_size"]
+    world_size = job["settings"].world_size
     launch(f"{__name__}:finetune", job, world_size, threads=runtime.threads, device=runtime.device)
     return read_finetuned(job["outputs"]["model"])["record"]
 
 
 def finetune(
     *,
-    model: dict,
-    quant: dict,
+    model: ModelConfig,
+    quant: QuantConfig,
     seed: int,
-    settings: dict,
+    settings: FinetuneConfig,
     checkpoint: str,
     calibration: str,
     target: dict,
@@ -104,7 +87,7 @@ def finetune(
     returns the model's record (what was fine-tuned, how, in how long), the other ranks return None.
 
     Args:
-        settings: :meth:`FinetuneConfig.settings` (epochs, batch_size, lr, ..., distill, temperature,
+        settings: the fine-tuning's settings (epochs, batch_size, lr, ..., distill, temperature,
             weight_init: the validated `finetune` section without its targets).
         target: {"decision": path of a decision JSON} or {"option": "w2a4"} (uniform).
         state_dir: the epoch checkpoints (resume after a kill); removed once the outputs exist.
@@ -112,8 +95,7 @@ def finetune(
         tag: what else identifies the run for resuming (the stage's code hash).
     """
     t0 = time.perf_counter()
-    ft = FinetuneConfig.from_dict({"targets": [], **settings})  # one job's share: no targets; every key checked
-    model_cfg, quant_cfg = ModelConfig.from_dict(model), QuantConfig.from_dict(quant)
+    ft, model_cfg, quant_cfg = settings, model, quant
     ctx = load_context(
         model_cfg, quant_cfg, seed, Runtime(str(env.device), torch.get_num_threads()), checkpoint, calibration
     )

@@ -2,7 +2,7 @@
 
 Usage (workflow_scripts/gradquant_run.py):
     spec = GradQuantStudyConfig.from_dict(cfg["gradquant"]).run_spec("alq-3bit")   # processes, epochs, exchange
-    run_gradquant(model_dict, spec, "alq-3bit", seed=0, evaluation=ev_dict, runtime=Runtime("cpu", 2),
+    run_gradquant(model_cfg, spec, "alq-3bit", seed=0, evaluation=evaluation_cfg, runtime=Runtime("cpu", 2),
                   out_path="results/m/gradquant/alq-3bit.json", state_dir="results/m/.gradquant_state/alq-3bit")
 
 A run trains the model from scratch (its arch, data and train settings; the study's epochs) on
@@ -48,7 +48,15 @@ def run_settings(model: ModelConfig, spec: dict) -> TrainSettings:
 
 
 def run_gradquant(
-    model: dict, spec: dict, run: str, *, seed: int, evaluation: dict, runtime: Runtime, out_path: str, state_dir=None
+    model: ModelConfig,
+    spec: dict,
+    run: str,
+    *,
+    seed: int,
+    evaluation: EvaluationConfig,
+    runtime: Runtime,
+    out_path: str,
+    state_dir=None,
 ) -> None:
     """Train one run of the study (`spec`: GradQuantStudyConfig.run_spec(run)) on spec["world_size"]
     processes; rank 0 writes `out_path`."""
@@ -108,10 +116,17 @@ def _record(run: str, settings: TrainSettings, state: ExchangeState, ranks: list
 
 
 def gradquant_job(
-    model: dict, spec: dict, run: str, seed: int, evaluation: dict, out_path: str, state_dir, env: DistEnv
+    model: ModelConfig,
+    spec: dict,
+    run: str,
+    seed: int,
+    evaluation: EvaluationConfig,
+    out_path: str,
+    state_dir,
+    env: DistEnv,
 ) -> None:
     """One rank of a study run (the launch target): fit with the run's exchange, rank 0 measures and writes."""
-    cfg = ModelConfig.from_dict(model)
+    cfg = model
     settings = run_settings(cfg, spec)
     spec = data_spec(cfg, seed)
     seed_everything(seed)  # the initial weights come from the global RNG: every run starts alike
@@ -124,7 +139,7 @@ def gradquant_job(
     seconds = time.perf_counter() - t0
     ranks = _per_rank(state, env)
     if env.is_main:
-        test = evaluate(net.to(env.device), load_split(spec, "test"), EvaluationConfig.from_dict(evaluation).batch_size,
+        test = evaluate(net.to(env.device), load_split(spec, "test"), evaluation.batch_size,
                         env.device, workers=cfg.dataset.workers)  # fmt: skip
         record = _record(run, settings, state, ranks, history, test, seconds)
         log.info("gradquant %s: top-1 %.4f, %s", run, test["top1"], state.summary())

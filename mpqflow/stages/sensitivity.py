@@ -52,8 +52,9 @@ def sensitivity_batch(
     save_batch_file(out_path, payload, batch_meta(ctx, estimator, settings))
 
 
-def pool_set(batch_paths: list[str], out_path: str) -> None:
-    """Sum per-batch files into one set file (exact for any subset; refuses mismatched files)."""
+def pool_set(batch_paths: list[str], out_path: str, set_size: int, set_id: int) -> None:
+    """Sum per-batch files into the file of set `set_size`x`set_id`, which records that identity (exact
+    for any subset; refuses mismatched files)."""
     pooled = pool_batch_files(batch_paths)
-    save_batch_file(out_path, pooled)
+    save_batch_file(out_path, {**pooled, "set_size": set_size, "set_id": set_id})
     log.info("pooled %d batch files into %s (%d samples)", len(batch_paths), out_path, int(pooled["count"]))

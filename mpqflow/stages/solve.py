@@ -2,10 +2,12 @@
 
 Usage (what workflow_scripts/check_budgets.py and solve_budget.py call):
     check_budgets("results/m/layers.json", ["avg_bits-3", "bitops_rel-0.25"], "results/m/budgets.json")
-    solve_budget("results/m/layers.json", "results/m/sensitivity/clado/set_4x0.npz", "clado",
-                 "avg_bits-4", solver_cfg, "results/m/decisions/clado/set_4x0/avg_bits-4.json")
+    solve_budget("results/m/layers.json", "results/m/sensitivity/clado/set_4x0.npz", "clado_na",
+                 "avg_bits-4", solver_cfg, "results/m/decisions/clado_na/set_4x0/avg_bits-4.json", {"k": 3.0})
     sanity_checks("results/m/layers.json", ["results/m/sensitivity/clado/set_4x0.npz", ...], "clado", solver_cfg,
-                  "results/m/sanity/clado.json")   # no budget: highest precision everywhere?
+                  "results/m/sanity/clado.json", {})   # no budget: highest precision everywhere?
+
+`settings` is the method's own settings (:func:`mpqflow.methods.method_settings`: {} for most).
 
 No torch: the layer table comes from layers.json, the objective from numpy arrays.
 """
@@ -16,43 +18,16 @@ import logging
 
 import numpy as np
 
-from ..artifacts import load_batch_file, load_layer_table, save_decision, set_of
+from ..artifacts import load_batch_file, load_layer_table, save_decision, set_identity
 from ..config import SolverConfig
 from ..io import save_json
 from ..layers import LayerTable
-from ..methods import estimated_loss_increase, method_allowed, method_objective
+from ..methods import estimated_loss_increase, method_allowed, method_objective, settings_of, settings_record
 from ..names import option_name
-from ..optimize import Budget, Problem, solve
+from ..optimize import Budget, Problem, build_problem, solve
 
-__all__ = ["build_problem", "check_budgets", "solve_budget", "sanity_check", "sanity_checks"]
+__all__ = ["check_budgets", "solve_budget", "sanity_check", "sanity_checks"]
 log = logging.getLogger("mpqflow")
-
-
-def build_problem(table: LayerTable, G=None, linear=None, allowed=None) -> Problem:
-    """The integer program of an objective xᵀGx + linear·x over a layer table: one option per
-    candidate layer, each option's size and BitOPs, the fixed layers' totals.
-
-    `allowed`: (n,) bool over the table's options (option i = l*K + k); the others are left out of the
-    problem (G, linear and the problem's options are then over the allowed ones only)."""
-    K = len(table.options)
-    keep = np.ones(len(table.candidates) * K, bool) if allowed is None else np.asarray(allowed, bool)
-    sub = (lambda a: a) if allowed is None else (lambda a: None if a is None else np.asarray(a)[keep])
-    return Problem(
-        G=None if G is None else (G if allowed is None else np.asarray(G)[np.ix_(keep, keep)]),
-        linear=sub(linear),
-        layer_of=np.repeat(np.arange(len(table.candidates)), K)[keep],
-        layer_names=list(table.candidates),
-        options=[o for o, k in zip([tuple(o) for o in table.options] * len(table.candidates), keep) if k],
-        size_bits=np.array([table.numel[l] * w for l in table.candidates for w, _ in table.options], float)[keep],
-        bitops=np.array([table.macs[l] * w * a for l in table.candidates for w, a in table.options], float)[keep],
-        # unreached weights stay FP: 32 bits each, in every size and average-bits budget
-        fixed_size_bits=float(
-            sum(table.numel[l] * w for l, (w, _) in table.fixed.items()) + 32 * table.unreached_numel
-        ),
-        fixed_bitops=float(sum(table.macs[l] * w * a for l, (w, a) in table.fixed.items())),
-        numel=np.array([table.numel[l] for l in table.candidates], float),
-        fixed_numel=float(sum(table.numel[l] for l in table.fixed) + table.unreached_numel),
-    )
 
 
 def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dict:
@@ -74,13 +49,14 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
 
 
 def _method_problem(
-    table: LayerTable, pooled_path: str, method: str, alpha: float, k: float | str
-) -> tuple[Problem, np.ndarray | None]:
-    """The method's integer program over the pooled set, and the options it allows (None: all)."""
+    table: LayerTable, pooled_path: str, method: str, settings
+) -> tuple[Problem, np.ndarray | None, tuple[int, int]]:
+    """The method's integer program over the pooled set, the options it allows (None: all) and the
+    set's (size, id) as its file records them."""
     pooled = load_batch_file(pooled_path)
-    G, linear = method_objective(method, pooled, table, alpha=alpha, k=k)
+    G, linear = method_objective(method, pooled, table, settings)
     allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
-    return build_problem(table, G, linear, allowed), allowed
+    return build_problem(table, G, linear, allowed), allowed, set_identity(pooled, pooled_path)
 
 
 def _solve(problem: Problem, budget, solver: SolverConfig):
@@ -101,17 +77,16 @@ def solve_budget(
     budget: str,
     solver: SolverConfig,
     out_path: str,
-    *,
-    alpha: float = 2.0,
-    k: float | str = "universal",
+    settings: dict,
 ) -> dict:
     """Form the method's objective from the pooled set, solve exactly under the budget, write the decision.
 
-    `alpha`: LIMPQ's weight of the weight indicators (method limpq only); `k`: clado_na's threshold."""
+    `settings`: the method's own settings (clado_na's k, limpq's alpha; {} for the others), recorded in
+    the decision."""
     table = load_layer_table(layers_path)
-    problem, allowed = _method_problem(table, pooled_path, method, alpha, k)
+    own = settings_of(method, settings)
+    problem, allowed, (n, s) = _method_problem(table, pooled_path, method, own)
     sol = _solve(problem, Budget.parse(budget), solver)
-    n, s = set_of(pooled_path)
     decision = {
         "method": method,
         "budget": budget,
@@ -125,10 +100,7 @@ def solve_budget(
         "gbitops": problem.total_bitops(sol.x) / 1e9,
         "solver": sol.to_dict(),
     }
-    if method == "limpq":
-        decision["alpha"] = float(alpha)
-    if method == "clado_na":
-        decision["k"] = k if isinstance(k, str) else float(k)
+    decision.update(settings_record(own))
     if allowed is not None:  # what the method ruled out, so a surprising choice can be traced
         K = len(table.options)
         decision["forbidden"] = [
@@ -154,10 +126,8 @@ def sanity_check(
     pooled_path: str,
     method: str,
     solver: SolverConfig,
+    settings: dict,
     out_path: str | None = None,
-    *,
-    alpha: float = 2.0,
-    k: float | str = "universal",
 ) -> dict:
     """The seed's sanity check as a result: solve once with no budget; an estimate worth trusting
     picks the highest-precision option (largest w_bits, then a_bits) at every candidate layer.
@@ -166,13 +136,12 @@ def sanity_check(
     estimated_loss_increase (at the unconstrained optimum), estimated_at_highest (of all layers at
     the highest option; null where the method forbids it somewhere), solver}."""
     table = load_layer_table(layers_path)
-    problem, _ = _method_problem(table, pooled_path, method, alpha, k)
+    problem, _, (n, s) = _method_problem(table, pooled_path, method, settings)
     sol = _solve(problem, None, solver)
     highest = max(tuple(o) for o in table.options)
     at_highest = np.array([tuple(o) == highest for o in problem.options], dtype=np.float64)  # (n_allowed,)
     reachable = len(set(problem.layer_of[at_highest > 0])) == len(table.candidates)
     objective = (problem.G, problem.linear)
-    n, s = set_of(pooled_path)
     chosen = [tuple(problem.options[i]) for i in sol.choice]
     result = {
         "method": method,
@@ -206,9 +175,9 @@ def sanity_check(
 
 
 def sanity_checks(
-    layers_path: str, pooled_paths: list[str], method: str, solver: SolverConfig, out_path: str, **kw
+    layers_path: str, pooled_paths: list[str], method: str, solver: SolverConfig, out_path: str, settings: dict
 ) -> list[dict]:
     """:func:`sanity_check` of one method on each set, written as one JSON list (what the workflow runs)."""
-    results = [sanity_check(layers_path, p, method, solver, **kw) for p in pooled_paths]
+    results = [sanity_check(layers_path, p, method, solver, settings) for p in pooled_paths]
     save_json(out_path, results)
     return results

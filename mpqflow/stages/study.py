@@ -39,9 +39,7 @@ def study_plots(
     out: dict,
     plots: PlotsConfig,
     batch_files: list[str] | None = None,
-    *,
-    alpha: float = 2.0,
-    k: float | str = "universal",
+    settings: dict | None = None,
 ) -> None:
     """Draw every study figure from the study table (and the CLADO matrix for the heat map).
 
@@ -50,13 +48,14 @@ def study_plots(
             and optionally calibration (the estimate-vs-measurement table, CSV).
         batch_files: per-batch sensitivity files (any estimators): the estimates' standard errors
             (:func:`mpqflow.study.estimate_standard_errors`) for the error bars and the calibration table.
-        alpha, k: LIMPQ's alpha and clado_na's k, as solved.
+        settings: each searched method's own settings as solved ({method: dict}; needed with batch_files
+            for the methods that have settings, clado_na and limpq).
     """
     dpi, width = plots.dpi, plots.panel_width
     df = pd.read_csv(table_csv)
     table = load_layer_table(layers_path)
     if batch_files:
-        df["estimate_se"] = estimate_standard_errors(df, batch_files, table, alpha=alpha, k=k)
+        df["estimate_se"] = estimate_standard_errors(df, batch_files, table, settings or {})
     plot_accuracy_vs_size(df, out["accuracy"], dpi, width)
     plot_pareto(df, out["pareto"], out["auc"], dpi, width)
     plot_estimated_vs_measured(df, out["sanity"], dpi, width)

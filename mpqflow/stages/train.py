@@ -47,9 +47,9 @@ def train_or_load(
         return _load_and_measure(model, seed, evaluation, runtime, out_path)
     log.info("training %s on %s: %s", model.arch, model.dataset.name, model.train)
     kwargs = {
-        "model": model.to_dict(),
+        "model": model,
         "seed": seed,
-        "evaluation": evaluation.to_dict(),
+        "evaluation": evaluation,
         "out_path": out_path,
         "state_dir": state_dir,
     }
@@ -59,9 +59,11 @@ def train_or_load(
     return fp_metrics(out_path)
 
 
-def train_job(model: dict, seed: int, evaluation: dict, out_path: str, state_dir: str | None, env: DistEnv) -> None:
+def train_job(
+    model: ModelConfig, seed: int, evaluation: EvaluationConfig, out_path: str, state_dir: str | None, env: DistEnv
+) -> None:
     """One rank of the training (the launch target): fit, then rank 0 measures and saves the model."""
-    cfg, ev = ModelConfig.from_dict(model), EvaluationConfig.from_dict(evaluation)
+    cfg, ev = model, evaluation
     spec = data_spec(cfg, seed)
     seed_everything(seed)  # the initial weights come from the global RNG: seed it first
     net = fresh_model(cfg, seed)

@@ -59,7 +59,9 @@ def launch(
 
     Args:
         target: the function to run on every rank; it gets the keyword `env` (a DistEnv) besides kwargs.
-        kwargs: its other arguments (JSON-serialisable when world_size > 1).
+        kwargs: its other arguments: typed config sections (:mod:`mpqflow.config`) and JSON-ready values;
+            for world_size > 1 the sections are encoded into the job file and rebuilt on every rank, so the
+            target gets the same typed arguments either way.
         world_size: processes on this node (torchrun's nproc_per_node).
         threads: CPU threads of the whole job; each rank gets max(1, threads // world_size).
         log_path: file the workers' output is appended to; None = this process's stderr.
@@ -84,7 +86,8 @@ def launch(
             shutdown(env)
     with tempfile.TemporaryDirectory(prefix="mpqflow-launch-") as tmp:
         job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"kwargs": kwargs, "device": device, "timeout_s": timeout_s}))
+        encoded = worker.encode_kwargs(kwargs)  # typed sections travel as their dicts, rebuilt on every rank
+        job.write_text(json.dumps({"kwargs": encoded, "device": device, "timeout_s": timeout_s}))
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
             "-m", worker.__name__, target, str(job),

@@ -1,17 +1,17 @@
-"""Stage `limpq`: LIMPQ's importance indicators of one sensitivity set, pretrained or imported.
+"""Stage `limpq_indicators`: LIMPQ's importance indicators of one sensitivity set, pretrained or imported.
 
-Usage (workflow_scripts/limpq_indicators.py; `job` holds limpq_indicators()'s arguments but `env`, all
-JSON-able so torchrun's workers get them too):
-    run_limpq_indicators(dict(model=model_dict, quant=quant_dict, seed=0, plan=plan_dict,
-                              settings=limpq_settings, checkpoint="results/m/model.pt",
+Usage (workflow_scripts/limpq_indicators.py; `job` holds limpq_indicators()'s arguments but `env`: typed
+config sections and JSON-ready values, which the launcher hands to torchrun's workers too):
+    run_limpq_indicators(dict(model=model_cfg, quant=quant_cfg, seed=0, plan=sample_plan,
+                              settings=limpq_cfg, checkpoint="results/m/model.pt",
                               calibration="results/m/calibration.pt", set_size=4, set_id=0,
                               batches=[1, 3, 5, 6],          # the set's pool batches; None: data train
                               out_path="results/m/sensitivity/limpq/set_4x0.npz",
                               state_dir="results/m/.limpq_state/set_4x0"),
                          Runtime("cpu", threads=2))
 
-With `settings["indicators"]` (a LIMPQ-format pickle) the file is imported onto the layer table and no
-training runs: every set then holds the same indicators. Otherwise `settings["world_size"]` ranks
+With `settings.indicators` (a LIMPQ-format pickle) the file is imported onto the layer table and no
+training runs: every set then holds the same indicators. Otherwise `settings.world_size` ranks
 (:func:`mpqflow.train.launch`) pretrain the switchable LSQ model of
 :mod:`mpqflow.sensitivity.limpq` on the set's data and rank 0 writes the learned step sizes.
 
@@ -45,7 +45,7 @@ from ..io import file_sha256, save_torch
 from ..quant.lsq import lsq_layers
 from ..quant.prune import keep_masks, prune_layers, rewind, sparsity, weight_masks
 from ..sensitivity.common import sensitivity_meta
-from ..sensitivity.limpq import indicator_payload, limpq_loss, limpq_supernet
+from ..sensitivity.limpq import ESTIMATOR, indicator_payload, limpq_loss, limpq_supernet
 from ..train import fit, launch, step_sizes_without_decay
 from ..train.state import clear_state
 
@@ -58,39 +58,40 @@ def limpq_run_seed(seed: int, set_size: int, set_id: int) -> int:
     return int(seed) * 1_000_003 + int(set_size) * 1_009 + int(set_id)
 
 
-def limpq_meta(table, quant: dict, checkpoint_sha256: str, settings: dict) -> dict:
+def limpq_meta(table, quant: QuantConfig, checkpoint_sha256: str, settings: LimpqConfig) -> dict:
     """The meta fields of a limpq indicator file (the sensitivity-file contract, its limpq settings)."""
-    return sensitivity_meta(table, quant, checkpoint_sha256, "limpq", settings)
+    return sensitivity_meta(table, quant.to_dict(), checkpoint_sha256, ESTIMATOR, settings.settings())
 
 
 def run_limpq_indicators(job: dict, runtime: Runtime) -> None:
-    """Import the configured indicator file, or pretrain on `settings["world_size"]` processes sharing
+    """Import the configured indicator file, or pretrain on `settings.world_size` processes sharing
     `runtime.threads`; writes `job["out_path"]`."""
-    settings = LimpqConfig.from_dict({"alpha": 2.0, **job["settings"]}).settings()  # every key checked
-    if settings["indicators"] is not None:
+    settings: LimpqConfig = job["settings"]
+    if settings.indicators is not None:
         import_indicators(job, settings)
         return
     job = {"tag": code_hash(__name__), **job}  # an epoch checkpoint of other indicator code is not resumed
-    launch(f"{__name__}:limpq_indicators", job, settings["world_size"], threads=runtime.threads, device=runtime.device)
+    launch(f"{__name__}:limpq_indicators", job, settings.world_size, threads=runtime.threads, device=runtime.device)
 
 
-def import_indicators(job: dict, settings: dict) -> None:
+def import_indicators(job: dict, settings: LimpqConfig) -> None:
     """A LIMPQ-format pickle mapped onto the calibration's layer table, as this set's indicator file."""
     sha = file_sha256(job["checkpoint"])
-    _, table = load_calibration(job["calibration"], sha, job["quant"])  # refuses another model's calibration
-    payload = read_limpq_pickle(settings["indicators"], table)
-    meta = limpq_meta(table, job["quant"], sha, settings)
-    save_batch_file(job["out_path"], payload, meta)
-    log.info("imported LIMPQ indicators of %d layers from %s", len(table.candidates), settings["indicators"])
+    quant = job["quant"]
+    _, table = load_calibration(job["calibration"], sha, quant.to_dict())  # refuses another model's calibration
+    payload = read_limpq_pickle(settings.indicators, table)
+    identity = {"set_size": job["set_size"], "set_id": job["set_id"]}
+    save_batch_file(job["out_path"], {**payload, **identity}, limpq_meta(table, quant, sha, settings))
+    log.info("imported LIMPQ indicators of %d layers from %s", len(table.candidates), settings.indicators)
 
 
 def limpq_indicators(
     *,
-    model: dict,
-    quant: dict,
+    model: ModelConfig,
+    quant: QuantConfig,
     seed: int,
-    plan: dict,
-    settings: dict,
+    plan: SamplePlanConfig,
+    settings: LimpqConfig,
     checkpoint: str,
     calibration: str,
     set_size: int,
@@ -104,20 +105,15 @@ def limpq_indicators(
     """Pretrain the indicators of set `set_size`x`set_id` on this rank; rank 0 writes `out_path`.
 
     Args:
-        plan: :class:`SamplePlanConfig` fields (which training samples a pool batch holds).
+        plan: which training samples a pool batch holds.
         batches: the pool batches to train on (the set's, `data: set`), None for the whole training
             split (`data: train`).
-        settings: :meth:`LimpqConfig.settings` (the validated `limpq` section without alpha).
+        settings: the indicator training's settings (the validated `limpq` section without the search's alpha).
         state_dir: the epoch checkpoints (resume after a kill); removed once the file exists.
         tag: what else identifies the run for resuming (the stage's code hash).
     """
     t0 = time.perf_counter()
-    lp = LimpqConfig.from_dict({"alpha": 2.0, **settings})
-    model_cfg, quant_cfg, sample_plan = (
-        ModelConfig.from_dict(model),
-        QuantConfig.from_dict(quant),
-        SamplePlanConfig(**plan),
-    )
+    lp, model_cfg, quant_cfg, sample_plan = settings, model, quant, plan
     runtime = Runtime(str(env.device), torch.get_num_threads())
     ctx = load_context(model_cfg, quant_cfg, seed, runtime, checkpoint, calibration)
     data = ctx.train_set
@@ -142,7 +138,8 @@ def limpq_indicators(
         return
     payload = indicator_payload(net, ctx.table, samples=len(data))
     payload.update({MASK_PREFIX + layer: mask for layer, mask in masks.items()})
-    save_batch_file(out_path, payload, limpq_meta(ctx.table, quant, ctx.checkpoint_sha256, lp.settings()))
+    payload.update(set_size=set_size, set_id=set_id)
+    save_batch_file(out_path, payload, limpq_meta(ctx.table, quant, ctx.checkpoint_sha256, lp))
     log.info("LIMPQ indicators of set %dx%d in %.0f s", set_size, set_id, time.perf_counter() - t0)
     if lp.prune is None:
         clear_state(state_dir)
@@ -160,7 +157,7 @@ def _train_round(net, data, train, *, seed, env, tag, state_dir, epoch_hook=None
         env=env,
         loss_fn=limpq_loss,
         state_dir=state_dir,
-        desc="limpq",
+        desc="limpq indicators",
         param_groups=step_sizes_without_decay(net, train.weight_decay),  # after pruning: weight_orig
         tag=tag,
         epoch_hook=epoch_hook,
