@@ -43,7 +43,7 @@ W_A8 = ((8, 8), (4, 8), (2, 8))
 
 
 def digits_batches(batch: int):
-    """Calibration samples and one sensitivity batch of digits (the pipeline's sample plan)."""
+    """Calibration samples and one sensitivity batch of digits (the workflow's sample plan)."""
     train = load_split(DataSpec("digits"), "train")
     plan = SamplePlan(len(train), 256, 1, batch, seed=0)
     return stack(train, plan.calibration()), stack(train, plan.pool_batch(0))
@@ -54,13 +54,15 @@ def digits_context(batch: int):
     model, calib = ROOT / "results/digits_resnet20/model.pt", ROOT / "results/digits_resnet20/calibration.pt"
     (xc, _), (x, y) = digits_batches(batch)
     if model.is_file() and calib.is_file():
-        from mpqflow.pipeline import load_context
+        import yaml
 
-        from mpqflow.config import load_config
+        from mpqflow.config import Config, Runtime, validate_config
+        from mpqflow.context import load_context
 
-        cfg = load_config(ROOT / "config.yaml")
-        cfg["threads"] = 2
-        ctx = load_context(cfg, "digits_resnet20", str(model), str(calib))
+        with open(ROOT / "config.yaml") as f:
+            cfg = Config.from_dict(validate_config(yaml.safe_load(f)))
+        runtime = Runtime(cfg.device, threads=2)
+        ctx = load_context(cfg.models["digits_resnet20"], cfg.quant, cfg.seed, runtime, str(model), str(calib))
         print(f"model: trained digits ResNet-20 from {model}")
     else:
         torch.manual_seed(0)

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpqflow.comm.codes import decode, encode, pack_codes, unpack_codes  # noqa: E402
-from mpqflow.comm.levels import alq_levels, fit_truncnorm, levels_for_bits, uniform_levels  # noqa: E402
+from mpqflow.levels.fit import alq_levels, fit_truncnorm, levels_for_bits, uniform_levels  # noqa: E402
 
 MB = 1e6
 STAGES = ("encode", "pack", "unpack", "decode", "path")

@@ -53,6 +53,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mpqflow.artifacts",
             "mpqflow.data",
             "mpqflow.models",
+            "mpqflow.levels.*",  # ALQ/AMQ levels: a leaf that quant and comm both import
             "mpqflow.quant.*",
             "mpqflow.optimize.*",
             "mpqflow.train.*",  # the data-parallel trainer (issue 12) when it becomes a package

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .artifacts import decision_target
 from .io import load_json, save_csv
+from .plotting import Figure
 from .top1_bars import grouped_top1_bars
 
 __all__ = ["FINETUNE_COLUMNS", "finetune_table", "finetune_plot"]
@@ -41,8 +42,9 @@ def finetune_table(finetuned_paths: list[str], ptq_paths: list[str], out_csv: st
     return df
 
 
-def finetune_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
-    """PTQ vs LSQ fine-tuned top-1 (%) of every fine-tuned decision: x = method / set / budget (size)."""
+def finetune_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> Figure:
+    """PTQ vs LSQ fine-tuned top-1 (%) of every fine-tuned decision: x = method / set / budget (size);
+    saved and returned."""
     names = [  # one line per part: method, set, budget (or option), size; long labels would overlap
         "\n".join(
             [
@@ -59,4 +61,4 @@ def finetune_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0
     epochs = ", ".join(str(e) for e in sorted(set(df["epochs"])))
     labels = {"xlabel": "decision (method, sensitivity set / budget or uniform option, weight size)",
               "title": f"Quantization-aware fine-tuning ({epochs} epochs) vs post-training quantization"}  # fmt: skip
-    grouped_top1_bars(acc, 100 * float(df["fp_top1"].iloc[0]), png, labels, dpi, width)
+    return grouped_top1_bars(acc, 100 * float(df["fp_top1"].iloc[0]), png, labels, dpi, width)

@@ -1,8 +1,8 @@
 """The gradient-quantization study's tables, figures and report, from its runs' JSON records.
 
-Usage (what :mod:`mpqflow.stages.gradquant` does):
+Usage (what :mod:`mpqflow.stages.gradquant_report` does):
     table, curves = gradquant_tables([load_json(p) for p in paths])   # one row per run; (run, step, variance)
-    plot_gradquant(table, curves, "variance.png", "accuracy.png", dpi=150, width=5.0)
+    plot_gradquant(table, curves, "variance.png", "accuracy.png", dpi=150, width=5.0)  # returns both figures
     text = gradquant_report(table)                                     # markdown, with the 3-bit verdict
 
 The variance summary of a run is the mean normalised variance E||Q(g) - g||^2 / ||g||^2 over the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .plotting import plt, save_png
+from .plotting import Figure, plt, save_png
 
 __all__ = ["gradquant_tables", "plot_gradquant", "gradquant_report", "METHOD_ORDER"]
 
@@ -71,7 +71,7 @@ def _colors() -> dict:
     return {m: cmap(i) for i, m in enumerate(METHOD_ORDER)}
 
 
-def _variance_figure(curves: pd.DataFrame, after: int, path: str, dpi: int, width: float) -> None:
+def _variance_figure(curves: pd.DataFrame, after: int, path: str, dpi: int, width: float) -> Figure:
     quantized = curves[curves["method"] != "none"]
     bits = sorted(quantized["bits"].unique())
     fig, axes = plt.subplots(1, max(1, len(bits)), figsize=(width * max(1, len(bits)), 0.8 * width), squeeze=False)
@@ -94,10 +94,10 @@ def _variance_figure(curves: pd.DataFrame, after: int, path: str, dpi: int, widt
     axes[0][0].legend(fontsize="small", title="levels")
     fig.suptitle("Quantized gradient exchange:\nvariance of each process's quantized gradient during training")
     fig.tight_layout()
-    save_png(fig, path, dpi, tight=False)
+    return save_png(fig, path, dpi, tight=False)
 
 
-def _accuracy_figure(table: pd.DataFrame, path: str, dpi: int, width: float) -> None:
+def _accuracy_figure(table: pd.DataFrame, path: str, dpi: int, width: float) -> Figure:
     q = table[table["method"] != "none"]
     none = table[table["method"] == "none"]
     methods = [m for m in METHOD_ORDER if m in set(q["method"])]
@@ -128,15 +128,15 @@ def _accuracy_figure(table: pd.DataFrame, path: str, dpi: int, width: float) -> 
     byte_ax.set_title("Communication per step (measured)")
     byte_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    save_png(fig, path, dpi, tight=False)
+    return save_png(fig, path, dpi, tight=False)
 
 
 def plot_gradquant(table: pd.DataFrame, curves: pd.DataFrame, variance_png: str, accuracy_png: str,
-                   dpi: int = 150, width: float = 5.0) -> None:  # fmt: skip
-    """The variance-vs-iteration figure (one panel per bits) and the accuracy / bytes figure."""
+                   dpi: int = 150, width: float = 5.0) -> tuple[Figure, Figure]:  # fmt: skip
+    """The variance-vs-iteration figure (one panel per bits) and the accuracy / bytes figure, saved
+    and returned (variance, accuracy)."""
     after = int(table["after_step"].iloc[0]) if len(table) else 0
-    _variance_figure(curves, after, variance_png, dpi, width)
-    _accuracy_figure(table, accuracy_png, dpi, width)
+    return _variance_figure(curves, after, variance_png, dpi, width), _accuracy_figure(table, accuracy_png, dpi, width)
 
 
 def _verdict(table: pd.DataFrame, bits: int) -> str:

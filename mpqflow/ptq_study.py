@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .io import load_json
+from .plotting import Figure
 from .top1_bars import grouped_top1_bars
 
 __all__ = ["ptq_table", "ptq_plot"]
@@ -24,12 +25,12 @@ def ptq_table(results: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> None:
-    """The PTQ study: x = uniform option, one bar per variant, y = top-1 (%)."""
+def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> Figure:
+    """The PTQ study: x = uniform option, one bar per variant, y = top-1 (%); saved and returned."""
     options = list(dict.fromkeys(df["option"]))
     variants = list(dict.fromkeys(df["variant"]))
     acc = df.pivot(index="option", columns="variant", values="top1").loc[options, variants] * 100
     acc.index = [o.upper() for o in options]
     labels = {"xlabel": "uniform option (weight bits, activation bits)", "legend": "variant",
               "title": "Post-training quantization: naive min/max vs ACIQ schemes"}  # fmt: skip
-    grouped_top1_bars(acc, 100 * float(df["fp_top1"].iloc[0]), png, labels, dpi, width)
+    return grouped_top1_bars(acc, 100 * float(df["fp_top1"].iloc[0]), png, labels, dpi, width)

@@ -4,7 +4,8 @@ Usage:
     df = pd.read_csv("results/m/study.csv")
     plot_accuracy_vs_size(df, "accuracy_vs_size.png", dpi=150, width=5.0)
     plot_pareto(df, "pareto_auc.png", "pareto_auc.csv")      # also writes the AUC table
-(:func:`mpqflow.stages.study.study_plots` draws them all from the study's files.)
+(:func:`mpqflow.stages.study.study_plots` draws them all from the study's files.) Each function saves its PNG
+and returns the figure (:func:`mpqflow.plotting.save_png`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 
 from .io import save_csv
 from .names import parse_option
-from .plotting import plt, save_png
+from .plotting import Figure, plt, save_png
 from .study import auc_range, pareto_auc, running_best
 
 __all__ = [
@@ -64,7 +65,7 @@ def _fp_line(ax, df: pd.DataFrame) -> None:
         ax.axhline(100 * fp.iloc[0], color="grey", lw=1, ls=":", label="full precision")
 
 
-def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: float = 5.0) -> None:
+def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: float = 5.0) -> Figure:
     """Top-1 vs size per method, mean ± std over set ids, one panel per set size; uniform as reference.
 
     Each method has its own marker and a small fixed horizontal offset (0.6 % of the size range per
@@ -106,10 +107,10 @@ def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: fl
     axes[0][0].set_ylabel("held-out top-1 accuracy (%)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.suptitle("Accuracy vs size per method (mean ± std over sensitivity sets)")
-    save_png(fig, path, dpi)
+    return save_png(fig, path, dpi)
 
 
-def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width: float = 5.0) -> pd.DataFrame:
+def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width: float = 5.0) -> Figure:
     """Running-best Pareto curves (mean ± std over sets) and their AUC per method; writes the AUC table.
 
     The shaded band is the size range the AUC integrates over (:func:`mpqflow.study.auc_range`)."""
@@ -152,14 +153,13 @@ def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width
         title="Pareto AUC per method (mean ± std over sets)",
     )
     bx.grid(alpha=0.3, axis="x")
-    save_png(fig, path, dpi)
-    return auc
+    return save_png(fig, path, dpi)
 
 
 INDICATOR_UNITS = ("limpq",)  # methods whose estimate is a score (learned step sizes), not a loss
 
 
-def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, width: float = 5.0) -> None:
+def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, width: float = 5.0) -> Figure:
     """Each method's estimated loss increase for its decisions against the measured one, with ±1 SE
     error bars on the estimates where df has an `estimate_se` column."""
     searched = df[df.method != "uniform"].dropna(subset=["estimated_loss_increase", "measured_loss_increase"])
@@ -191,10 +191,10 @@ def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, widt
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    save_png(fig, path, dpi)
+    return save_png(fig, path, dpi)
 
 
-def plot_interaction_heatmap(G: np.ndarray, layers: list[str], options: list, path: str, dpi: int = 150) -> None:
+def plot_interaction_heatmap(G: np.ndarray, layers: list[str], options: list, path: str, dpi: int = 150) -> Figure:
     """The cross-layer interaction matrix G (layers × options) with a diverging colour scale centred on 0."""
     n, k = G.shape[0], len(options)
     vmax = float(np.percentile(np.abs(G), 99)) or 1.0
@@ -213,7 +213,7 @@ def plot_interaction_heatmap(G: np.ndarray, layers: list[str], options: list, pa
         title="CLADO interaction matrix G (cross-entropy; colour clipped at the 99th |G| percentile)",
     )
     fig.colorbar(im, ax=ax, shrink=0.8, label="G[i, j] (nats)")
-    save_png(fig, path, dpi)
+    return save_png(fig, path, dpi)
 
 
 def _layer_bits_panel(ax, decisions: dict, budgets: list, cols: range, norm, text: bool):
@@ -227,7 +227,7 @@ def _layer_bits_panel(ax, decisions: dict, budgets: list, cols: range, norm, tex
     return im
 
 
-def plot_layer_bits(decisions: dict, layers: list[str], path: str, dpi: int = 150, per_row: int = 30) -> None:
+def plot_layer_bits(decisions: dict, layers: list[str], path: str, dpi: int = 150, per_row: int = 30) -> Figure:
     """Per-layer bit-widths chosen by each method at each budget (colour: weight bits; text: w/a).
 
     More than `per_row` layers wrap into several rows of panels (one panel per method in each), so the
@@ -274,7 +274,7 @@ def plot_layer_bits(decisions: dict, layers: list[str], path: str, dpi: int = 15
     cell = "cell text: weight bits / input-activation bits; " if text else ""
     axes[-1, 0].set_xlabel(f"candidate layer ({cell}colour: weight bits)")
     fig.suptitle("Per-layer bit-widths of the chosen decisions (first set of the largest size)")
-    save_png(fig, path, dpi)
+    return save_png(fig, path, dpi)
 
 
 def first_set_choices(df: pd.DataFrame) -> dict:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .plotting import plt, save_png
+from .plotting import Figure, plt, save_png
 
 __all__ = ["grouped_top1_bars"]
 
 
-def grouped_top1_bars(acc: pd.DataFrame, fp: float, png: str, labels: dict, dpi: int, width: float) -> None:
-    """Grouped bar chart of top-1 (%): x = acc's index, one bar per column; FP top-1 as a dashed line.
+def grouped_top1_bars(acc: pd.DataFrame, fp: float, png: str, labels: dict, dpi: int, width: float) -> Figure:
+    """Grouped bar chart of top-1 (%): x = acc's index, one bar per column; FP top-1 as a dashed line;
+    saved to `png` and returned.
 
     The y axis starts just below the worst bar (not at 0), so every bar carries its value.
     labels: xlabel, title, legend (title of the legend)."""
@@ -46,4 +47,4 @@ def grouped_top1_bars(acc: pd.DataFrame, fp: float, png: str, labels: dict, dpi:
     ax.set_title(labels["title"])
     ax.legend(title=labels.get("legend"), fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    save_png(fig, png, dpi)
+    return save_png(fig, png, dpi)

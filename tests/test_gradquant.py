@@ -21,8 +21,8 @@ from mpqflow.comm import (
     quantized_allgather_hook,
     unpack_codes,
 )
-from mpqflow.comm.levels import exponential_levels, uniform_levels
 from mpqflow.config import TrainSettings
+from mpqflow.levels.fit import exponential_levels, uniform_levels
 from mpqflow.train import fit, launch
 
 HERE = Path(__file__).resolve().parent

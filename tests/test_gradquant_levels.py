@@ -1,4 +1,4 @@
-"""ALQ/AMQ levels for quantized gradient exchange (mpqflow/comm/levels.py) against the quantizer that uses them.
+"""ALQ/AMQ levels for quantized gradient exchange (mpqflow/levels/fit.py) against the quantizer that uses them.
 
 What this file shows (tests/test_quant_levels.py and tests/test_gradquant.py cover the closed form
 against quadrature, adaptive-beats-uniform, ALQ stationarity, AMQ's derivative at a few p, and
@@ -29,7 +29,7 @@ import torch
 from scipy import optimize, special
 
 from mpqflow.comm.codes import decode, encode, pack_codes, unpack_codes
-from mpqflow.comm.levels import (
+from mpqflow.levels.fit import (
     TruncNormMixture,
     _cd_sweep,
     _strict,

@@ -76,9 +76,26 @@ def test_table_summarises_the_steps_after_the_first_update_and_the_verdict_names
     assert "5.33x lower than qsgd (4)" in text and "2.67x lower than nuqsgd (2)" in text
     worse = [*records[:3], _record("alq", 3, [9, 9, 3, 3, 3, 3])]
     assert "adaptive levels do not beat the fixed ones" in gradquant_report(gradquant_tables(worse)[0])
-    plot_gradquant(table, curves, str(tmp_path / "v.png"), str(tmp_path / "a.png"), dpi=40, width=3)
+    variance, accuracy = plot_gradquant(
+        table, curves, str(tmp_path / "v.png"), str(tmp_path / "a.png"), dpi=40, width=3
+    )
     for png in ("v.png", "a.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what a reader checks: a panel per bit-width with a curve per quantized method, bars per method
+    (panel,) = variance.axes
+    assert panel.get_title() == "3 bits per coordinate" and panel.get_xlabel() == "iteration (optimizer step)"
+    assert panel.get_ylabel().startswith("normalised variance") and panel.get_yscale() == "log"
+    methods = ["qsgd", "nuqsgd", "alq"]
+    assert [line.get_label() for line in panel.get_lines()] == [*methods, "first level update (step 2)"]
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == [*methods, "first level update (step 2)"]
+    acc_ax, byte_ax = accuracy.axes
+    assert acc_ax.get_ylabel() == "held-out top-1 accuracy (%)"
+    assert byte_ax.get_ylabel() == "bytes written to the wire per process and step (kB, log)"
+    for ax in (acc_ax, byte_ax):
+        assert ax.get_xlabel() == "bits per gradient coordinate" and ax.get_title()
+        assert [(c.get_label(), len(c)) for c in ax.containers] == [(m, 1) for m in methods]  # one bar per bits
+    legend = [t.get_text() for t in byte_ax.get_legend().get_texts()]
+    assert sorted(legend) == sorted([*methods, "none (float32 all-reduce)"])
     with pytest.raises(ValueError, match="no runs"):
         gradquant_tables([])
 

@@ -1,6 +1,8 @@
 """The package layout: the import-graph code hashes (mpqflow/codehash.py) on a tiny fake package,
-then the real package's layering (LAYERS), stage isolation, module sizes and torch-free imports."""
+then the real package's layering (LAYERS), stage isolation, the levels leaf, module sizes and torch-free
+imports."""
 
+import pkgutil
 import re
 import subprocess
 import sys
@@ -19,8 +21,10 @@ from mpqflow.codehash import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ["train", "calibrate", "sensitivity", "solve", "evaluate", "study", "ptq"]
-MAX_LINES = 400
+STAGES = sorted(m.name for m in pkgutil.iter_modules([str(REPO / "mpqflow" / "stages")]))  # every stage module
+# A guide for review, not a reason to split a concept or trim a docstring: it flags only the real
+# outliers, a module that has grown to hold several things.
+MAX_LINES = 600
 
 FAKE = {
     "fakepkg/__init__.py": "",
@@ -167,6 +171,29 @@ def test_each_stage_runs_no_other_stage(stage):
     module = f"mpqflow.stages.{stage}"
     closure = module_closure(module, REPO)  # raises if the stage module or one of its imports is missing
     assert [m for m in closure if m.startswith("mpqflow.stages.")] == [module]
+
+
+def test_every_stage_is_the_code_of_a_rule_and_every_rule_code_a_stage():
+    """STAGES is every module of mpqflow/stages/; the rules' stage_code(...) params name exactly those."""
+    assert {"train", "solve", "study", "gradquant_report"} <= set(STAGES)
+    used = set()
+    for path in (REPO / "rules").glob("*.smk"):
+        used |= set(re.findall(r"stage_code\(\"(\w+)\"\)", path.read_text()))
+    assert used == set(STAGES)
+
+
+def test_levels_are_a_leaf_that_training_reaches_without_the_quantizers():
+    """The ALQ/AMQ levels (mpqflow.levels) import nothing else from mpqflow; the quantizers and the
+    gradient exchange both import them, and the exchange and the training stages import no quantizer
+    code, so editing the quantizers does not retrain."""
+    graph = import_graph(REPO)
+    levels = [m for m in graph if m == "mpqflow.levels" or m.startswith("mpqflow.levels.")]
+    assert levels and all(d == "mpqflow" or d.startswith("mpqflow.levels") for m in levels for d in graph[m])
+    assert "mpqflow.levels.fit" in module_closure("mpqflow.quant", REPO)
+    assert "mpqflow.levels.fit" in module_closure("mpqflow.comm", REPO)
+    for module in ("mpqflow.comm", "mpqflow.stages.train", "mpqflow.stages.gradquant"):
+        closure = module_closure(module, REPO)
+        assert not [m for m in closure if m == "mpqflow.quant" or m.startswith("mpqflow.quant.")], module
 
 
 def test_no_module_is_too_long():

@@ -87,8 +87,13 @@ def test_table_and_plot(results, tmp_path):
     assert sorted(zip(df.variant, df.option)) == sorted((v, o) for v in results for o in OPTIONS)
     assert df.top1.between(0, 1).all()
     png = tmp_path / "ptq.png"
-    ptq_plot(df, str(png), dpi=50)
+    fig = ptq_plot(df, str(png), dpi=50)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = fig.axes
+    variants = list(dict.fromkeys(df.variant))
+    assert [(c.get_label(), len(c)) for c in ax.containers] == [(v, len(OPTIONS)) for v in variants]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FP", *variants]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [o.upper() for o in OPTIONS]
 
 
 def test_variant_quant_overrides():

@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from mpqflow.quant.levels import (
+from mpqflow.levels.apply import fake_quantize_levels, quantize_stochastic
+from mpqflow.levels.fit import (
     TruncNormMixture,
     alq_levels,
     amq_levels,
@@ -18,11 +19,9 @@ from mpqflow.quant.levels import (
     expected_variance,
     expected_variance_grad,
     exponential_levels,
-    fake_quantize_levels,
     fit_levels,
     fit_truncnorm,
     levels_for_bits,
-    quantize_stochastic,
     uniform_levels,
 )
 

@@ -328,15 +328,8 @@ def test_layer_that_never_runs_is_reported():
 
 
 def test_public_import_paths():
-    """The split of quantizer.py / levels.py keeps the old import paths (same objects)."""
+    """The split of quantizer.py keeps the old import paths (same objects)."""
     from mpqflow.quant import qparams
-    from mpqflow.quant.level_quant import fake_quantize_levels as fql
-    from mpqflow.quant.levels import (
-        fake_quantize_levels,
-        normalized_magnitudes,
-        quantize_stochastic,
-    )
     from mpqflow.quant.quantizer import ChannelBits, QParams, quantize_weight
 
     assert (QParams, ChannelBits, quantize_weight) == (qparams.QParams, qparams.ChannelBits, qparams.quantize_weight)
-    assert fake_quantize_levels is fql and callable(normalized_magnitudes) and callable(quantize_stochastic)

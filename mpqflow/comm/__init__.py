@@ -2,7 +2,8 @@
 
 :mod:`.codes` turns a gradient into bucket norms and packed `bits`-bit codes and back; :mod:`.hook`
 is the DistributedDataParallel communication hook that all-gathers those codes instead of
-all-reducing floats, with the levels of :mod:`mpqflow.quant.levels` refitted during training.
+all-reducing floats, with the levels of :mod:`mpqflow.levels.fit` refitted during training. It imports no quantizer
+code (:mod:`mpqflow.quant`): editing the quantizers does not retrain.
 """
 
 from .codes import decode, encode, encode_with_variance, pack_codes, packed_bytes, unpack_codes

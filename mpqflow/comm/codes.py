@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .level_quant import normalized_magnitudes
+from ..levels.apply import normalized_magnitudes
 
 __all__ = ["encode", "encode_with_variance", "decode", "pack_codes", "unpack_codes", "packed_bytes"]
 

@@ -34,8 +34,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from ..levels.fit import exponential_levels, fit_levels, levels_for_bits, uniform_levels
 from .codes import decode, encode_with_variance, pack_codes, unpack_codes
-from .levels import exponential_levels, fit_levels, levels_for_bits, uniform_levels
 
 __all__ = [
     "GRAD_QUANT_METHODS",

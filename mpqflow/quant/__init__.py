@@ -11,9 +11,9 @@ Modules: :mod:`.functional` (stateless qparams and fake-quant), :mod:`.scheme` (
 observer registry), :mod:`.observers` (statistics -> qparams), :mod:`.qparams` (QParams, ChannelBits,
 quantize_weight: applying them), :mod:`.calibration` (observers run on a model's layers),
 :mod:`.quantizer` (ModelQuantizer). Extensions (pure functions): :mod:`.aciq` (analytical clipping,
-GEMMLOWP qparams), :mod:`.bitalloc` (per-channel bits), :mod:`.bias_correction`, :mod:`.levels`
-(ALQ/AMQ level fitting), :mod:`.level_quant` (quantization onto levels, stochastic quantization),
-:mod:`.entropy` (bit-rate). Quantization-aware fine-tuning: :mod:`.lsq` (LSQ learnable quantizers and
+GEMMLOWP qparams), :mod:`.bitalloc` (per-channel bits), :mod:`.bias_correction`, :mod:`.entropy`
+(bit-rate); ``QuantScheme.levels`` alq / amq fits its levels with :mod:`mpqflow.levels` (a leaf that the
+gradient exchange shares). Quantization-aware fine-tuning: :mod:`.lsq` (LSQ learnable quantizers and
 layers, ``prepare_lsq`` initialised from a calibrated ModelQuantizer), :mod:`.export` (integer export).
 """
 

@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 import torch
 
+from ..levels.apply import fake_quantize_levels
+from ..levels.fit import fit_levels, levels_for_bits
 from .bias_correction import correct_bias
 from .bitalloc import fake_quantize_per_channel_bits
 from .functional import fake_quantize
-from .level_quant import fake_quantize_levels
-from .levels import fit_levels, levels_for_bits
 from .scheme import QuantScheme
 
 __all__ = ["ACT_CH_AXIS", "QParams", "ChannelBits", "quantize_weight"]

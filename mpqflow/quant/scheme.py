@@ -27,7 +27,7 @@ from .aciq import MODELS as _ACIQ_MODELS  # MSE models of the aciq_* observers' 
 __all__ = ["GRANULARITIES", "LEVELS", "BIAS_CORRECTIONS", "OBSERVERS", "QuantScheme", "register_observer"]
 
 GRANULARITIES = ("per_tensor", "per_channel")
-LEVELS = ("uniform", "alq", "amq")  # weight levels (mpqflow.quant.levels)
+LEVELS = ("uniform", "alq", "amq")  # weight levels (mpqflow.levels.fit)
 BIAS_CORRECTIONS = ("none", "bias", "bias_variance")  # weight correction (mpqflow.quant.bias_correction)
 
 # name -> factory(scheme, bits, signed) returning an Observer (filled by mpqflow.quant.observers)

@@ -13,8 +13,8 @@ carries in E||Q(v) - v||^2).
     q = quantize_stochastic(grad, lv, 8192, generator=g)      # unbiased: E[q] = grad
     w_q = fake_quantize_levels(w, lv, ch_axis=0)              # weights: nearest level, per channel
 
-Applying levels (bucket normalization, stochastic and nearest rounding) is :mod:`.level_quant`; its
-functions are re-exported here. This module fits the levels.
+This module fits the levels; applying them (bucket normalization, stochastic and nearest rounding:
+quantize_stochastic, fake_quantize_levels above) is :mod:`.apply`.
 
 ALQ: coordinate descent with the exact per-level minimizer. dPsi/dl_j = 0 gives
   F(l_j) = F(l_{j+1}) - int_{l_{j-1}}^{l_{j+1}} (r - l_{j-1}) / (l_{j+1} - l_{j-1}) dP(r),
@@ -32,13 +32,7 @@ import numpy as np
 import torch
 from scipy import linalg, special
 
-from .level_quant import (
-    _check_levels,
-    _rows,
-    fake_quantize_levels,
-    normalized_magnitudes,
-    quantize_stochastic,
-)
+from .apply import _check_levels, _rows, normalized_magnitudes
 
 __all__ = [
     "TruncNormMixture",
@@ -52,10 +46,6 @@ __all__ = [
     "alq_levels",
     "amq_levels",
     "fit_levels",
-    # re-exported from .level_quant
-    "normalized_magnitudes",
-    "quantize_stochastic",
-    "fake_quantize_levels",
 ]
 
 _MIN_SIGMA = 1e-6

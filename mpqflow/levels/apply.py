@@ -1,4 +1,4 @@
-"""Quantization onto given non-uniform levels (ALQ/AMQ, Faghri et al. 2020; fitted in :mod:`.levels`).
+"""Quantization onto given non-uniform levels (ALQ/AMQ, Faghri et al. 2020; fitted in :mod:`.fit`).
 
 A vector is cut into buckets (or rows: channels along ch_axis); each coordinate becomes
 r = |v_i| / ||v_bucket|| in [0, 1] and is rounded to a level of 0 = l_0 < l_1 < ... < l_{n-1} = 1;
