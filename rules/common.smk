@@ -7,12 +7,9 @@ sys.path.insert(0, workflow.basedir)
 from mpqflow import paths
 from mpqflow.codehash import code_hash
 from mpqflow.config import (
+    Config,
     ConfigError,
-    FinetuneConfig,
-    GradQuantStudyConfig,
-    LimpqConfig,
     SamplePlanConfig,
-    finetune_target_names,
     SensitivityConfig,
     validate_config,
 )
@@ -45,18 +42,19 @@ SEARCH_METHODS = [m for m in config["methods"] if method_estimator(m) is not Non
 ESTIMATORS = sorted({method_estimator(m) for m in SEARCH_METHODS})
 # estimators whose set file is the sum of per-batch files (the others train one run per set)
 ADDITIVE_ESTIMATORS = additive_estimators(ESTIMATORS)
-LIMPQ = LimpqConfig.of_section(config["limpq"])
+CFG = Config.from_dict(config)  # the typed sections
+LIMPQ = CFG.limpq
 SETS = [
     (n, s)
     for n in config["study"]["set_sizes"]
     for s in range(config["study"]["sets_per_size"])
 ]
-FINETUNE = FinetuneConfig.of_section(config["finetune"])
+FINETUNE = CFG.finetune
 # 'clado/set_4x0/avg_bits-2.5' or 'uniform/w2a4': results/{model}/finetuned/<target>.pt, eval/<target>.json
-FINETUNE_TARGETS = finetune_target_names(config["finetune"])
+FINETUNE_TARGETS = list(CFG.finetune_targets)
 # each target's canonical dict ({method, set: "NxS", budget} or {method: uniform, option}), by name
 FINETUNE_TARGET_SPECS = dict(zip(FINETUNE_TARGETS, config["finetune"]["targets"]))
-GRADQUANT = GradQuantStudyConfig.from_dict(config["gradquant"])
+GRADQUANT = CFG.gradquant
 # what target `gradquant` makes per model (the study's table, report and plots)
 GRADQUANT_OUTPUTS = [
     paths.GRADQUANT_TABLE,

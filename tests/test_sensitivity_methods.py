@@ -125,3 +125,37 @@ def test_psd_project():
     assert np.allclose(P, P.T) and np.linalg.eigvalsh(P).min() >= -1e-10
     lam, V = np.linalg.eigh(G)
     assert np.allclose(P, (V * np.clip(lam, 0, None)) @ V.T)
+
+
+def test_the_registry_owns_method_settings():
+    """A method's own settings come from the config key the registry names, typed and checked; a method
+    without settings takes none; no stage, rule or script names a method to branch on."""
+    import re
+    from pathlib import Path
+
+    from mpqflow.config import CladoNaConfig, ConfigError, LimpqSearchConfig
+    from mpqflow.methods import method_settings, settings_of
+
+    config = {"clado_na": {"k": 3.0}, "limpq": {"alpha": 1.5, "epochs": 2}}
+    assert method_settings("clado_na", config) == {"k": 3.0}
+    assert method_settings("limpq", config) == {"alpha": 1.5}  # the search's alpha alone
+    assert method_settings("mpqco", config) == {}
+    assert settings_of("clado_na", {"k": "universal"}) == CladoNaConfig(k="universal")
+    assert settings_of("limpq", LimpqSearchConfig(alpha=2.0)).alpha == 2.0
+    assert settings_of("hawq", {}) is None
+    with pytest.raises(ConfigError, match="clado_na.*needs its settings"):
+        settings_of("clado_na", None)
+    with pytest.raises(ConfigError, match="missing key"):
+        settings_of("limpq", {})
+    with pytest.raises(ConfigError, match="takes no settings"):
+        settings_of("mpqco", {"k": 1})
+    repo = Path(__file__).resolve().parent.parent
+    names = "|".join(re.escape(m) for m in METHODS if m != "uniform")
+    # the issue's check (the two methods with settings, quoted anywhere) and any comparison with a name
+    pattern = re.compile(rf"""["'](clado_na|limpq)["']|["']({names})["']\s+(not\s+)?in\b|(==|!=|\bin)\s*[\[(]?["']({names})["']""")
+    files = [*(repo / "mpqflow" / "stages").glob("*.py"), *(repo / "rules").glob("*.smk")]
+    files += [*(repo / "workflow_scripts").glob("*.py")]
+    found = [
+        f"{f.name}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)
+    ]
+    assert found == [], f"method names outside the registry: {found}"

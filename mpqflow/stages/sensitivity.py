@@ -3,7 +3,7 @@
 Usage (what workflow_scripts/sensitivity_batch.py and pool_set.py call):
     sensitivity_batch(model_cfg, quant, plan, settings, runtime, model_pt, calibration_pt, "clado", 3,
                       "results/m/sensitivity/clado/batch_3.npz")
-    pool_set([...batch files...], "results/m/sensitivity/clado/set_4x0.npz")
+    pool_set([...batch files...], "results/m/sensitivity/clado/set_4x0.npz", 4, 0)   # set 4x0 records 4, 0
 """
 
 from __future__ import annotations

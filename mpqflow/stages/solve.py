@@ -2,8 +2,9 @@
 
 Usage (what workflow_scripts/check_budgets.py and solve_budget.py call):
     check_budgets("results/m/layers.json", ["avg_bits-3", "bitops_rel-0.25"], "results/m/budgets.json")
-    solve_budget("results/m/layers.json", "results/m/sensitivity/clado/set_4x0.npz", "clado_na",
-                 "avg_bits-4", solver_cfg, "results/m/decisions/clado_na/set_4x0/avg_bits-4.json", {"k": 3.0})
+    solve_budget("results/m/layers.json", "results/m/sensitivity/clado/set_4x0.npz", method,
+                 "avg_bits-4", solver_cfg, "results/m/decisions/<method>/set_4x0/avg_bits-4.json",
+                 method_settings(method, config))     # clado_na's {"k": ...}, limpq's {"alpha": ...}, else {}
     sanity_checks("results/m/layers.json", ["results/m/sensitivity/clado/set_4x0.npz", ...], "clado", solver_cfg,
                   "results/m/sanity/clado.json", {})   # no budget: highest precision everywhere?
 
