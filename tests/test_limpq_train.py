@@ -205,7 +205,7 @@ def test_config_checks_of_the_limpq_section(tmp_path):
 def test_interrupted_indicator_run_resumes_to_the_same_indicators(run, tmp_path, monkeypatch, caplog):
     """Killed in its third epoch, the run resumes from the second epoch's checkpoint (weights, steps,
     BatchNorm copies, optimizer and the random-assignment counter) to the uninterrupted indicators."""
-    import mpqflow.stages.limpq_indicators as stage
+    import mpqflow.sensitivity.limpq as stage  # where the training rounds look up their loss
     from mpqflow.sensitivity.limpq import limpq_loss as real_loss
 
     cfg, d = run
@@ -286,7 +286,7 @@ def pruned(run, tmp_path_factory):
 def test_pruned_indicator_run_stores_masks_and_resumes_between_rounds(run, pruned, tmp_path, monkeypatch):
     """The file holds each candidate's mask (a quarter kept after two halvings); a run killed in its
     second round resumes from the first pruning's checkpoint to the same masks and indicators."""
-    import mpqflow.stages.limpq_indicators as stage
+    import mpqflow.sensitivity.limpq as stage  # where the training rounds look up their loss
     from mpqflow.indicators import prune_masks
     from mpqflow.sensitivity.limpq import limpq_loss as real_loss
 

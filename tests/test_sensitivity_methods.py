@@ -152,7 +152,9 @@ def test_the_registry_owns_method_settings():
     repo = Path(__file__).resolve().parent.parent
     names = "|".join(re.escape(m) for m in METHODS if m != "uniform")
     # the issue's check (the two methods with settings, quoted anywhere) and any comparison with a name
-    pattern = re.compile(rf"""["'](clado_na|limpq)["']|["']({names})["']\s+(not\s+)?in\b|(==|!=|\bin)\s*[\[(]?["']({names})["']""")
+    pattern = re.compile(
+        rf"""["'](clado_na|limpq)["']|["']({names})["']\s+(not\s+)?in\b|(==|!=|\bin)\s*[\[(]?["']({names})["']"""
+    )
     files = [*(repo / "mpqflow" / "stages").glob("*.py"), *(repo / "rules").glob("*.smk")]
     files += [*(repo / "workflow_scripts").glob("*.py")]
     found = [

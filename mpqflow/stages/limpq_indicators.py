@@ -24,29 +24,24 @@ seeds, not a sampling error of a sum over batches.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Subset
 
 from ..artifacts import load_calibration, save_batch_file
-from ..checkpoints import torch_load
 from ..codehash import code_hash
 from ..config import LimpqConfig, ModelConfig, QuantConfig, Runtime, SamplePlanConfig
 from ..context import load_context
 from ..data import pool_batch_indices
 from ..indicators import MASK_PREFIX, read_limpq_pickle
-from ..io import file_sha256, save_torch
-from ..quant.lsq import lsq_layers
-from ..quant.prune import keep_masks, prune_layers, rewind, sparsity, weight_masks
+from ..io import file_sha256
 from ..sensitivity.common import sensitivity_meta
-from ..sensitivity.limpq import ESTIMATOR, indicator_payload, limpq_loss, limpq_supernet
-from ..train import fit, launch, step_sizes_without_decay
+from ..sensitivity.limpq import ESTIMATOR, indicator_payload, limpq_supernet, train_indicators
+from ..train import launch
 from ..train.state import clear_state
 
 __all__ = ["run_limpq_indicators", "limpq_indicators", "limpq_run_seed", "limpq_meta"]
@@ -128,12 +123,9 @@ def limpq_indicators(
             set_size, set_id, len(data), len(ctx.table.candidates), net.modes, env.world_size,
         )  # fmt: skip
     train = lp.train_settings()
-    run = dict(seed=run_seed, env=env, tag=f"{tag} set {set_size}x{set_id}")
-    if lp.prune is None:
-        _train_round(net, data, train, state_dir=state_dir, **run)
-        masks = {}
-    else:
-        masks = _pruned_rounds(net, data, train, lp.prune, list(ctx.table.candidates), state_dir=state_dir, **run)
+    candidates = list(ctx.table.candidates)
+    run = dict(seed=run_seed, env=env, tag=f"{tag} set {set_size}x{set_id}", state_dir=state_dir)
+    masks = train_indicators(net, data, train, lp.prune, candidates, **run)
     if not env.is_main:
         return
     payload = indicator_payload(net, ctx.table, samples=len(data))
@@ -145,78 +137,3 @@ def limpq_indicators(
         clear_state(state_dir)
     elif state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)
-
-
-def _train_round(net, data, train, *, seed, env, tag, state_dir, epoch_hook=None) -> None:
-    """One indicator training run of `train.epochs` epochs on the trainer (resumable in state_dir)."""
-    fit(
-        net,
-        data,
-        train,
-        seed=seed,
-        env=env,
-        loss_fn=limpq_loss,
-        state_dir=state_dir,
-        desc=ESTIMATOR,
-        param_groups=step_sizes_without_decay(net, train.weight_decay),  # after pruning: weight_orig
-        tag=tag,
-        epoch_hook=epoch_hook,
-    )
-
-
-def _pruned_rounds(net, data, train, prune_cfg: dict, candidates, *, seed, env, tag, state_dir) -> dict:
-    """LIMPQP: `iterations` rounds of training, pruning `amount` of each candidate layer's remaining
-    weights and rewinding the survivors (and everything else: steps, BatchNorms) to their state at
-    `rewind_epoch` of the first round; then the final round, whose steps are the indicators. The
-    candidates' masks, {layer: bool array}.
-
-    Resumable: each round checkpoints its epochs in state_dir/round_<r>; after each pruning,
-    state_dir/prune.pt holds the rounds done, the masks and the rewind point (rank 0 writes)."""
-    layers = {l: m for l, m in lsq_layers(net.net).items() if l in set(candidates)}
-    rounds = prune_cfg["iterations"]
-    done, snapshot = 0, None
-    progress = _load(state_dir, PRUNE_FILE)
-    if progress is not None:
-        done, snapshot = int(progress["rounds"]), progress["snapshot"]
-        keep_masks(net.net, {l: m.numpy() for l, m in progress["masks"].items()})
-        rewind(net, snapshot)
-    elif (rewound := _load(state_dir, REWIND_FILE)) is not None:
-        snapshot = rewound["snapshot"]
-    elif prune_cfg["rewind_epoch"] == 0:
-        snapshot = copy.deepcopy(net.state_dict())
-
-    def keep_rewind_point(epochs_done: int) -> None:
-        nonlocal snapshot
-        if snapshot is None and epochs_done == prune_cfg["rewind_epoch"]:
-            snapshot = copy.deepcopy(net.state_dict())
-            if env.is_main and state_dir is not None:
-                save_torch(Path(state_dir) / REWIND_FILE, {"snapshot": snapshot})
-
-    for r in range(done, rounds + 1):
-        round_dir = None if state_dir is None else str(Path(state_dir) / f"round_{r}")
-        _train_round(net, data, train, seed=seed, env=env, tag=f"{tag} round {r}", state_dir=round_dir,
-                     epoch_hook=keep_rewind_point)  # fmt: skip
-        if r == rounds:
-            break
-        prune_layers(layers, prune_cfg["method"], prune_cfg["amount"])
-        rewind(net, snapshot)
-        masks = weight_masks(layers)
-        if env.is_main:
-            log.info(
-                "pruning round %d/%d: %.1f %% of the candidates' weights pruned", r + 1, rounds, 100 * sparsity(masks)
-            )
-            if state_dir is not None:
-                masks_t = {l: torch.from_numpy(m) for l, m in masks.items()}
-                save_torch(Path(state_dir) / PRUNE_FILE, {"rounds": r + 1, "masks": masks_t, "snapshot": snapshot})
-                clear_state(round_dir)
-    return weight_masks(layers)
-
-
-PRUNE_FILE, REWIND_FILE = "prune.pt", "rewind.pt"
-
-
-def _load(state_dir, name: str) -> dict | None:
-    """A pruning checkpoint of state_dir, or None."""
-    if state_dir is None or not (Path(state_dir) / name).is_file():
-        return None
-    return torch_load(Path(state_dir) / name, "LIMPQP pruning checkpoint")
