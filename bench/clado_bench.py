@@ -37,6 +37,7 @@ from mpqflow.models import build_model  # noqa: E402
 from mpqflow.sensitivity import compute_batch  # noqa: E402
 from mpqflow.sensitivity.common import make_context  # noqa: E402
 from mpqflow.sensitivity.fx_engine import pair_count  # noqa: E402
+from mpqflow.validation import schema_defaults  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 W_A8 = ((8, 8), (4, 8), (2, 8))
@@ -78,7 +79,9 @@ def with_options(ctx, options):
 
 def run(ctx, x, y, engine: str):
     t0 = time.perf_counter()
-    payload = compute_batch("clado", ctx, x, y, {"clado_engine": engine, "progress": False})
+    payload = compute_batch(
+        "clado", ctx, x, y, {**schema_defaults("sensitivity"), "clado_engine": engine, "progress": False}
+    )
     return time.perf_counter() - t0, payload
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "SensitivityConfig",
     "SolverConfig",
     "HawqConfig",
+    "CladoConfig",
     "StudyConfig",
     "GradQuantStudyConfig",
     "PlotsConfig",
@@ -221,6 +222,11 @@ class SensitivityConfig(Section):
         """HAWQ's settings as a typed section."""
         return HawqConfig.of(self.to_dict())
 
+    @property
+    def clado(self) -> CladoConfig:
+        """CLADO's execution settings as a typed section."""
+        return CladoConfig.of(self.to_dict())
+
 
 @dataclass(frozen=True)
 class HawqConfig(Section):
@@ -238,10 +244,31 @@ class HawqConfig(Section):
     def of(cls, settings: dict) -> HawqConfig:
         """From an estimator's settings dict (:meth:`SensitivityConfig.of_estimator`: `hawq_<field>` keys;
         other keys ignored); a missing key is a ConfigError naming it."""
-        missing = [f"hawq_{f}" for f in _fields(cls) if f"hawq_{f}" not in settings]
-        if missing:
-            raise ConfigError(f"HAWQ settings: missing key(s) {missing} (sensitivity.hawq_*)")
-        return cls(**{f: settings[f"hawq_{f}"] for f in _fields(cls)})
+        return _prefixed(cls, "hawq", settings)
+
+
+@dataclass(frozen=True)
+class CladoConfig(Section):
+    """CLADO's execution settings (sensitivity.clado_<field>): the `engine` that runs the pairs (fast:
+    re-run only the graph downstream of a perturbation; reference: one full forward per pair; the same
+    numbers) and whether the fast engine `stack`s several perturbations per pass."""
+
+    engine: str
+    stack: bool
+
+    @classmethod
+    def of(cls, settings: dict) -> CladoConfig:
+        """From an estimator's settings dict (`clado_<field>` keys; other keys ignored)."""
+        return _prefixed(cls, "clado", settings)
+
+
+def _prefixed(cls, prefix: str, settings: dict):
+    """A section whose fields are the sensitivity section's `<prefix>_<field>` keys; a missing key is a
+    ConfigError naming it (the schema fills them all in)."""
+    missing = [f"{prefix}_{f}" for f in _fields(cls) if f"{prefix}_{f}" not in settings]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: missing key(s) {missing} (sensitivity.{prefix}_*)")
+    return cls(**{f: settings[f"{prefix}_{f}"] for f in _fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def finetune_table(finetuned_paths: list[str], ptq_paths: list[str], out_csv: st
     return df
 
 
-def finetune_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> Figure:
+def finetune_plot(df: pd.DataFrame, png: str, dpi: int, width: float = 6.0) -> Figure:
     """PTQ vs LSQ fine-tuned top-1 (%) of every fine-tuned decision: x = method / set / budget (size);
     saved and returned."""
     names = [  # one line per part: method, set, budget (or option), size; long labels would overlap

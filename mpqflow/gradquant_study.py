@@ -132,7 +132,7 @@ def _accuracy_figure(table: pd.DataFrame, path: str, dpi: int, width: float) -> 
 
 
 def plot_gradquant(table: pd.DataFrame, curves: pd.DataFrame, variance_png: str, accuracy_png: str,
-                   dpi: int = 150, width: float = 5.0) -> tuple[Figure, Figure]:  # fmt: skip
+                   dpi: int, width: float = 5.0) -> tuple[Figure, Figure]:  # fmt: skip
     """The variance-vs-iteration figure (one panel per bits) and the accuracy / bytes figure, saved
     and returned (variance, accuracy)."""
     after = int(table["after_step"].iloc[0]) if len(table) else 0

@@ -25,7 +25,7 @@ def ptq_table(results: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def ptq_plot(df: pd.DataFrame, png: str, dpi: int = 150, width: float = 6.0) -> Figure:
+def ptq_plot(df: pd.DataFrame, png: str, dpi: int, width: float = 6.0) -> Figure:
     """The PTQ study: x = uniform option, one bar per variant, y = top-1 (%); saved and returned."""
     options = list(dict.fromkeys(df["option"]))
     variants = list(dict.fromkeys(df["variant"]))

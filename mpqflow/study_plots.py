@@ -65,7 +65,7 @@ def _fp_line(ax, df: pd.DataFrame) -> None:
         ax.axhline(100 * fp.iloc[0], color="grey", lw=1, ls=":", label="full precision")
 
 
-def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: float = 5.0) -> Figure:
+def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int, width: float = 5.0) -> Figure:
     """Top-1 vs size per method, mean ± std over set ids, one panel per set size; uniform as reference.
 
     Each method has its own marker and a small fixed horizontal offset (0.6 % of the size range per
@@ -110,7 +110,7 @@ def plot_accuracy_vs_size(df: pd.DataFrame, path: str, dpi: int = 150, width: fl
     return save_png(fig, path, dpi)
 
 
-def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width: float = 5.0) -> Figure:
+def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int, width: float = 5.0) -> Figure:
     """Running-best Pareto curves (mean ± std over sets) and their AUC per method; writes the AUC table.
 
     The shaded band is the size range the AUC integrates over (:func:`mpqflow.study.auc_range`)."""
@@ -159,7 +159,7 @@ def plot_pareto(df: pd.DataFrame, path: str, auc_csv: str, dpi: int = 150, width
 INDICATOR_UNITS = ("limpq",)  # methods whose estimate is a score (learned step sizes), not a loss
 
 
-def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, width: float = 5.0) -> Figure:
+def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int, width: float = 5.0) -> Figure:
     """Each method's estimated loss increase for its decisions against the measured one, with ±1 SE
     error bars on the estimates where df has an `estimate_se` column."""
     searched = df[df.method != "uniform"].dropna(subset=["estimated_loss_increase", "measured_loss_increase"])
@@ -194,7 +194,7 @@ def plot_estimated_vs_measured(df: pd.DataFrame, path: str, dpi: int = 150, widt
     return save_png(fig, path, dpi)
 
 
-def plot_interaction_heatmap(G: np.ndarray, layers: list[str], options: list, path: str, dpi: int = 150) -> Figure:
+def plot_interaction_heatmap(G: np.ndarray, layers: list[str], options: list, path: str, dpi: int) -> Figure:
     """The cross-layer interaction matrix G (layers × options) with a diverging colour scale centred on 0."""
     n, k = G.shape[0], len(options)
     vmax = float(np.percentile(np.abs(G), 99)) or 1.0
@@ -227,7 +227,7 @@ def _layer_bits_panel(ax, decisions: dict, budgets: list, cols: range, norm, tex
     return im
 
 
-def plot_layer_bits(decisions: dict, layers: list[str], path: str, dpi: int = 150, per_row: int = 30) -> Figure:
+def plot_layer_bits(decisions: dict, layers: list[str], path: str, dpi: int, per_row: int = 30) -> Figure:
     """Per-layer bit-widths chosen by each method at each budget (colour: weight bits; text: w/a).
 
     More than `per_row` layers wrap into several rows of panels (one panel per method in each), so the

@@ -58,10 +58,13 @@ def test_sections_have_no_defaults(cls):
 
 
 # The layers that receive configuration: the stages (typed sections in), the method registry, the
-# estimators and the study. The functional core below them (quant.functional, observers, the comm
+# estimators, the study and the reports' figures. The functional core below them (quant.functional, observers, the comm
 # codecs, optimize's back-ends, plotting helpers) keeps torch.ao-style argument defaults of its own API;
 # what the workflow runs always passes every configured value explicitly.
-CONFIG_FACING = ("mpqflow.stages", "mpqflow.methods", "mpqflow.sensitivity", "mpqflow.study", "mpqflow.config")
+CONFIG_FACING = (
+    *("mpqflow.stages", "mpqflow.methods", "mpqflow.sensitivity", "mpqflow.config"),
+    *("mpqflow.study", "mpqflow.study_plots", "mpqflow.ptq_study", "mpqflow.finetune_study", "mpqflow.gradquant_study"),
+)
 
 
 def _functions():

@@ -51,7 +51,10 @@ def _files(ctx, x, y, estimator, tmp_path, sizes=(10, 14)):
 def _per_sample(ctx, x, y, estimator, value):
     """value(payload of sample n alone) for every sample: (N, ...)."""
     return np.stack(
-        [value(compute_batch(estimator, ctx, x[i : i + 1], y[i : i + 1], {"progress": False})) for i in range(len(y))]
+        [
+            value(compute_batch(estimator, ctx, x[i : i + 1], y[i : i + 1], sensitivity_settings(progress=False)))
+            for i in range(len(y))
+        ]
     )
 
 
@@ -117,7 +120,7 @@ def test_hawq_pooled_se_adds_variances(tiny, tmp_path):
 def test_shrinkage_keeps_noise_free_entries(tiny):
     """Every sample the same (a duplicated batch): no sample noise, so clado_na is clado exactly."""
     ctx, x, y = tiny
-    dup = compute_batch("clado", ctx, x[:1].repeat(12, 1, 1, 1), y[:1].repeat(12), {"progress": False})
+    dup = compute_batch("clado", ctx, x[:1].repeat(12, 1, 1, 1), y[:1].repeat(12), sensitivity_settings(progress=False))
     meta = batch_meta(ctx, "clado", {})
     pooled = {**dup, **meta}
     assert np.abs(clado_matrix_se(pooled)).max() <= 1e-9 * np.abs(clado_matrix(pooled)).max()

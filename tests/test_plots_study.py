@@ -156,7 +156,9 @@ def test_layer_bits_of_60_layers_stays_narrow(tmp_path):
 
 
 def test_layer_bits_from_study_table(tmp_path):
-    fig = study_plots.plot_layer_bits(study_plots.first_set_choices(_study()), ["conv1", "conv2"], tmp_path / "b.png")
+    fig = study_plots.plot_layer_bits(
+        study_plots.first_set_choices(_study()), ["conv1", "conv2"], tmp_path / "b.png", 80
+    )
     panels = [ax for ax in fig.axes if ax.images]
     assert [ax.get_ylabel() for ax in panels] == METHODS  # one panel per method
     budgets = ["avg_bits-3", "avg_bits-4", "avg_bits-6"]
@@ -165,7 +167,7 @@ def test_layer_bits_from_study_table(tmp_path):
     assert "candidate layer" in panels[-1].get_xlabel() and "weight bits" in panels[-1].get_xlabel()
     assert "Per-layer bit-widths" in fig.get_suptitle()
     assert _colorbar_labels(fig) == ["weight bits"]
-    empty = study_plots.plot_layer_bits({}, [], tmp_path / "empty.png")
+    empty = study_plots.plot_layer_bits({}, [], tmp_path / "empty.png", 80)
     assert _png_size(tmp_path / "empty.png")[0] > 0 and _colorbar_labels(empty) == []
 
 
@@ -173,7 +175,7 @@ def test_layer_bits_from_study_table(tmp_path):
 def test_accuracy_vs_size_has_a_panel_per_set_size_and_a_marker_group_per_method(tmp_path, sets):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fig = study_plots.plot_accuracy_vs_size(_study(sets=sets), tmp_path / "acc.png")
+        fig = study_plots.plot_accuracy_vs_size(_study(sets=sets), tmp_path / "acc.png", 80)
     assert fig.get_suptitle().startswith("Accuracy vs size per method")
     assert [ax.get_title() for ax in fig.axes] == [f"sensitivity sets of {n} batch(es), n={sets} sets" for n in (2, 4)]
     assert fig.axes[0].get_ylabel() == "held-out top-1 accuracy (%)"
@@ -190,7 +192,7 @@ def test_accuracy_vs_size_has_a_panel_per_set_size_and_a_marker_group_per_method
 def test_pareto_has_a_curve_and_an_auc_bar_per_method(tmp_path, sets):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fig = study_plots.plot_pareto(_study(sets=sets), tmp_path / "pareto.png", tmp_path / "auc.csv")
+        fig = study_plots.plot_pareto(_study(sets=sets), tmp_path / "pareto.png", tmp_path / "auc.csv", 80)
     auc = pd.read_csv(tmp_path / "auc.csv")
     assert auc.columns.tolist() == ["method", "set_size", "set_id", "auc"]
     assert len(auc) == 3 * 2 * sets and auc.auc.between(0, 1).all()
@@ -211,7 +213,7 @@ def test_estimated_vs_measured_has_a_point_group_per_method_and_says_limpq_s_uni
     df["estimate_se"] = np.where(df.method == "uniform", np.nan, 0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fig = study_plots.plot_estimated_vs_measured(df, tmp_path / "sanity.png")
+        fig = study_plots.plot_estimated_vs_measured(df, tmp_path / "sanity.png", 80)
     (ax,) = fig.axes
     assert ax.get_title().startswith("Estimated vs measured loss increase of chosen decisions")
     assert "standard error" in ax.get_title()  # the error bars are explained
@@ -224,7 +226,7 @@ def test_estimated_vs_measured_has_a_point_group_per_method_and_says_limpq_s_uni
 
 def test_interaction_heatmap_has_a_labelled_colorbar(tmp_path):
     G = np.random.default_rng(0).normal(size=(4, 4))
-    fig = study_plots.plot_interaction_heatmap(G, ["conv1", "conv2"], [(8, 8), (2, 8)], tmp_path / "heat.png")
+    fig = study_plots.plot_interaction_heatmap(G, ["conv1", "conv2"], [(8, 8), (2, 8)], tmp_path / "heat.png", 80)
     ax = fig.axes[0]
     assert ax.get_title().startswith("CLADO interaction matrix G")
     assert ax.get_xlabel() == "candidate layer (options within a block: w8a8, w2a8)"

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import sensitivity_settings
 
 from mpqflow.methods import clado_matrix
 from mpqflow.models import build_model
@@ -19,7 +20,7 @@ from mpqflow.sensitivity.fx_engine import FxGraph, NotTraceable, pairwise_fx, pa
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
-QUIET = {"progress": False}
+QUIET = sensitivity_settings(progress=False)
 
 
 def _compare(ctx, x, y, tol=1e-5):

@@ -22,7 +22,7 @@ from mpqflow.sensitivity.common import make_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
-QUIET = {"progress": False}
+QUIET = sensitivity_settings(progress=False)
 
 
 @pytest.fixture(scope="module")

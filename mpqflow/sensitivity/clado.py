@@ -1,7 +1,7 @@
 """CLADO: pairwise loss changes from forward passes only, cross-entropy and KL from the same passes.
 
 Usage:
-    payload = clado_batch(ctx, x, y, {"clado_engine": "fast"})   # sums over the batch + count
+    payload = clado_batch(ctx, x, y, cfg.sensitivity.of_estimator("clado"))   # sums over the batch + count
     G = methods.clado_matrix(pooled, kind="ce")            # or kind="kl" (mpqflow/methods.py)
 
 With the base assignment (fixed layers quantized) as reference, per sample n:
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import CladoConfig
 from .common import OptionIndex
 from .fx_engine import pairwise_fx, pairwise_reference
 
@@ -79,18 +80,20 @@ def clado_batch(ctx, x: torch.Tensor, y: torch.Tensor, settings: dict | None = N
     Args:
         ctx: context.Context (net, quantizer, table, device).
         x: (B, ...) inputs on ctx.device; y: (B,) labels.
-        settings: `clado_engine`: "fast" (default) | "reference"; `loss_fn` (optional
-            per-sample loss, default cross-entropy); `clado_stack` (bool, default True); `progress`.
+        settings: the sensitivity section's `clado_*` keys (:class:`mpqflow.config.CladoConfig`: engine,
+            stack; every one required, the schema holds their defaults), plus two that no config sets:
+            `loss_fn` (a per-sample loss, default cross-entropy) and `progress` (default True).
     """
     settings = settings or {}
-    engine = settings.get("clado_engine", "fast")
+    clado = CladoConfig.of(settings)
+    engine = clado.engine
     if engine not in ENGINES:
         raise ValueError(f"unknown CLADO engine {engine!r}; expected one of {sorted(ENGINES)}")
     idx = OptionIndex.from_table(ctx.table)
     net = ctx.net.eval()
     kwargs = dict(progress=settings.get("progress", True))
     if engine == "fast":
-        kwargs["stack"] = settings.get("clado_stack", True)
+        kwargs["stack"] = clado.stack
     previous = ctx.quantizer.assignment
     try:
         res = ENGINES[engine](
