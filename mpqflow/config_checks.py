@@ -182,6 +182,16 @@ def check_samples(cfg: dict) -> None:
             )
 
 
+def check_hawq(cfg: dict) -> None:
+    """HAWQ probes each layer at least hawq_min_probes times and at most hawq_max_probes: min <= max."""
+    s = cfg["sensitivity"]
+    if s["hawq_max_probes"] < s["hawq_min_probes"]:
+        raise ConfigError(
+            f"config key 'sensitivity.hawq_max_probes': {s['hawq_max_probes']} is below sensitivity.hawq_min_probes "
+            f"({s['hawq_min_probes']}); expected at least as many probes at most as at least"
+        )
+
+
 def check_set_sizes(cfg: dict) -> None:
     pool = cfg["sensitivity"]["pool_batches"]
     for i, n in enumerate(cfg["study"]["set_sizes"]):

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +123,18 @@ def save_npz(path: str | Path, **arrays) -> None:
 
 
 def load_npz(path: str | Path) -> dict:
-    """All arrays of an .npz file as a dict (0-d arrays of strings become str)."""
-    with np.load(path, allow_pickle=False) as z:
-        out = {k: z[k] for k in z.files}
+    """All arrays of an .npz file as a dict (0-d arrays of strings become str). A file that is not a
+    whole .npz (truncated, another format) is a ValueError naming it and the remedy."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"{path}: not a readable .npz file ({type(err).__name__}: {err}); it is damaged or truncated: "
+            "delete it and rerun, or regenerate it with `snakemake --cores N --forcerun <rule> <that file>`"
+        ) from None
     return {k: (str(v) if v.dtype.kind == "U" and v.ndim == 0 else v) for k, v in out.items()}
 
 

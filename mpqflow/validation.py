@@ -36,6 +36,8 @@ __all__ = [
     "ConfigError",
     "canonical_budget",
     "check_device",
+    "check_local_cores",
+    "local_cores",
     "cuda_available",
     "cuda_device_count",
     "load_config",
@@ -74,8 +76,22 @@ _REPLACED_KEYS = {
 }
 
 
+def _duplicate(items: list):
+    """The first item of `items` that repeats an earlier one."""
+    seen: list = []
+    for item in items:
+        if item in seen:
+            return item
+        seen.append(item)
+    return None
+
+
 def _message(err: jsonschema.ValidationError) -> str:
     key = _key(err.absolute_path)
+    unique = [e for e in [err, *(err.context or ())] if e.validator == "uniqueItems"]
+    if unique:  # "has non-unique elements" (or a oneOf that says nothing): name the entry listed twice
+        e = unique[0]
+        return f"config key {_key(e.absolute_path)!r}: {_duplicate(list(e.instance))!r} is listed twice; list it once"
     if err.validator == "additionalProperties":
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
         allowed = sorted(err.schema.get("properties", {}))
@@ -152,6 +168,7 @@ def validate_config(config: Mapping, *, local: bool = True) -> dict:
     checks.check_ptq_options(cfg)
     checks.check_samples(cfg)
     checks.check_set_sizes(cfg)
+    checks.check_hawq(cfg)
     checks.check_world_size(cfg)
     checks.check_gradquant(cfg)
     checks.check_limpq(cfg)
@@ -191,6 +208,34 @@ def cuda_device_count() -> int | None:
     if not cuda_available() or "CUDA_VISIBLE_DEVICES" not in os.environ:
         return physical if cuda_available() else 0
     return len(visible) if physical is None else min(len(visible), physical)
+
+
+def local_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_local_cores(cfg: dict, cores: int | None = None) -> None:
+    """ConfigError when a CPU run here would start more data-parallel processes than the machine has
+    cores (`cores`, default :func:`local_cores`): each rank would get a fraction of a core and every
+    collective would wait for a descheduled one. The sections that run in this config count: a
+    trained model's `train`, `finetune` with targets, `limpq` when method limpq trains its indicators.
+    (The gradient-quantization study runs only as target `gradquant`; its world_size is not checked.)"""
+    if cfg["device"] == "cuda":
+        return
+    cores = local_cores() if cores is None else cores
+    sections = {f"models.{n}.train": m["train"] for n, m in cfg["models"].items() if m.get("weights") is None}
+    if cfg["finetune"]["targets"]:
+        sections["finetune"] = cfg["finetune"]
+    if "limpq" in cfg["methods"] and cfg["limpq"]["indicators"] is None:
+        sections["limpq"] = cfg["limpq"]
+    for key, section in sections.items():
+        if section["world_size"] > cores:
+            raise ConfigError(
+                f"config key '{key}.world_size': {section['world_size']} data-parallel processes on this machine's "
+                f"{cores} CPU cores; expected at most {cores} (each process needs a core of its own: more make "
+                "every step wait for the descheduled ones), or device: cuda with a GPU per process"
+            )
 
 
 def check_device(cfg: dict) -> None:

@@ -13,7 +13,7 @@ from mpqflow.config import (
     SensitivityConfig,
     validate_config,
 )
-from mpqflow.validation import check_device
+from mpqflow.validation import check_device, check_local_cores
 from mpqflow.data import sensitivity_set
 from mpqflow.methods import (
     additive_estimators,
@@ -357,10 +357,12 @@ def all_targets():
 
 
 def check_local_device():
-    """Before the first job: `device: cuda` on a machine without CUDA, when jobs run on this machine."""
+    """Before the first job, when jobs run on this machine: `device: cuda` without CUDA, or more
+    data-parallel processes than it has cores."""
     if workflow.local_exec:
         try:
             check_device(config)
+            check_local_cores(config)
         except ConfigError as err:
             raise WorkflowError(f"invalid configuration: {err}") from None
 

@@ -114,7 +114,8 @@ def _entry(tensors: Mapping, key: str) -> torch.Tensor:
 
 
 def load_export(net: nn.Module, state: Mapping, meta: Mapping | None = None) -> nn.Module:
-    """Make a fresh FP model of the same architecture the exported LSQ model (in place; returned).
+    """Make a fresh FP model of the same architecture the exported LSQ model (in place; returned in eval
+    mode, as a loaded model is used: a forward in training mode would overwrite the BatchNorm statistics).
 
     Args:
         net: FP model (no LSQ layers yet), on any device.
@@ -146,4 +147,4 @@ def load_export(net: nn.Module, state: Mapping, meta: Mapping | None = None) -> 
     if set(tensors) - used:
         raise ValueError(f"the export has entries the model does not: {sorted(set(tensors) - used)[:5]}")
     net.load_state_dict(full)
-    return net
+    return net.eval()
