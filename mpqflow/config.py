@@ -217,16 +217,6 @@ class SensitivityConfig(Section):
         own = {k: v for k, v in self.to_dict().items() if k.startswith(f"{estimator}_")}
         return {"batch_size": self.batch_size, **own}
 
-    @property
-    def hawq(self) -> HawqConfig:
-        """HAWQ's settings as a typed section."""
-        return HawqConfig.of(self.to_dict())
-
-    @property
-    def clado(self) -> CladoConfig:
-        """CLADO's execution settings as a typed section."""
-        return CladoConfig.of(self.to_dict())
-
 
 @dataclass(frozen=True)
 class HawqConfig(Section):
@@ -387,10 +377,6 @@ class FinetuneConfig(TrainSettings):
         """From the validated `finetune` section, leaving out its targets."""
         return cls.from_dict({k: v for k, v in section.items() if k != "targets"})
 
-    def settings(self) -> dict:
-        """The settings as a plain dict (the rule's params)."""
-        return self.to_dict()
-
 
 def finetune_target_names(section: dict) -> list[str]:
     """Each target of a validated `finetune` section as its path under results/<model>/finetuned/:
@@ -413,10 +399,6 @@ class LimpqConfig(TrainSettings):
     def of_section(cls, section: dict) -> LimpqConfig:
         """From the validated `limpq` section, leaving out the search's alpha."""
         return cls.from_dict({k: v for k, v in section.items() if k not in _fields(LimpqSearchConfig)})
-
-    def settings(self) -> dict:
-        """What an indicator file depends on (its rule's params): the whole section but the search's alpha."""
-        return self.to_dict()
 
 
 @dataclass(frozen=True)

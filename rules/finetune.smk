@@ -23,7 +23,7 @@ rule finetune:
         seed=config["seed"],
         quant=config["quant"],
         # the targets list is not a param: adding a target does not rerun the others
-        settings=FINETUNE.settings(),
+        settings=FINETUNE.to_dict(),
         option=finetune_option,
         code=stage_code("finetune"),
         # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume

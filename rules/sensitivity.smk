@@ -68,7 +68,7 @@ rule limpq_indicators:
         plan=sample_plan(with_pool=False),
         batches=limpq_batches,
         # without alpha: retuning the search's alpha re-solves, it does not retrain the indicators
-        settings=LIMPQ.settings(),
+        settings=LIMPQ.to_dict(),
         code=stage_code("limpq_indicators"),
         # epoch checkpoints: outside the outputs, so an incomplete job's cleanup keeps them to resume
         state_dir=paths.LIMPQ_STATE,

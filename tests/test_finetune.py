@@ -60,7 +60,7 @@ def _job(cfg, d, target, name, world_size=1, out_dir=None, **settings):
     """run_finetune's job for the model in `d`; outputs under `out_dir` (default `d`)."""
     out_dir = d if out_dir is None else out_dir
     out = out_dir / "finetuned" / name
-    s = FinetuneConfig.from_dict({**cfg.finetune.settings(), "world_size": world_size, **settings})
+    s = FinetuneConfig.from_dict({**cfg.finetune.to_dict(), "world_size": world_size, **settings})
     outputs = {k: f"{out}{suffix}" for k, suffix in
                (("model", ".pt"), ("export", ".export.pt"), ("export_meta", ".export.json"))}  # fmt: skip
     return dict(model=cfg.models["m"], quant=cfg.quant, seed=cfg.seed, settings=s,
@@ -226,7 +226,7 @@ def _finetune(section):
 def test_default_config_fine_tunes_clado_and_mpqco_at_the_lowest_budget_of_set_size_4():
     cfg = Config.from_dict(validate_config(_default_raw()))
     assert list(cfg.finetune_targets[:2]) == ["clado/set_4x0/avg_bits-2.5", "mpqco/set_4x0/avg_bits-2.5"]
-    assert "targets" not in cfg.finetune.settings() and cfg.finetune.train_settings().epochs == cfg.finetune.epochs
+    assert "targets" not in cfg.finetune.to_dict() and cfg.finetune.train_settings().epochs == cfg.finetune.epochs
 
 
 def test_targets_are_canonical_and_all_expands_every_decision():

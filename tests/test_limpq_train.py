@@ -58,10 +58,10 @@ def _context(cfg, d):
 
 
 def _job(cfg, d, out, **settings):
-    data = {**cfg.limpq.settings(), **settings}["data"]
+    data = {**cfg.limpq.to_dict(), **settings}["data"]
     batches = sensitivity_set(2, 0, cfg.sample_plan.pool_batches, cfg.seed) if data == "set" else None
     return dict(model=cfg.models["m"], quant=cfg.quant, seed=cfg.seed,
-                plan=cfg.sample_plan, settings=LimpqConfig.from_dict({**cfg.limpq.settings(), **settings}),
+                plan=cfg.sample_plan, settings=LimpqConfig.from_dict({**cfg.limpq.to_dict(), **settings}),
                 checkpoint=str(d / "model.pt"), calibration=str(d / "calibration.pt"), set_size=2, set_id=0,
                 batches=batches, out_path=str(out), state_dir=str(out) + ".state")  # fmt: skip
 
@@ -338,7 +338,7 @@ def test_pruned_decision_is_evaluated_and_fine_tuned_with_its_masks(run, pruned,
     assert sparse["loss"] != dense["loss"]
     out = tmp_path / "ft"
     outputs = {"model": f"{out}.pt", "export": f"{out}.export.pt", "export_meta": f"{out}.export.json"}
-    settings = FinetuneConfig.from_dict({**cfg.finetune.settings(), "epochs": 1})
+    settings = FinetuneConfig.from_dict({**cfg.finetune.to_dict(), "epochs": 1})
     job = dict(model=cfg.models["m"], quant=cfg.quant, seed=cfg.seed, settings=settings,
                checkpoint=str(d / "model.pt"), calibration=str(d / "calibration.pt"),
                target={"decision": str(decision)}, outputs=outputs, state_dir=str(tmp_path / "ft_state"),

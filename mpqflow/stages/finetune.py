@@ -101,7 +101,7 @@ def finetune(
     )
     assignment, fields = _assignment(ctx, target)
     if env.is_main:
-        log.info("fine-tuning %s on %d process(es): %s", fields, env.world_size, ft.settings())
+        log.info("fine-tuning %s on %d process(es): %s", fields, env.world_size, ft.to_dict())
     teacher = copy.deepcopy(ctx.net).eval() if ft.distill > 0 else None
     per_channel = quant_cfg.weight["granularity"] == "per_channel"
     net = prepare_lsq(ctx.net, assignment, quantizer=ctx.quantizer, weight_init=ft.weight_init, per_channel=per_channel)

@@ -55,7 +55,7 @@ def limpq_run_seed(seed: int, set_size: int, set_id: int) -> int:
 
 def limpq_meta(table, quant: QuantConfig, checkpoint_sha256: str, settings: LimpqConfig) -> dict:
     """The meta fields of a limpq indicator file (the sensitivity-file contract, its limpq settings)."""
-    return sensitivity_meta(table, quant.to_dict(), checkpoint_sha256, ESTIMATOR, settings.settings())
+    return sensitivity_meta(table, quant.to_dict(), checkpoint_sha256, ESTIMATOR, settings.to_dict())
 
 
 def run_limpq_indicators(job: dict, runtime: Runtime) -> None:
