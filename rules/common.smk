@@ -306,12 +306,9 @@ def pool_batch_files(wildcards):
 
 def heatmap_matrix(wildcards):
     """The pairwise estimator's (CLADO's) matrix of the largest first set feeds the interaction heat map
-    (none without a pairwise estimator)."""
-    estimator = pairwise_estimator(ESTIMATORS)
-    if estimator is None:
-        return []
+    (a target only when a configured method has a pairwise estimator)."""
     n = max(config["study"]["set_sizes"])
-    return paths.set_file(wildcards.model, estimator, n, 0)
+    return paths.set_file(wildcards.model, pairwise_estimator(ESTIMATORS), n, 0)
 
 
 def uniform_evals(wildcards):
@@ -327,15 +324,34 @@ def uniform_evals(wildcards):
 REPORTING = any(a == "--report" or a.startswith("--report=") for a in sys.argv)
 
 
+def report_folder():
+    """Snakemake writes the report into its folder without making it (a fresh clone has no results/):
+    make it, or the command ends in FileNotFoundError after building the DAG."""
+    args = sys.argv[1:]
+    for i, a in enumerate(args):
+        path = a.partition("=")[2] if a.startswith("--report=") else None
+        if a == "--report" and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            path = args[i + 1]
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+if REPORTING:
+    report_folder()
+
+
 def all_targets():
-    """The study of every model, its PTQ study unless `ptq.variants` is empty (or `ptq: null`), and its
-    PTQ-vs-fine-tuned table and plot when `finetune.targets` names any."""
+    """The study of every model (with the interaction heat map when a method is pairwise, CLADO), its PTQ
+    study unless `ptq.variants` is empty (or `ptq: null`), and its PTQ-vs-fine-tuned table and plot
+    when `finetune.targets` names any."""
     targets = [
         paths.BUDGETS,
         paths.UNIFORM_TABLE,
         paths.STUDY_TABLE,
         paths.plot("accuracy_vs_size"),
     ]
+    if pairwise_estimator(ESTIMATORS) is not None:
+        targets.append(paths.plot("interaction_heatmap"))
     if config["ptq"]["variants"]:
         targets += [paths.PTQ_TABLE, paths.plot("ptq")]
     if FINETUNE_TARGETS:

@@ -28,7 +28,11 @@ rule uniform_table:
     input:
         uniform_evals,
     output:
-        table=paths.UNIFORM_TABLE,
+        table=report(
+            paths.UNIFORM_TABLE,
+            caption="../report/uniform_table.rst",
+            category="{model}",
+        ),
     log:
         "logs/{model}/eval/uniform_table.log",
     localrule: True

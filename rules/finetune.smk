@@ -65,7 +65,11 @@ rule finetune_table:
         finetuned=finetuned_evals,
         ptq=finetuned_ptq_evals,
     output:
-        table=paths.FINETUNE_TABLE,
+        table=report(
+            paths.FINETUNE_TABLE,
+            caption="../report/finetune_table.rst",
+            category="{model}",
+        ),
     log:
         "logs/{model}/finetune_table.log",
     localrule: True
@@ -79,7 +83,11 @@ rule finetune_table:
 
 rule finetune_plot:
     input:
-        table=paths.FINETUNE_TABLE,
+        table=report(
+            paths.FINETUNE_TABLE,
+            caption="../report/finetune_table.rst",
+            category="{model}",
+        ),
     output:
         plot=report(
             paths.plot("finetune"),

@@ -34,7 +34,11 @@ rule gradquant_study:
     input:
         runs=expand(paths.GRADQUANT_RUN, run=GRADQUANT.runs(), allow_missing=True),
     output:
-        table=paths.GRADQUANT_TABLE,
+        table=report(
+            paths.GRADQUANT_TABLE,
+            caption="../report/gradquant_table.rst",
+            category="{model}",
+        ),
         variance=paths.GRADQUANT_VARIANCE_TABLE,
         report=paths.GRADQUANT_REPORT,
         variance_plot=report(

@@ -28,7 +28,11 @@ rule ptq_table:
     input:
         expand(paths.PTQ_VARIANT, variant=config["ptq"]["variants"], allow_missing=True),
     output:
-        table=paths.PTQ_TABLE,
+        table=report(
+            paths.PTQ_TABLE,
+            caption="../report/ptq_table.rst",
+            category="{model}",
+        ),
     log:
         "logs/{model}/ptq_table.log",
     localrule: True
@@ -42,7 +46,11 @@ rule ptq_table:
 
 rule ptq_plot:
     input:
-        table=paths.PTQ_TABLE,
+        table=report(
+            paths.PTQ_TABLE,
+            caption="../report/ptq_table.rst",
+            category="{model}",
+        ),
     output:
         plot=report(
             paths.plot("ptq"),

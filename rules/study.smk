@@ -5,7 +5,11 @@ rule study_table:
         finetuned=finetuned_evals,
         sanity=sanity_results,
     output:
-        table=paths.STUDY_TABLE,
+        table=report(
+            paths.STUDY_TABLE,
+            caption="../report/study_table.rst",
+            category="{model}",
+        ),
         sanity=report(
             paths.SANITY_TABLE,
             caption="../report/sanity.rst",
@@ -25,7 +29,6 @@ rule study_table:
 rule study_plots:
     input:
         table=paths.STUDY_TABLE,
-        pooled=heatmap_matrix,
         layers=paths.LAYERS,
         batches=pool_batch_files,
     output:
@@ -42,11 +45,6 @@ rule study_plots:
         sanity=report(
             paths.plot("estimated_vs_measured"),
             caption="../report/estimated_vs_measured.rst",
-            category="{model}",
-        ),
-        heatmap=report(
-            paths.plot("interaction_heatmap"),
-            caption="../report/interaction_heatmap.rst",
             category="{model}",
         ),
         bits=report(
@@ -75,3 +73,26 @@ rule study_plots:
         code=stage_code("study"),
     script:
         "../workflow_scripts/study_plots.py"
+
+
+# Only with a pairwise method (CLADO): its matrix of the largest first set, drawn.
+rule interaction_heatmap:
+    input:
+        matrix=heatmap_matrix,
+        layers=paths.LAYERS,
+    output:
+        plot=report(
+            paths.plot("interaction_heatmap"),
+            caption="../report/interaction_heatmap.rst",
+            category="{model}",
+        ),
+    log:
+        "logs/{model}/interaction_heatmap.log",
+    localrule: True
+    conda:
+        "../envs/mpqflow.yaml"
+    params:
+        plots=config["plots"],
+        code=stage_code("study"),
+    script:
+        "../workflow_scripts/interaction_heatmap.py"

@@ -276,12 +276,12 @@ def test_evaluate_and_study_stages(run, pooled, tmp_path):
     assert table.sanity_pass[table.method == "uniform"].isna().all()
     assert table.sanity_pass[table.method == "mpqco"].eq(True).all()
     assert list(pd.read_csv(tmp_path / "sanity.csv").passes) == [True, True]
-    outs = {k: str(tmp_path / "plots" / f"{k}.png") for k in ("accuracy", "pareto", "sanity", "heatmap", "bits")}
+    outs = {k: str(tmp_path / "plots" / f"{k}.png") for k in ("accuracy", "pareto", "sanity", "bits")}
     outs["auc"], outs["calibration"] = str(tmp_path / "pareto_auc.csv"), str(tmp_path / "calibration.csv")
     batch_files = sorted(str(p) for est in ("mpqco", "clado") for p in pooled[est].glob("batch_*.npz"))
-    study.study_plots(
-        str(tmp_path / "study.csv"), str(pooled["clado"] / "set_2x0.npz"), layers, outs, cfg.plots, batch_files
-    )
+    study.study_plots(str(tmp_path / "study.csv"), layers, outs, cfg.plots, batch_files)
+    outs["heatmap"] = str(tmp_path / "plots" / "heatmap.png")
+    study.interaction_heatmap(str(pooled["clado"] / "set_2x0.npz"), layers, outs["heatmap"], cfg.plots)
     for k, p in outs.items():
         head = open(p, "rb").read(8)
         assert head == b"\x89PNG\r\n\x1a\n" if k not in ("auc", "calibration") else head.startswith(b"method")

@@ -7,7 +7,6 @@ from mpqflow.stages.study import study_plots  # noqa: E402
 
 study_plots(
     snakemake.input.table,
-    snakemake.input.pooled or None,
     snakemake.input.layers,
     dict(snakemake.output.items()),
     PlotsConfig.from_dict(snakemake.params.plots),

@@ -3,8 +3,8 @@
 Usage (what workflow_scripts/study_table.py and study_plots.py call):
     study_table(uniform_jsons, decision_eval_jsons, "results/m/study.csv", finetuned_jsons,
                 sanity_paths=sanity_jsons, sanity_csv="results/m/sanity.csv")
-    study_plots("results/m/study.csv", "results/m/sensitivity/clado/set_4x0.npz", "results/m/layers.json",
-                {"accuracy": "...png", ...}, plots_cfg)
+    study_plots("results/m/study.csv", "results/m/layers.json", {"accuracy": "...png", ...}, plots_cfg)
+    interaction_heatmap("results/m/sensitivity/clado/set_4x0.npz", "results/m/layers.json", "...png", plots_cfg)
     sanity_table(sanity_jsons)   # one row per (method, set): the no-budget solves
 
 No torch: the layer table comes from layers.json.
@@ -12,7 +12,6 @@ No torch: the layer table comes from layers.json.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from ..artifacts import load_batch_file, load_layer_table
@@ -29,22 +28,21 @@ from ..study_plots import (
     plot_pareto,
 )
 
-__all__ = ["study_table", "study_plots", "sanity_table"]
+__all__ = ["study_table", "study_plots", "interaction_heatmap", "sanity_table"]
 
 
 def study_plots(
     table_csv: str,
-    clado_set: str | None,
     layers_path: str,
     out: dict,
     plots: PlotsConfig,
     batch_files: list[str] | None = None,
     settings: dict | None = None,
 ) -> None:
-    """Draw every study figure from the study table (and the CLADO matrix for the heat map).
+    """Draw every study figure that the study table feeds (the heat map is :func:`interaction_heatmap`).
 
     Args:
-        out: paths by figure: accuracy, pareto, auc (the Pareto AUC table, CSV), sanity, heatmap, bits,
+        out: paths by figure: accuracy, pareto, auc (the Pareto AUC table, CSV), sanity, bits,
             and optionally calibration (the estimate-vs-measurement table, CSV).
         batch_files: per-batch sensitivity files (any estimators): the estimates' standard errors
             (:func:`mpqflow.study.estimate_standard_errors`) for the error bars and the calibration table.
@@ -61,10 +59,14 @@ def study_plots(
     plot_estimated_vs_measured(df, out["sanity"], dpi, width)
     if "calibration" in out:
         save_csv(out["calibration"], calibration_table(df))
-    layers, options = list(table.candidates), [list(o) for o in table.options]
-    if clado_set:
-        G = clado_matrix(load_batch_file(clado_set), "ce")
-    else:
-        G = np.zeros((len(layers) * len(options),) * 2)
-    plot_interaction_heatmap(G, layers, options, out["heatmap"], dpi)
-    plot_layer_bits(first_set_choices(df), layers, out["bits"], dpi)
+    plot_layer_bits(first_set_choices(df), list(table.candidates), out["bits"], dpi)
+
+
+def interaction_heatmap(pairwise_set: str, layers_path: str, out_png: str, plots: PlotsConfig) -> None:
+    """The pairwise estimator's (CLADO's) cross-layer interaction matrix of one sensitivity set, drawn.
+
+    Only a config with a pairwise method has the rule: without one there is no matrix to draw.
+    """
+    table = load_layer_table(layers_path)
+    G = clado_matrix(load_batch_file(pairwise_set), "ce")
+    plot_interaction_heatmap(G, list(table.candidates), [list(o) for o in table.options], out_png, plots.dpi)
