@@ -65,7 +65,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mpqflow.indicators",  # LIMPQ indicator files and the LIMPQ objective (torch-free)
         ),
     ),
-    ("model-aware", ("mpqflow.methods", "mpqflow.context")),
+    ("model-aware", ("mpqflow.methods", "mpqflow.context", "mpqflow.input_checks")),
     (
         "estimators and reports",
         (

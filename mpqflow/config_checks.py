@@ -5,7 +5,8 @@ Usage (what :func:`mpqflow.validation.validate_config` runs after the schema, in
     check_set_sizes(cfg); check_world_size(cfg); check_gradquant(cfg); check_limpq(cfg)
     cfg["finetune"] = check_finetune(cfg)
 
-Weights files are torch.save files, dataset roots exist with their class folders, the training split
+Weights files are torch.save files, dataset roots exist with their class folders (ImageNet-style)
+or CIFAR's batch files, the training split
 holds the calibration samples and the pool, set sizes fit the pool, budgets are positive and not
 certainly infeasible (returned in canonical names), a data-parallel batch covers its processes, and
 every fine-tuning target names a decision the config makes. Each raises ConfigError naming the key.
@@ -42,6 +43,8 @@ def check_paths(cfg: dict) -> None:
                 raise ConfigError(
                     f"config key 'models.{name}.dataset.root': {ds['root']!r} is not an existing directory"
                 )
+            if ds["name"] in CIFAR_FILES:
+                _check_cifar_layout(name, ds)
         if m.get("weights") is not None:
             if not Path(m["weights"]).is_file():
                 raise ConfigError(f"config key 'models.{name}.weights': {m['weights']!r} is not an existing file")
@@ -54,6 +57,28 @@ def check_paths(cfg: dict) -> None:
 
 
 _KNOWN_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+
+
+# The CIFAR python layout under a dataset root: (folder, training files, test files, label key);
+# mpqflow.data reads it, and check_paths checks it before any job.
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+def _check_cifar_layout(name: str, ds: dict) -> None:
+    """A CIFAR root holds the python version's folder and every batch file of it (read in the first job)."""
+    folder, train_files, test_files, _ = CIFAR_FILES[ds["name"]]
+    base = Path(ds["root"]) / folder
+    expected = f"expected {folder}/ with {', '.join(train_files + test_files)} (CIFAR's python version) under it"
+    if not base.is_dir():
+        raise ConfigError(f"config key 'models.{name}.dataset.root': {ds['root']!r} has no {folder}/ folder; {expected}")
+    missing = [f for f in train_files + test_files if not (base / f).is_file()]
+    if missing:
+        raise ConfigError(
+            f"config key 'models.{name}.dataset.root': {str(base)!r} lacks {', '.join(missing)}; {expected}"
+        )
 
 
 def _check_classes(name: str, m: dict) -> None:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config_checks import CIFAR_FILES
+
 # torch is imported where it is used: the Snakefile imports this module (sensitivity_set) in every
 # snakemake process, SLURM job steps included, and should not pay torch's import for it.
 if TYPE_CHECKING:
@@ -47,10 +49,6 @@ __all__ = [
 
 # name -> (input channels, classes, input size); an ImageNet-style folder counts its class folders
 DATASETS = {"digits": (1, 10, 8), "cifar10": (3, 10, 32), "cifar100": (3, 100, 32), "imagenet": (3, None, None)}
-_CIFAR_FILES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
-}
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -178,7 +176,7 @@ def _cifar(spec: DataSpec, split: str) -> Dataset:
     import torch
     from torch.utils.data import TensorDataset
 
-    folder, train_files, test_files, label_key = _CIFAR_FILES[spec.name]
+    folder, train_files, test_files, label_key = CIFAR_FILES[spec.name]
     base = Path(spec.root) / folder
     if not base.is_dir():
         raise FileNotFoundError(

@@ -32,7 +32,14 @@ import numpy as np
 from .artifacts import load_batch_file
 from .io import atomic_path
 
-__all__ = ["read_limpq_pickle", "write_limpq_pickle", "limpq_forbidden_bits", "limpq_allowed", "limpq_linear"]
+__all__ = [
+    "read_limpq_pickle",
+    "read_limpq_structure",
+    "write_limpq_pickle",
+    "limpq_forbidden_bits",
+    "limpq_allowed",
+    "limpq_linear",
+]
 __all__ += ["bit_lists", "MASK_PREFIX", "prune_masks", "read_prune_masks"]
 
 MASK_PREFIX = "prune_mask."  # payload keys of LIMPQP's pruning masks: prune_mask.<layer> (bool, weight shape)
@@ -58,39 +65,91 @@ def _strip(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
 
 
+# at most this many file layers may have other bit-widths than the config's before the layer table is
+# known: the first and last layers, which quant.fix_first_last keeps out of the search (and the file)
+_FIXED_LAYERS = 2
+
+_EXPECTED = "expected LIMPQ's format {'weight': {layer: {'bits': step}}, 'act': {...}, 'layer_name': [...]}"
+
+
+def _load(path: Path) -> dict:
+    """The pickle's dict, unpickled as plain data only, with its 'weight' / 'act' parts checked to map
+    layer names (without a DataParallel 'module.' prefix) to {bit-width (int): indicator (float)}."""
+    try:
+        data = _DataOnly(io.BytesIO(path.read_bytes())).load()
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as err:
+        cause = str(err) if isinstance(err, pickle.UnpicklingError) else f"{type(err).__name__}: {err}"
+        raise ValueError(f"{path}: not a LIMPQ indicator pickle ({cause}); {_EXPECTED}") from None
+    if not isinstance(data, dict) or not {"weight", "act"} <= set(data):
+        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: expected a dict with keys 'weight', 'act' (and 'layer_name'), got {keys}")
+    parts = {}
+    for part in ("weight", "act"):
+        per_layer = data[part]
+        if not isinstance(per_layer, dict) or not per_layer:
+            what = "an empty dict" if isinstance(per_layer, dict) else type(per_layer).__name__
+            raise ValueError(f"{path}: '{part}' must map layer names to {{bit-width: indicator}}, got {what}")
+        parts[part] = {_strip(str(layer)): _entry(path, part, layer, e) for layer, e in per_layer.items()}
+    return {**parts, "layer_name": [_strip(str(k)) for k in data.get("layer_name", [])]}
+
+
+def _entry(path, part: str, layer, entry) -> dict[int, float]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: '{part}'[{_strip(str(layer))!r}] must map bit-widths to indicators")
+    have = {}
+    for k, v in entry.items():
+        try:
+            have[int(k)] = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{path}: '{part}'[{_strip(str(layer))!r}] has entry {k!r}: {v!r}, expected 'bits': number"
+            ) from None
+    return have
+
+
+def _bits_fault(path, part: str, layer: str, have: dict, bits: list[int]) -> str | None:
+    """Why a layer's entry does not cover exactly `bits` with usable step sizes; None if it does."""
+    missing, extra = sorted(set(bits) - set(have)), sorted(set(have) - set(bits))
+    if missing or extra:
+        return (
+            f"{path}: '{part}'[{layer!r}] has bit-widths {sorted(have)}, quant.w_bits / a_bits give {sorted(bits)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" ({extra} are not in the option table: set quant.w_bits / a_bits to match)" if extra else "")
+        )
+    row = [have[b] for b in bits]
+    if not all(np.isfinite(row)) or min(row) <= 0:
+        return f"{path}: '{part}'[{layer!r}] has indicators {row}; step sizes must be finite and > 0"
+    return None
+
+
 def _indicator_rows(path, part: str, data: dict, layers: list[str], bits: list[int]) -> np.ndarray:
     """(L, K) indicators of `part` ('weight' / 'act') for `layers` at `bits`, refusing any mismatch."""
-    per_layer = data[part]
-    if not isinstance(per_layer, dict):
-        kind = type(per_layer).__name__
-        raise ValueError(f"{path}: '{part}' must map layer names to {{bit-width: indicator}}, got {kind}")
-    by_name = {_strip(str(k)): v for k, v in per_layer.items()}
     rows = []
     for layer in layers:
-        if layer not in by_name:
+        if layer not in data[part]:
             raise ValueError(f"{path}: '{part}' has no indicators of layer {layer!r}")
-        entry = by_name[layer]
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: '{part}'[{layer!r}] must map bit-widths to indicators")
-        have = {}
-        for k, v in entry.items():
-            try:
-                have[int(k)] = float(v)
-            except (TypeError, ValueError):
-                msg = f"{path}: '{part}'[{layer!r}] has entry {k!r}: {v!r}, expected 'bits': number"
-                raise ValueError(msg) from None
-        missing, extra = sorted(set(bits) - set(have)), sorted(set(have) - set(bits))
-        if missing or extra:
-            raise ValueError(
-                f"{path}: '{part}'[{layer!r}] has bit-widths {sorted(have)}, the option table's are {sorted(bits)}"
-                + (f" (missing {missing})" if missing else "")
-                + (f" ({extra} are not in the option table: set quant.w_bits / a_bits to match)" if extra else "")
-            )
-        row = [have[b] for b in bits]
-        if not all(np.isfinite(row)) or min(row) <= 0:
-            raise ValueError(f"{path}: '{part}'[{layer!r}] has indicators {row}; step sizes must be finite and > 0")
-        rows.append(row)
+        fault = _bits_fault(path, part, layer, data[part][layer], bits)
+        if fault:
+            raise ValueError(fault)
+        rows.append([data[part][layer][b] for b in bits])
     return np.asarray(rows, dtype=np.float64)
+
+
+def read_limpq_structure(path: str | Path, w_bits, a_bits) -> None:
+    """Check what a LIMPQ pickle must hold before the layer table is known: LIMPQ's format, plain data,
+    and the config's bit-widths (`w_bits`, `a_bits`) at every layer but the (fixed) first and last.
+
+    For a check before any job where the layer table cannot be traced; :func:`read_limpq_pickle`
+    checks everything against the table. ValueError naming the file, the part and the layer.
+    """
+    path = Path(path)
+    data = _load(path)
+    for part, bits in (("weight", sorted(set(w_bits), reverse=True)), ("act", sorted(set(a_bits), reverse=True))):
+        faults = [f for layer, have in data[part].items() if (f := _bits_fault(path, part, layer, have, bits))]
+        if len(faults) > _FIXED_LAYERS or len(faults) == len(data[part]):
+            raise ValueError(faults[0] + (f" (and {len(faults) - 1} more layers)" if len(faults) > 1 else ""))
 
 
 def read_limpq_pickle(path: str | Path, table) -> dict:
@@ -102,21 +161,13 @@ def read_limpq_pickle(path: str | Path, table) -> dict:
     model does not have, or a bit-width set different from the option table's is an error naming it.
     """
     path = Path(path)
-    try:
-        data = _DataOnly(io.BytesIO(path.read_bytes())).load()
-    except FileNotFoundError:
-        raise ValueError(f"limpq.indicators: {path} does not exist") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-        raise ValueError(f"{path}: not a LIMPQ indicator pickle ({err})") from None
-    if not isinstance(data, dict) or not {"weight", "act"} <= set(data):
-        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: expected a dict with keys 'weight', 'act' (and 'layer_name'), got {keys}")
-    named = {_strip(str(k)) for part in ("weight", "act") for k in data[part]}
-    named |= {_strip(str(k)) for k in data.get("layer_name", [])}
+    data = _load(path)
+    named = set(data["weight"]) | set(data["act"]) | set(data["layer_name"])
     unknown = sorted(named - set(table.layers))
     if unknown:
         raise ValueError(
-            f"{path}: layers {unknown[:5]} are not Conv2d/Linear layers of the model (first of {len(unknown)})"
+            f"{path}: layers {unknown[:5]} are not Conv2d/Linear layers of the model (first of {len(unknown)}); "
+            f"the model's are e.g. {list(table.layers)[:5]}"
         )
     w_bits, a_bits = bit_lists(table)
     layers = list(table.candidates)

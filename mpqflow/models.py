@@ -26,6 +26,7 @@ __all__ = [
     "build_model",
     "fresh_model",
     "load_weights",
+    "weights_mismatch",
     "quantizable_layers",
     "unreached_layers",
     "layer_macs",
@@ -205,19 +206,57 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"model weights file {str(path)!r} does not exist (weights are never downloaded)")
     state = load_state_dict(path, "model weights")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        hint = ""
-        if "size mismatch" in str(err):
-            hint = (
-                " (the model is built for the dataset's class count and channels; weights trained for "
-                "another class count need the config key models.<model>.num_classes; a first conv adapted to the "
-                "data's channels starts from fresh weights, so weights for 3 input channels do not load on "
-                "1-channel data)"
-            )
-        raise ValueError(f"weights file {str(path)!r} does not fit the model{hint}: {err}") from None
+    problem = weights_mismatch(model, state)
+    if problem is not None:
+        raise ValueError(f"weights file {str(path)!r} does not fit the model: {problem}")
+    model.load_state_dict(state)
     return model
+
+
+def weights_mismatch(model: nn.Module, state) -> str | None:
+    """Why `state` would not load into `model` (strictly), in words that point at the cause; None if it would.
+
+    Compares tensor names and shapes only, so `model` may live on the meta device (no memory, no data):
+    a config's weights file is checked this way before any job. Three causes get their own words:
+    another architecture (few names shared), a classifier for another class count, and a first conv
+    for another channel count; anything else lists the differing tensors.
+    """
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [(k, theirs[k], own[k]) for k in own if k in theirs and theirs[k] != own[k]]
+    if not (missing or unexpected or shapes):
+        return None
+    if missing or unexpected:
+        shared = len(own) - len(missing)
+        if not shared and {k.removeprefix("module.") for k in unexpected} == set(own):
+            return (
+                "its tensor names carry a 'module.' prefix (saved from DataParallel/DDP): save model.module's weights"
+            )
+        if shared < len(own) / 2:
+            head = f"it shares {shared} of the model's {len(own)} tensor names: a checkpoint of another architecture"
+        else:
+            head = f"{len(missing)} of the model's {len(own)} tensors are missing and it has {len(unexpected)} others"
+            head += ": another variant of the architecture?"
+        return f"{head} (the file has e.g. {unexpected[:3]}, the model expects e.g. {missing[:3]})"
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    last = f"{linears[-1]}.weight" if linears else None
+    if last is not None and {k for k, *_ in shapes} <= {last, last.replace(".weight", ".bias")}:
+        outputs = theirs[last][0]
+        return (
+            f"its classifier {linears[-1]!r} has {outputs} outputs where the model has {own[last][0]} (the "
+            f"dataset's class count): weights trained for {outputs} classes need models.<model>.num_classes: {outputs}"
+        )
+    first = f"{convs[0]}.weight" if convs else None
+    if [k for k, *_ in shapes] == [first] and theirs[first][1] != own[first][1]:
+        return (
+            f"its first conv {convs[0]!r} takes {theirs[first][1]} input channels where the data has "
+            f"{own[first][1]}: weights for another channel count do not load"
+        )
+    listed = ", ".join(f"{k} {list(a)} (model {list(b)})" for k, a, b in shapes[:4])
+    return f"{len(shapes)} tensors differ in shape, e.g. {listed}: another width or variant of the architecture?"
 
 
 def quantizable_layers(model: nn.Module, example: torch.Tensor) -> list[str]:

@@ -13,6 +13,7 @@ from mpqflow.config import (
     SensitivityConfig,
     validate_config,
 )
+from mpqflow.input_checks import check_named_files
 from mpqflow.validation import check_device, check_local_cores
 from mpqflow.data import sensitivity_set
 from mpqflow.methods import (
@@ -28,6 +29,8 @@ from mpqflow.names import option_name, option_table
 # submit host may have no GPU where its compute nodes do.
 try:
     _validated = validate_config(config, local=False)
+    if workflow.is_main_process:  # not again in every cluster job step (it may load a weights file)
+        check_named_files(_validated)
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
 config.clear()

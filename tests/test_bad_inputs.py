@@ -99,3 +99,112 @@ def test_load_export_returns_an_eval_mode_model_with_the_fine_tuned_logits(tmp_p
         got = rebuilt(x)
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
     assert all(torch.equal(before[k], v) for k, v in rebuilt.state_dict().items() if k in before)
+
+
+def _with_limpq_file(raw: dict, path) -> dict:
+    raw = copy.deepcopy(raw)
+    raw["limpq"] = {**raw.get("limpq", {}), "indicators": str(path)}
+    return raw
+
+
+def _tiny_indicator_file(path, drop=None, rename=None, bits=None):
+    """A LIMPQ pickle for the tiny model's candidates (traced on the meta device, as the check traces them)."""
+    import pickle
+
+    from mpqflow.config import Config
+    from mpqflow.input_checks import meta_layer_table
+
+    cfg = Config.from_dict(validate_config(RAW))
+    table = meta_layer_table("tiny", cfg.models["tiny"], cfg.quant, 0)
+    w_bits, a_bits = bits or cfg.quant.w_bits, cfg.quant.a_bits
+    layers = [rename.get(l, l) if rename else l for l in table.candidates if l != drop]
+    data = {
+        "weight": {l: {str(b): 0.1 * (9 - b) for b in w_bits} for l in layers},
+        "act": {l: {str(b): 0.1 * (9 - b) for b in a_bits} for l in layers},
+        "layer_name": layers,
+    }
+    path.write_bytes(pickle.dumps(data))
+    return table
+
+
+def test_a_well_formed_indicator_file_passes_the_check(tmp_path):
+    from mpqflow.input_checks import check_named_files
+
+    _tiny_indicator_file(tmp_path / "ok.pkl")
+    check_named_files(validate_config(_with_limpq_file(RAW, tmp_path / "ok.pkl")))
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("not_a_pickle", "not a LIMPQ indicator pickle"),
+        ("empty", "not a LIMPQ indicator pickle (EOFError"),
+        ("empty_dict", "expected a dict with keys 'weight', 'act'"),
+        ("wrong_layer_names", "are not Conv2d/Linear layers of the model"),
+        ("missing_layer", "has no indicators of layer"),
+        ("wrong_bits", "has bit-widths [3, 5], quant.w_bits / a_bits give [2, 8]"),
+    ],
+)
+def test_a_bad_indicator_file_is_refused_before_any_job(tmp_path, case, expected):
+    """limpq.indicators is read as the limpq_indicators job reads it, against the layer table traced on
+    the meta device, before any job: the key, the file and the fault are named, nothing is written."""
+    import pickle
+
+    path = tmp_path / f"{case}.pkl"
+    if case == "not_a_pickle":
+        path.write_text("layer,bits,step\nconv1,8,0.1\n")
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "empty_dict":
+        path.write_bytes(pickle.dumps({}))
+    else:
+        table = _tiny_indicator_file(path, drop=None, bits=(5, 3) if case == "wrong_bits" else None)
+        if case == "wrong_layer_names":
+            _tiny_indicator_file(path, rename={table.candidates[0]: "features.0"})
+        elif case == "missing_layer":
+            _tiny_indicator_file(path, drop=table.candidates[-1])
+    out = _refused_before_any_job(tmp_path, _with_limpq_file(RAW, path), "config key 'limpq.indicators'", str(path))
+    assert expected in out, out[-3000:]
+
+
+def test_a_cifar_root_without_its_batches_is_refused_before_any_job(tmp_path):
+    raw = copy.deepcopy(RAW)
+    root = tmp_path / "cifar"
+    (root / "cifar10").mkdir(parents=True)  # a plausible mistake: the torchvision folder's parent or a sibling
+    raw["models"]["tiny"]["dataset"] = {"name": "cifar10", "root": str(root)}
+    out = _refused_before_any_job(tmp_path, raw, "config key 'models.tiny.dataset.root'", str(root))
+    assert "has no cifar-10-batches-py/ folder" in out and "data_batch_1" in out
+    (root / "cifar-10-batches-py").mkdir()
+    (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"lacks data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch"):
+        validate_config(raw)
+
+
+def test_weights_of_another_architecture_are_refused_before_any_job(tmp_path):
+    """A weights file is compared, tensor by tensor, with the configured architecture built on the meta
+    device: the message says it is another architecture instead of hinting at the class count."""
+    from mpqflow.models import build_model
+
+    weights = tmp_path / "resnet20.pt"
+    torch.save(build_model("resnet20", in_channels=1, num_classes=10).state_dict(), weights)
+    raw = copy.deepcopy(RAW)
+    raw["models"]["tiny"]["weights"] = str(weights)
+    out = _refused_before_any_job(tmp_path, raw, "config key 'models.tiny.weights'", str(weights))
+    assert "a checkpoint of another architecture" in out and "num_classes" not in out, out[-3000:]
+
+
+def test_weights_for_another_class_count_name_the_key_that_fixes_them(tmp_path):
+    from mpqflow.config import Config
+    from mpqflow.input_checks import check_named_files
+    from mpqflow.models import fresh_model
+
+    cfg = Config.from_dict(validate_config(RAW))
+    net = fresh_model(cfg.models["tiny"], 0)
+    weights = tmp_path / "w.pt"
+    torch.save(net.state_dict(), weights)
+    raw = copy.deepcopy(RAW)
+    raw["models"]["tiny"]["weights"] = str(weights)
+    check_named_files(validate_config(raw))  # its own weights fit
+    raw["models"]["tiny"]["num_classes"] = 12
+    with pytest.raises(ConfigError, match=r"'models.tiny.weights'.*has 10 outputs where the model has 12.*num_classes: 10"):
+        check_named_files(validate_config(raw))

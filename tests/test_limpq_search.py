@@ -189,7 +189,7 @@ def test_limpq_pickle_mismatches_are_named(tmp_path, resnet18_table):
     (tmp_path / "list.pkl").write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(ValueError, match=r"expected a dict with keys 'weight', 'act'"):
         read_limpq_pickle(tmp_path / "list.pkl", table)
-    with pytest.raises(ValueError, match=r"limpq.indicators: .*nope.pkl does not exist"):
+    with pytest.raises(ValueError, match=r"nope.pkl does not exist"):
         read_limpq_pickle(tmp_path / "nope.pkl", table)
     # fixed layers (first conv, fc) in the file are fine: LIMPQ's files may carry them
     weight, act = _limpq_file(tmp_path / "fixed.pkl", table)

@@ -74,7 +74,10 @@ def import_indicators(job: dict, settings: LimpqConfig) -> None:
     sha = file_sha256(job["checkpoint"])
     quant = job["quant"]
     _, table = load_calibration(job["calibration"], sha, quant.to_dict())  # refuses another model's calibration
-    payload = read_limpq_pickle(settings.indicators, table)
+    try:
+        payload = read_limpq_pickle(settings.indicators, table)
+    except ValueError as err:  # checked before any job where the layer table traces on meta tensors
+        raise ValueError(f"config key 'limpq.indicators' ({settings.indicators!r}): {err}") from None
     identity = {"set_size": job["set_size"], "set_id": job["set_id"]}
     save_batch_file(job["out_path"], {**payload, **identity}, limpq_meta(table, quant, sha, settings))
     log.info("imported LIMPQ indicators of %d layers from %s", len(table.candidates), settings.indicators)
