@@ -73,7 +73,8 @@ def _check_cifar_layout(name: str, ds: dict) -> None:
     base = Path(ds["root"]) / folder
     expected = f"expected {folder}/ with {', '.join(train_files + test_files)} (CIFAR's python version) under it"
     if not base.is_dir():
-        raise ConfigError(f"config key 'models.{name}.dataset.root': {ds['root']!r} has no {folder}/ folder; {expected}")
+        key = f"config key 'models.{name}.dataset.root'"
+        raise ConfigError(f"{key}: {ds['root']!r} has no {folder}/ folder; {expected}")
     missing = [f for f in train_files + test_files if not (base / f).is_file()]
     if missing:
         raise ConfigError(

@@ -206,5 +206,5 @@ def test_weights_for_another_class_count_name_the_key_that_fixes_them(tmp_path):
     raw["models"]["tiny"]["weights"] = str(weights)
     check_named_files(validate_config(raw))  # its own weights fit
     raw["models"]["tiny"]["num_classes"] = 12
-    with pytest.raises(ConfigError, match=r"'models.tiny.weights'.*has 10 outputs where the model has 12.*num_classes: 10"):
+    with pytest.raises(ConfigError, match=r"'models.tiny.weights'.*10 outputs where the model has 12.*num_classes: 10"):
         check_named_files(validate_config(raw))
