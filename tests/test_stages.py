@@ -340,3 +340,53 @@ def test_default_config_builds_every_section():
     cfg = Config.from_dict(load_config(Path(__file__).resolve().parent.parent / "config.yaml"))
     assert cfg.models["digits_resnet20"].arch == "resnet20" and cfg.sample_plan.pool_batches == 8
     assert yaml.safe_load(yaml.safe_dump(cfg.quant.to_dict())) == cfg.quant.to_dict()
+
+
+def test_constant_logits_fail_the_mpqco_job_naming_the_layers(run, tmp_path):
+    """MPQCO divides by the true-class logit: a model whose logits are constant zero (classifier weight
+    and bias 0) makes its entries 0/0. The per-batch job refuses to write its file, naming the
+    estimator, the batch and the layers, instead of the solve failing on `linear has non-finite entries`."""
+    import torch
+
+    from mpqflow.artifacts import load_checkpoint, save_checkpoint
+
+    cfg, d = run
+    ckpt = load_checkpoint(d / "model.pt")
+    state = dict(ckpt["state_dict"])
+    fc = [k for k in state if k.endswith(".weight")][-1].removesuffix(".weight")  # the classifier
+    state[f"{fc}.weight"], state[f"{fc}.bias"] = (
+        torch.zeros_like(state[f"{fc}.weight"]),
+        torch.zeros_like(state[f"{fc}.bias"]),
+    )
+    save_checkpoint(tmp_path / "model.pt", state, ckpt["arch"], ckpt["fp_metrics"])
+    m = cfg.models["m"]
+    calibrate.calibrate(m, cfg.quant, cfg.seed, cfg.runtime, str(tmp_path / "model.pt"),
+                        str(tmp_path / "calibration.pt"), str(tmp_path / "layers.json"))  # fmt: skip
+    plan = SamplePlanConfig(
+        cfg.quant.calibration_samples, cfg.sensitivity.batch_size, cfg.sensitivity.pool_batches, cfg.seed
+    )
+    out = tmp_path / "batch_1.npz"
+    with pytest.raises(ValueError, match=r"mpqco on pool batch 1: non-finite sensitivities") as err:
+        sensitivity.sensitivity_batch(m, cfg.quant, plan, {**cfg.sensitivity.of_estimator("mpqco"), "progress": False},
+                                      cfg.runtime, str(tmp_path / "model.pt"), str(tmp_path / "calibration.pt"),
+                                      "mpqco", 1, str(out))  # fmt: skip
+    table = load_layer_table(tmp_path / "layers.json")
+    assert f"sq_sum at {', '.join(table.candidates)}" in str(err.value), str(err.value)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_non_finite_entries_are_named_by_layer_on_every_axis():
+    """Per-option (n,), per-layer (L,) and pairwise (n, n) arrays: each entry names the layers of its axes."""
+    from mpqflow.sensitivity.common import nonfinite_layers, refuse_nonfinite
+
+    layers, K = ["a", "b", "c"], 2
+    single, per_layer, pair = np.zeros(6), np.zeros(3), np.zeros((6, 6))
+    single[3] = np.inf  # option 3 = layer b, second option
+    per_layer[2] = np.nan
+    pair[0, 5] = -np.inf  # layers a and c
+    payload = {"single_sum": single, "trace_sum": per_layer, "pair_sum": pair, "count": np.int64(4),
+               "ok_sum": np.ones(6), "mask": np.ones(3, bool)}  # fmt: skip
+    assert nonfinite_layers(payload, layers, K) == {"single_sum": ["b"], "trace_sum": ["c"], "pair_sum": ["a", "c"]}
+    with pytest.raises(ValueError, match=r"clado on pool batch 7: .*single_sum at b; trace_sum at c; pair_sum at a, c"):
+        refuse_nonfinite(payload, layers, K, "clado on pool batch 7")
+    refuse_nonfinite({"ok_sum": np.ones(6)}, layers, K, "fine")

@@ -39,7 +39,7 @@ from ..context import load_context
 from ..data import pool_batch_indices
 from ..indicators import MASK_PREFIX, read_limpq_pickle
 from ..io import file_sha256
-from ..sensitivity.common import sensitivity_meta
+from ..sensitivity.common import refuse_nonfinite, sensitivity_meta
 from ..sensitivity.limpq import ESTIMATOR, indicator_payload, limpq_supernet, train_indicators
 from ..train import launch
 from ..train.state import clear_state
@@ -132,6 +132,8 @@ def limpq_indicators(
     if not env.is_main:
         return
     payload = indicator_payload(net, ctx.table, samples=len(data))
+    what = f"limpq indicators of set {set_size}x{set_id}"
+    refuse_nonfinite(payload, ctx.table.candidates, len(ctx.table.options), what)  # a diverged run
     payload.update({MASK_PREFIX + layer: mask for layer, mask in masks.items()})
     payload.update(set_size=set_size, set_id=set_id)
     save_batch_file(out_path, payload, limpq_meta(ctx.table, quant, ctx.checkpoint_sha256, lp))

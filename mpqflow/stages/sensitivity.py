@@ -37,6 +37,7 @@ def sensitivity_batch(
     from ..context import load_context  # torch: imported here so pooling (no torch) starts fast
     from ..data import pool_batch_indices, stack
     from ..sensitivity import batch_meta, compute_batch
+    from ..sensitivity.common import refuse_nonfinite
 
     ctx = load_context(model, quant, plan.seed, runtime, checkpoint, calibration)
     x, y = stack(ctx.train_set, pool_batch_indices(len(ctx.train_set), plan, batch))
@@ -49,6 +50,7 @@ def sensitivity_batch(
         len(ctx.table.options),
     )
     payload = compute_batch(estimator, ctx, x.to(ctx.device), y.to(ctx.device), settings)
+    refuse_nonfinite(payload, ctx.table.candidates, len(ctx.table.options), f"{estimator} on pool batch {batch}")
     save_batch_file(out_path, payload, batch_meta(ctx, estimator, settings))
 
 
