@@ -30,7 +30,9 @@ from ..artifacts import (
     is_additive,
     load_batch_file,
     means,
+    nonfinite_layers,
     pool_batch_files,
+    refuse_nonfinite,
     save_batch_file,
     split_meta,
 )
@@ -212,42 +214,3 @@ def torch_device(net):
 
     p = next(net.parameters(), None)
     return torch.device("cpu") if p is None else p.device
-
-
-def nonfinite_layers(payload: dict, layers: Sequence[str], options: int) -> dict[str, list[str]]:
-    """{payload key: candidate layers with a NaN or infinite entry} (keys with none left out).
-
-    An array's axes index options (length n = L*K, option i = l*K + k) or layers (length L); an entry
-    names the layers of every axis it sits on, so a pairwise (n, n) entry names both layers.
-    """
-    L, n = len(layers), len(layers) * options
-    found: dict[str, list[str]] = {}
-    for key, value in payload.items():
-        a = np.asarray(value)
-        if a.dtype.kind not in "fc" or np.isfinite(a).all():
-            continue
-        bad: set[int] = set()
-        nonfinite = ~np.isfinite(a)
-        for axis, size in enumerate(a.shape):
-            per = options if size == n else 1 if size == L else None
-            if per is not None:
-                rows = nonfinite.any(axis=tuple(ax for ax in range(a.ndim) if ax != axis))  # (size,)
-                bad |= {int(r) // per for r in np.flatnonzero(rows)}
-        found[key] = [layers[l] for l in sorted(bad)] if bad else ["(not per layer)"]
-    return found
-
-
-def refuse_nonfinite(payload: dict, layers: Sequence[str], options: int, what: str) -> None:
-    """ValueError naming `what` (the estimator and batch) and the layers, if any entry is NaN or infinite.
-
-    Where it arises, not in the solve: a non-finite sensitivity makes every objective meaningless.
-    """
-    found = nonfinite_layers(payload, layers, options)
-    if found:
-        listed = "; ".join(f"{key} at {', '.join(names[:6])}" + (" …" if len(names) > 6 else "")
-                           for key, names in found.items())  # fmt: skip
-        raise ValueError(
-            f"{what}: non-finite sensitivities (NaN or inf): {listed}. The model's losses or gradients overflow "
-            "on this batch (e.g. saturated or constant logits, or a diverged checkpoint); check the model's "
-            "accuracy and losses in eval/uniform/ or the training log"
-        )

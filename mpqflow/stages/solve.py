@@ -19,7 +19,7 @@ import logging
 
 import numpy as np
 
-from ..artifacts import load_batch_file, load_layer_table, save_decision, set_identity
+from ..artifacts import load_batch_file, load_layer_table, refuse_nonfinite, save_decision, set_identity
 from ..config import SolverConfig
 from ..io import save_json
 from ..layers import LayerTable
@@ -56,6 +56,9 @@ def _method_problem(
     set's (size, id) as its file records them."""
     pooled = load_batch_file(pooled_path)
     G, linear = method_objective(method, pooled, table, settings)
+    # a set file written before the estimators refused non-finite entries, or a method's arithmetic
+    what = f"{method}'s objective on {pooled_path} (remove the file and its batch files and rerun them)"
+    refuse_nonfinite({"G": G, "linear": linear}, table.candidates, len(table.options), what)
     allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
     return build_problem(table, G, linear, allowed), allowed, set_identity(pooled, pooled_path)
 
