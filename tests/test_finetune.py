@@ -280,3 +280,22 @@ def test_cuda_fine_tuning_needs_a_gpu_per_process(monkeypatch):
         validate_config(raw)
     raw["finetune"]["targets"] = []  # no fine-tuning: its world_size asks for nothing
     validate_config(raw)
+
+
+def test_the_docs_export_example_runs_and_matches_the_fine_tuned_logits(tiny_run, monkeypatch):
+    """docs/training.md's example, on the tiny run's fine-tuned decision: the integer export rebuilt
+    with load_export gives the fine-tuned model's logits bit for bit (both in eval mode)."""
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "docs" / "training.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "load_export" in b)
+    block = block.replace("results/digits_resnet20/finetuned/clado/set_4x0/avg_bits-2.5",
+                          "results/tiny/finetuned/clado/set_2x0/avg_bits-4")  # fmt: skip
+    block = block.replace('build_model("resnet20"', 'build_model("digits_cnn"')
+    assert "results/tiny/finetuned" in block and "digits_cnn" in block, block
+    monkeypatch.chdir(tiny_run)
+    scope: dict = {}
+    exec(compile(block, "docs/training.md", "exec"), scope)  # its own assert compares the logits
+    assert not scope["exported"].training and not scope["finetuned"].training
