@@ -42,10 +42,15 @@ whole (only its models run) and every key it leaves out takes the default below.
 The config is validated, and the defaults filled in, before any job runs. An unknown key, a wrong
 type or a value out of range stops the run with a message naming the key, the value and what is
 allowed, e.g. `config key 'quant.w_bits[1]': 32 is greater than the maximum of 16`. Checks the
-schema cannot state also run up front: a missing dataset path, a weights file that is not a
-checkpoint, `device: cuda` without CUDA (where jobs run locally), more calibration and pool samples
-than the training split, a set larger than the pool, a zero budget or an average-bits budget below
-the smallest weight bit-width. Equivalent budgets (`avg_bits-3`, `avg_bits-3.0`) are one budget; a
+schema cannot state also run up front: a missing dataset path or, for CIFAR, a root without the
+python version's batch files; a weights file that is not a checkpoint or whose tensor names and
+shapes do not fit the configured architecture (built on PyTorch's meta device: no memory, no data);
+a `limpq.indicators` file that is not a LIMPQ pickle or whose layers and bit-widths are not those of
+the model's layer table (traced on the meta device as calibration traces it); `device: cuda` without
+CUDA and more data-parallel processes than cores (where jobs run locally); `hawq_max_probes` below
+`hawq_min_probes`; a fine-tuning target listed twice; more calibration and pool samples than the
+training split, a set larger than the pool, a zero budget or an average-bits budget below the
+smallest weight bit-width. Equivalent budgets (`avg_bits-3`, `avg_bits-3.0`) are one budget; a
 budget below the smallest achievable size stops the run right after calibration (rule
 `check_budgets`), naming that size. Snakemake's own message for broken YAML names neither file nor
 line: `python -m mpqflow.validation my.yaml` does.
