@@ -215,16 +215,21 @@ def local_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def check_local_cores(cfg: dict, cores: int | None = None) -> None:
+def check_local_cores(cfg: dict, cores: int | None = None, gradquant: bool = False) -> None:
     """ConfigError when a CPU run here would start more data-parallel processes than the machine has
     cores (`cores`, default :func:`local_cores`): each rank would get a fraction of a core and every
     collective would wait for a descheduled one. The sections that run in this config count: a
-    trained model's `train`, `finetune` with targets, `limpq` when method limpq trains its indicators.
-    (The gradient-quantization study runs only as target `gradquant`; its world_size is not checked.)"""
+    trained model's `train`, `finetune` with targets, `limpq` when method limpq trains its indicators,
+    and `gradquant` when the run's targets include the gradient-quantization study (`gradquant`).
+
+    `world_size` × `threads` above the cores is no oversubscription: Snakemake caps a job's threads
+    at `--cores` and each process gets threads // world_size of them (at least one)."""
     if cfg["device"] == "cuda":
         return
     cores = local_cores() if cores is None else cores
     sections = {f"models.{n}.train": m["train"] for n, m in cfg["models"].items() if m.get("weights") is None}
+    if gradquant:
+        sections["gradquant"] = cfg["gradquant"]
     if cfg["finetune"]["targets"]:
         sections["finetune"] = cfg["finetune"]
     if "limpq" in cfg["methods"] and cfg["limpq"]["indicators"] is None:

@@ -375,13 +375,19 @@ def all_targets():
     return targets
 
 
+def targets_gradquant():
+    """Whether this run's targets include the gradient-quantization study (not part of `all`)."""
+    targets = workflow.dag_settings.targets
+    return any(t == "gradquant" or "/gradquant" in t for t in targets)
+
+
 def check_local_device():
     """Before the first job, when jobs run on this machine: `device: cuda` without CUDA, or more
     data-parallel processes than it has cores."""
     if workflow.local_exec:
         try:
             check_device(config)
-            check_local_cores(config)
+            check_local_cores(config, gradquant=targets_gradquant())
         except ConfigError as err:
             raise WorkflowError(f"invalid configuration: {err}") from None
 

@@ -208,3 +208,20 @@ def test_weights_for_another_class_count_name_the_key_that_fixes_them(tmp_path):
     raw["models"]["tiny"]["num_classes"] = 12
     with pytest.raises(ConfigError, match=r"'models.tiny.weights'.*10 outputs where the model has 12.*num_classes: 10"):
         check_named_files(validate_config(raw))
+
+
+def test_gradquant_processes_beyond_the_cores_are_refused_when_it_is_a_target(tmp_path):
+    """gradquant.world_size counts only for runs whose targets include the study (it is not in `all`)."""
+    raw = copy.deepcopy(RAW)
+    too_many = local_cores() + 1
+    raw["gradquant"] = {**raw.get("gradquant", {}), "world_size": too_many}
+    raw["models"]["tiny"]["train"] = {**raw["models"]["tiny"].get("train", {}), "batch_size": 64}
+    cfg = validate_config(raw)
+    check_local_cores(cfg)  # the default targets: not checked
+    with pytest.raises(ConfigError, match=rf"'gradquant.world_size': {too_many} data-parallel processes"):
+        check_local_cores(cfg, gradquant=True)
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = run_snakemake(tmp_path, "gradquant", configfile=config, check=False, timeout=300)
+    assert proc.returncode != 0 and "gradquant.world_size" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
