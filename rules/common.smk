@@ -29,7 +29,9 @@ from mpqflow.names import option_name, option_table
 # submit host may have no GPU where its compute nodes do.
 try:
     _validated = validate_config(config, local=False)
-    if workflow.is_main_process:  # not again in every cluster job step (it may load a weights file)
+    if (
+        workflow.is_main_process
+    ):  # not again in every cluster job step (it may load a weights file)
         check_named_files(_validated)
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
@@ -378,7 +380,7 @@ def all_targets():
 def targets_gradquant():
     """Whether this run's targets include the gradient-quantization study (not part of `all`)."""
     targets = workflow.dag_settings.targets
-    return any(t == "gradquant" or "/gradquant" in t for t in targets)
+    return any(re.search(r"\bgradquant\b", t) for t in targets)  # the rule or its files
 
 
 def check_local_device():
