@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, run_snakemake
 
 from mpqflow.artifacts import (
     check_set_matches_table,
@@ -293,3 +293,26 @@ def test_a_decision_of_another_table_names_the_file(tmp_path):
     save_decision(path, {"method": "mpqco", "budget": "avg_bits-4", "set_size": 1, "set_id": 0,
                          "candidates": ["conv3", "conv2"], "choice": ["w8a8", "w8a8"]})  # fmt: skip
     _refused(lambda: load_decision(path, TABLE), path, "candidate layers differ")
+
+
+# ---------------------------------------------------------------- the remedy, in the workflow
+
+
+def test_the_workflow_refuses_an_edited_table_and_the_named_remedy_regenerates_it(tmp_path):
+    """The tiny model up to budgets.json; a candidate removed from layers.json makes check_budgets (rerun
+    by Snakemake since layers.json is newer) fail naming the file, with no budgets.json of wrong caps;
+    the remedy the message names (`--forcerun results/tiny/layers.json`) remakes both as they were."""
+    target = "results/tiny/budgets.json"
+    run_snakemake(tmp_path, target)
+    layers, budgets = tmp_path / "results/tiny/layers.json", tmp_path / target
+    good_layers, good_budgets = layers.read_bytes(), budgets.read_bytes()
+    _edit_table(layers, lambda t: t["candidates"].pop())
+    proc = run_snakemake(tmp_path, target, check=False)
+    log = (tmp_path / "logs/tiny/check_budgets.log").read_text()
+    assert proc.returncode != 0
+    assert "results/tiny/layers.json: was edited or damaged since calibrate wrote it" in log, log[-2000:]
+    remedy = "--forcerun results/tiny/layers.json"
+    assert remedy in log, log[-2000:]
+    assert not budgets.exists() or budgets.read_bytes() == good_budgets  # Snakemake removes a failed job's outputs
+    run_snakemake(tmp_path, target, *remedy.split())
+    assert layers.read_bytes() == good_layers and budgets.read_bytes() == good_budgets
