@@ -5,7 +5,8 @@ Usage:
     fp_metrics(path)                                                  # its held-out FP metrics
     save_calibration(path, quantizer.state_dict(), table, sha, quant)  # results/{model}/calibration.pt
     state, table = load_calibration(path, checkpoint_sha256=sha, quant=quant.to_dict())
-    save_layer_table(path, table); load_layer_table(path)             # results/{model}/layers.json
+    save_layer_table(path, table, sha); load_layer_table(path)        # results/{model}/layers.json
+    check_set_matches_table(pooled, pooled_path, table, layers_path)  # a set made with this table?
     save_batch_file(path, payload, meta); pool_batch_files(paths)     # sensitivity/{est}/*.npz
     save_decision(path, decision); load_decision(path, table)         # decisions/.../{budget}.json
     decision_assignment(decision, table)                              # its choices + the fixed layers
@@ -24,6 +25,7 @@ settings (the estimator settings that change numbers), format.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import torch_load
-from .io import load_json, load_npz, save_json, save_npz, save_torch
-from .layers import LayerTable
+from .io import damaged, load_json, load_npz, load_record, regenerate_remedy, save_json, save_npz, save_torch
+from .layers import LayerTable, table_fault
 from .names import parse_option
 from .paths import set_dir
 
@@ -46,6 +48,8 @@ __all__ = [
     "load_calibration",
     "save_layer_table",
     "load_layer_table",
+    "layer_table_digest",
+    "check_set_matches_table",
     "split_meta",
     "is_additive",
     "save_batch_file",
@@ -60,6 +64,7 @@ __all__ = [
     "SET_FIELDS",
     "set_identity",
     "decision_target",
+    "load_evaluation",
 ]
 
 FORMAT_VERSION = 3  # 2: every estimator also stores second moments (standard errors); 3: CLADO's paired differences
@@ -116,15 +121,16 @@ def load_batch_file(path: str | Path) -> dict:
     data = load_npz(path)
     missing = [f for f in META_FIELDS + ("count",) if f not in data]
     if missing:
-        raise ValueError(f"{path}: not a sensitivity file (missing {missing})")
+        raise damaged(path, f"not a sensitivity file (fields {missing} missing)")
     data["layers"] = [str(l) for l in np.atleast_1d(data["layers"])]
     data["format"] = int(data["format"])
     if data["format"] != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: sensitivity file format {data['format']}, this mpqflow reads format {FORMAT_VERSION} "
+        raise damaged(
+            path,
+            f"sensitivity file format {data['format']}, this mpqflow reads format {FORMAT_VERSION} "
             "(format 1 had no second moments, so no standard errors; format 2 no paired differences of "
-            "CLADO's effects): recompute it (the workflow reruns "
-            "its job; delete a file made outside it)"
+            "CLADO's effects)",
+            "recompute it (the workflow reruns its job; delete a file made outside it)",
         )
     data["options"] = np.asarray(data["options"], dtype=np.int64).reshape(-1, 2)
     for f in SET_FIELDS:
@@ -137,9 +143,11 @@ def set_identity(data: dict, path) -> tuple[int, int]:
     """(set_size, set_id) that a set file records (rule pool_set or limpq_indicators wrote it); a
     ValueError naming the file for a per-batch file or one written before sets recorded their identity."""
     if any(f not in data for f in SET_FIELDS):
-        raise ValueError(
-            f"{path}: not a sensitivity set file (no set_size / set_id recorded): a per-batch file, or a set "
-            "file written before sets recorded their identity; recompute it (the workflow reruns its job)"
+        raise damaged(
+            path,
+            "not a sensitivity set file (no set_size / set_id recorded): a per-batch file, or a set "
+            "file written before sets recorded their identity",
+            "recompute it (the workflow reruns its job)",
         )
     return int(data["set_size"]), int(data["set_id"])
 
@@ -214,15 +222,20 @@ def save_checkpoint(path, state_dict: dict, arch: str, metrics: dict) -> None:
 
 def load_checkpoint(path) -> dict:
     """{state_dict, arch, fp_metrics} of a checkpoint written by :func:`save_checkpoint`."""
-    ckpt = torch_load(path, "model checkpoint", "expected results/<model>/model.pt written by train_model")
+    ckpt = torch_load(
+        path, "model checkpoint", f"expected results/<model>/model.pt written by train_model; {regenerate_remedy(path)}"
+    )
     if not isinstance(ckpt, dict) or not {"state_dict", "arch", "fp_metrics"} <= set(ckpt):
-        raise ValueError(f"{path}: not a model checkpoint written by mpqflow (expected state_dict, arch, fp_metrics)")
+        raise damaged(path, "not a model checkpoint written by mpqflow (expected state_dict, arch, fp_metrics)")
     return ckpt
 
 
 def fp_metrics(path) -> dict:
     """The held-out metrics of the FP model stored in its checkpoint."""
     return load_checkpoint(path)["fp_metrics"]
+
+
+_CALIBRATION_KEYS = ("quantizer", "table", "checkpoint_sha256", "quant_config")
 
 
 def save_calibration(path, quantizer_state: dict, table: LayerTable, checkpoint_sha256: str, quant: dict) -> None:
@@ -240,7 +253,14 @@ def save_calibration(path, quantizer_state: dict, table: LayerTable, checkpoint_
 
 def load_calibration(path, checkpoint_sha256: str, quant: dict) -> tuple[dict, LayerTable]:
     """(quantizer state, layer table); refuses a calibration of another checkpoint or quant section."""
-    calib = torch_load(path, "calibration", "expected results/<model>/calibration.pt written by calibrate")
+    calib = torch_load(
+        path, "calibration", f"expected results/<model>/calibration.pt written by calibrate; {regenerate_remedy(path)}"
+    )
+    if not isinstance(calib, dict) or any(k not in calib for k in _CALIBRATION_KEYS):
+        raise damaged(path, f"not a calibration written by mpqflow (expected {list(_CALIBRATION_KEYS)})")
+    fault = table_fault(calib["table"])
+    if fault:
+        raise damaged(path, f"its layer table: {fault}")
     if calib["checkpoint_sha256"] != checkpoint_sha256:
         raise ValueError(
             f"{path} was calibrated for another checkpoint (sha256 {calib['checkpoint_sha256'][:12]}..., "
@@ -256,18 +276,75 @@ def load_calibration(path, checkpoint_sha256: str, quant: dict) -> tuple[dict, L
     return calib["quantizer"], LayerTable.from_dict(calib["table"])
 
 
-def save_layer_table(path, table: LayerTable) -> None:
-    """The layer table as JSON: what the torch-free stages need of the model."""
-    save_json(path, table.to_dict())
+def layer_table_digest(content: dict) -> str:
+    """SHA-256 of a layer table's content (its fields and checkpoint_sha256) as canonical JSON: what
+    layers.json records in its `sha256` field."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def load_layer_table(path) -> LayerTable:
-    """Inverse of :func:`save_layer_table`."""
+def save_layer_table(path, table: LayerTable, checkpoint_sha256: str) -> None:
+    """The layer table as JSON, what the torch-free stages need of the model: its fields, the hash of
+    the checkpoint it was calibrated from and `sha256`, the digest of both (:func:`layer_table_digest`),
+    so that every reader can refuse a table edited or damaged after calibrate wrote it."""
+    content = {**table.to_dict(), "checkpoint_sha256": str(checkpoint_sha256)}
+    save_json(path, {**content, "sha256": layer_table_digest(content)})
+
+
+def load_layer_table(path, checkpoint_sha256: str | None = None, against: str | None = None) -> LayerTable:
+    """Inverse of :func:`save_layer_table`, the one reader of layers.json. Refuses, naming the file
+    and the remedy (rerun calibrate), a table that is not whole (a field, or a layer's entry in one,
+    missing: named), one whose content does not match the digest calibrate recorded in it (edited or
+    damaged since), and, given `checkpoint_sha256`, one calibrated from another checkpoint than
+    `against` (the file that records that hash, for the message) was made from."""
     data = load_json(path)
-    try:
-        return LayerTable.from_dict(data)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: not a layer table (missing or malformed {err})") from None
+    fault = table_fault(data)
+    if fault:
+        raise damaged(path, f"not a whole layer table: {fault}")
+    recorded = data.get("sha256")
+    content = {k: v for k, v in data.items() if k != "sha256"}
+    if not isinstance(recorded, str) or "checkpoint_sha256" not in data:
+        raise damaged(
+            path,
+            "records no content hash (sha256) or checkpoint (checkpoint_sha256): not written by this "
+            "mpqflow's calibrate (tables record both since issue 24)",
+        )
+    actual = layer_table_digest(content)
+    if actual != recorded:
+        raise damaged(
+            path,
+            f"was edited or damaged since calibrate wrote it (its content hashes to {actual[:12]}..., "
+            f"calibrate recorded sha256 {recorded[:12]}... in it)",
+        )
+    if checkpoint_sha256 is not None and data["checkpoint_sha256"] != str(checkpoint_sha256):
+        raise damaged(
+            path,
+            f"calibrated from another checkpoint (sha256 {data['checkpoint_sha256'][:12]}...) than "
+            f"{against or 'expected'} (sha256 {str(checkpoint_sha256)[:12]}...)",
+            f"{regenerate_remedy(path)}, and {against} the same way" if against else None,
+        )
+    return LayerTable.from_dict(data)
+
+
+def check_set_matches_table(pooled: dict, pooled_path, table: LayerTable, layers_path) -> None:
+    """Refuse a sensitivity set (loaded from `pooled_path`) that was not made with the layer table of
+    `layers_path`: its layers must be the table's candidates and its options the table's, naming both files."""
+    layers = list(pooled["layers"])
+    if layers != list(table.candidates):
+        only_set = [l for l in layers if l not in table.candidates]
+        only_table = [l for l in table.candidates if l not in layers]
+        raise damaged(
+            pooled_path,
+            f"its layers differ from the candidates of the layer table {layers_path} (only in the set: "
+            f"{only_set}, only in the table: {only_table}, or another order)",
+            f"{regenerate_remedy(pooled_path)}; if {layers_path} is the one out of date, rerun calibrate: "
+            f"{regenerate_remedy(layers_path)}",
+        )
+    options = [tuple(int(b) for b in o) for o in np.asarray(pooled["options"]).reshape(-1, 2)]
+    if options != [tuple(o) for o in table.options]:
+        raise damaged(
+            pooled_path,
+            f"its options {options} differ from the option table {list(map(tuple, table.options))} of {layers_path}",
+        )
 
 
 # ---------------------------------------------------------------- decisions
@@ -281,20 +358,36 @@ def decision_target(record: dict) -> str:
     return f"{set_dir(record['set_size'], record['set_id'])}/{record['budget']}"
 
 
+def load_evaluation(path, what: str = "evaluation", fields=("top1", "loss")) -> dict:
+    """An evaluation record (eval/ or finetuned/ JSON) with `fields` and the fields that name its
+    decision (:func:`decision_target`: `option` of a uniform one, else method, budget, set_size,
+    set_id); a DamagedArtifact naming the file and the missing fields otherwise."""
+    record = load_record(path, what, fields)
+    uniform = record.get("method", "uniform") == "uniform"
+    naming = ("option",) if uniform else ("method", "budget", "set_size", "set_id")
+    missing = [f for f in naming if f not in record]
+    if missing:
+        raise damaged(path, f"not a complete {what}: field(s) {missing} missing (they name its decision)")
+    return record
+
+
 def save_decision(path, decision: dict) -> None:
     """A solved decision: method, budget, set, candidates, choice (option names), estimate, solver record."""
     save_json(path, decision)
 
 
+DECISION_FIELDS = ("method", "budget", "set_size", "set_id", "candidates", "choice")
+
+
 def load_decision(path, table: LayerTable | None = None) -> dict:
     """A decision; with `table`, refuse one whose candidate layers or options are not the table's."""
-    decision = load_json(path)
+    decision = load_record(path, "decision", DECISION_FIELDS)
     if table is not None:
         if decision["candidates"] != list(table.candidates):
-            raise ValueError(f"{path}: candidate layers differ from the calibration's layer table")
+            raise damaged(path, "its candidate layers differ from the calibration's layer table")
         unknown = sorted({o for o in decision["choice"] if parse_option(o) not in table.options})
         if unknown:
-            raise ValueError(f"{path}: options {unknown} are not in the option table {list(table.options)}")
+            raise damaged(path, f"options {unknown} are not in the option table {list(table.options)}")
     return decision
 
 

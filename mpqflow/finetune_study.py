@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .artifacts import decision_target
-from .io import load_json, save_csv
+from .artifacts import decision_target, load_evaluation
+from .io import save_csv
 from .plotting import Figure
 from .top1_bars import grouped_top1_bars
 
@@ -22,11 +22,16 @@ FINETUNE_COLUMNS = [
 ]  # fmt: skip
 
 
+_FINETUNED_FIELDS = ("method", "size_mb", "avg_bits", "gbitops", "top1", "loss", "fp_top1", "epochs", "world_size",
+                     "distill", "train_seconds")  # fmt: skip
+
+
 def finetune_table(finetuned_paths: list[str], ptq_paths: list[str], out_csv: str) -> pd.DataFrame:
     """One row per fine-tuned decision: its PTQ evaluation (eval/) beside the fine-tuned one."""
     rows = []
     for qp, pp in zip(finetuned_paths, ptq_paths, strict=True):
-        q, p = load_json(qp), load_json(pp)
+        q = load_evaluation(qp, "fine-tuned evaluation", _FINETUNED_FIELDS)
+        p = load_evaluation(pp, "evaluation", ("top1", "loss"))
         if decision_target(q) != decision_target(p) or q["method"] != p.get("method", "uniform"):
             raise ValueError(
                 f"{qp} and {pp} evaluate different decisions ({decision_target(q)} vs {decision_target(p)})"

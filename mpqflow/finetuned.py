@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoints import torch_load
-from .io import save_torch
+from .io import damaged, regenerate_remedy, save_torch
 from .models import build_model
 from .quant import lsq_assignment, prepare_lsq
 
@@ -38,12 +38,16 @@ def save_finetuned(path, net: nn.Module, build: dict, per_channel: bool, record:
 
 def read_finetuned(path) -> dict:
     """The contents of a file written by :func:`save_finetuned`; ValueError naming the file otherwise."""
-    ckpt = torch_load(path, "fine-tuned model", "expected results/<model>/finetuned/<method>/.../<budget>.pt")
+    ckpt = torch_load(
+        path,
+        "fine-tuned model",
+        f"expected results/<model>/finetuned/<method>/.../<budget>.pt; {regenerate_remedy(path)}",
+    )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FINETUNED_FORMAT:
-        raise ValueError(f"{path}: not a fine-tuned model written by mpqflow (format {FINETUNED_FORMAT!r})")
+        raise damaged(path, f"not a fine-tuned model written by mpqflow (format {FINETUNED_FORMAT!r})")
     missing = [k for k in _KEYS if k not in ckpt]
     if missing:
-        raise ValueError(f"{path}: fine-tuned model file lacks {missing}")
+        raise damaged(path, f"not a whole fine-tuned model file: {missing} missing")
     return ckpt
 
 

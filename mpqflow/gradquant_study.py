@@ -17,7 +17,12 @@ import pandas as pd
 
 from .plotting import Figure, plt, save_png
 
-__all__ = ["gradquant_tables", "plot_gradquant", "gradquant_report", "METHOD_ORDER"]
+__all__ = ["gradquant_tables", "plot_gradquant", "gradquant_report", "METHOD_ORDER", "RUN_FIELDS"]
+
+RUN_FIELDS = (  # what gradquant_tables reads of a run's record
+    "run", "method", "bits", "world_size", "epochs", "steps", "top1", "test_loss", "train_history", "variance",
+    "level_refits", "bytes_sent_per_step", "bytes_fp32_per_step", "wire_bytes_per_step", "seconds", "settings",
+)  # fmt: skip
 
 METHOD_ORDER = ("none", "qsgd", "nuqsgd", "alq", "amq", "alq_nb", "amq_nb")
 FIXED, ADAPTIVE = ("qsgd", "nuqsgd"), ("alq", "amq", "alq_nb", "amq_nb")

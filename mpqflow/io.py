@@ -25,12 +25,17 @@ __all__ = [
     "atomic_path",
     "save_json",
     "load_json",
+    "load_record",
+    "DamagedArtifact",
+    "damaged",
+    "regenerate_remedy",
     "save_torch",
     "save_npz",
     "load_npz",
     "setup_logging",
     "file_sha256",
     "save_csv",
+    "load_csv",
 ]
 
 
@@ -94,12 +99,60 @@ def save_csv(path: str | Path, df, float_format: str | None = "%.6g") -> None:
         df.to_csv(tmp, index=False, float_format=float_format)
 
 
+class DamagedArtifact(ValueError):
+    """An artifact that cannot be read as what it should be (truncated, another format, fields missing,
+    edited); the message names the file, the fault and the remedy."""
+
+
+def regenerate_remedy(path: str | Path) -> str:
+    """How to remake a workflow artifact in place. Deleting it alone is not enough: while the files
+    made from it exist, Snakemake reports nothing to be done."""
+    return (
+        f"regenerate it with `snakemake --cores N --forcerun {path}` (reruns the job that writes it and "
+        "every job made from it)"
+    )
+
+
+def damaged(path: str | Path, fault: str, remedy: str | None = None) -> DamagedArtifact:
+    """The error for an artifact that cannot be read: '<path>: <fault>; <remedy>' (by default
+    :func:`regenerate_remedy`). Returned, not raised, so callers write `raise damaged(...) from None`."""
+    return DamagedArtifact(f"{path}: {fault}; {remedy or regenerate_remedy(path)}")
+
+
+def load_csv(path: str | Path, what: str, columns=()):
+    """A CSV table an earlier job wrote, as a pandas DataFrame; a file that pandas cannot parse (empty,
+    truncated mid-quote, binary) or that lacks `columns` is a DamagedArtifact naming it and the remedy."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise damaged(path, f"not a readable {what} CSV ({type(err).__name__}: {err})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise damaged(path, f"not a whole {what}: column(s) {missing} missing")
+    return df
+
+
 def load_json(path: str | Path):
-    """Read a JSON artifact; a broken file is an error naming it."""
+    """Read a JSON artifact; a file that is not JSON (truncated, binary, empty) is a DamagedArtifact
+    naming it and the remedy."""
     try:
         return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise damaged(path, f"not valid JSON ({err})") from None
+
+
+def load_record(path: str | Path, what: str, fields) -> dict:
+    """A JSON object artifact that must have `fields` (e.g. an evaluation: "top1", "loss", ...); a
+    DamagedArtifact naming the file, what it should be and the missing fields otherwise."""
+    record = load_json(path)
+    if not isinstance(record, dict):
+        raise damaged(path, f"not {what} (a JSON {type(record).__name__}, expected an object)")
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise damaged(path, f"not a complete {what}: field(s) {missing} missing")
+    return record
 
 
 def save_torch(path: str | Path, obj) -> None:
@@ -124,17 +177,14 @@ def save_npz(path: str | Path, **arrays) -> None:
 
 def load_npz(path: str | Path) -> dict:
     """All arrays of an .npz file as a dict (0-d arrays of strings become str). A file that is not a
-    whole .npz (truncated, another format) is a ValueError naming it and the remedy."""
+    whole .npz (truncated, another format) is a DamagedArtifact naming it and the remedy."""
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
         if isinstance(err, FileNotFoundError):
             raise
-        raise ValueError(
-            f"{path}: not a readable .npz file ({type(err).__name__}: {err}); it is damaged or truncated: "
-            "delete it and rerun, or regenerate it with `snakemake --cores N --forcerun <rule> <that file>`"
-        ) from None
+        raise damaged(path, f"not a readable .npz file ({type(err).__name__}: {err}), damaged or truncated") from None
     return {k: (str(v) if v.dtype.kind == "U" and v.ndim == 0 else v) for k, v in out.items()}
 
 

@@ -1,7 +1,7 @@
 """The layer table: which layers are quantized, which are searched, and what each costs.
 
 Usage:
-    table = LayerTable.from_dict(load_json("results/m/layers.json"))
+    table = load_layer_table("results/m/layers.json")   # mpqflow.artifacts: the one reader, which checks it
     table.uniform_assignment((4, 8))          # every candidate at W4A8, fixed layers at their bits
     table.weight_bits(assignment), table.bitops(assignment)
 
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LayerTable"]
+__all__ = ["LayerTable", "TABLE_FIELDS", "table_fault"]
+
+TABLE_FIELDS = ("layers", "candidates", "fixed", "options", "numel", "macs", "unreached")
 
 
 @dataclass(frozen=True)
@@ -94,3 +96,52 @@ class LayerTable:
             dict(t["macs"]),
             tuple(t.get("unreached", ())),  # absent in tables written before it was recorded
         )
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_option(o) -> bool:
+    return isinstance(o, (list, tuple)) and len(o) == 2 and all(b is None or _is_count(b) for b in o)
+
+
+def table_fault(t) -> str | None:
+    """What is wrong with a layer table's plain dict (:meth:`LayerTable.to_dict`), naming the field
+    and the layer; None when it is whole. Every field must be present, every layer must have its
+    `numel` and `macs` (whole numbers), candidates and fixed layers must be distinct layers of
+    `layers`, and every option a (w_bits, a_bits) pair."""
+    if not isinstance(t, dict):
+        return f"not a layer table (a JSON {type(t).__name__}, expected an object)"
+    missing = [f for f in TABLE_FIELDS if f not in t]
+    if missing:
+        return f"field(s) {missing} missing"
+    for f in ("layers", "candidates", "options", "unreached"):
+        if not isinstance(t[f], list):
+            return f"field {f!r} is a {type(t[f]).__name__}, expected a list"
+    for f in ("fixed", "numel", "macs"):
+        if not isinstance(t[f], dict):
+            return f"field {f!r} is a {type(t[f]).__name__}, expected an object keyed by layer"
+    layers = t["layers"]
+    if len(set(layers)) != len(layers):
+        return f"field 'layers' lists {sorted({l for l in layers if layers.count(l) > 1})} more than once"
+    for f in ("numel", "macs"):
+        for l in layers:
+            if l not in t[f]:
+                return f"field {f!r} has no entry for layer {l!r}"
+            if not _is_count(t[f][l]):
+                return f"field {f!r} of layer {l!r} is {t[f][l]!r}, expected a whole number >= 0"
+    known = set(layers)
+    for f, names in (("candidates", t["candidates"]), ("fixed", list(t["fixed"]))):
+        unknown = [l for l in names if l not in known]
+        if unknown:
+            return f"field {f!r} names {unknown}, not in field 'layers'"
+    both = sorted(set(t["candidates"]) & set(t["fixed"]))
+    if both:
+        return f"layer(s) {both} are both candidates and fixed"
+    bad = [o for o in t["options"] if not _is_option(o)] + [v for v in t["fixed"].values() if not _is_option(v)]
+    if bad:
+        return f"{bad[0]!r} is not a (w_bits, a_bits) pair (fields 'options' and 'fixed')"
+    if not t["options"]:
+        return "field 'options' is empty"
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .io import load_json
+from .io import load_record
 from .plotting import Figure
 from .top1_bars import grouped_top1_bars
 
@@ -21,7 +21,7 @@ def ptq_table(results: list) -> pd.DataFrame:
     results (dicts or JSON paths)."""
     rows = []
     for r in results:
-        rows.extend((r if isinstance(r, dict) else load_json(r))["rows"])
+        rows.extend((r if isinstance(r, dict) else load_record(r, "PTQ variant result", ["rows"]))["rows"])
     return pd.DataFrame(rows)
 
 

@@ -18,8 +18,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .artifacts import decision_target, load_batch_file
-from .io import load_json, save_csv
+from .artifacts import decision_target, load_batch_file, load_evaluation
+from .io import damaged, load_json, save_csv
 from .names import parse_option
 
 log = logging.getLogger("mpqflow")
@@ -65,6 +65,10 @@ def sanity_table(paths: list[str]) -> pd.DataFrame:
     for p in paths:
         got = load_json(p)
         for r in got if isinstance(got, list) else [got]:
+            fields = ("method", "set_size", "set_id", "solver", "choice")
+            missing = [f for f in fields if f not in r] if isinstance(r, dict) else list(fields)
+            if missing or not isinstance(r["solver"], dict) or "status" not in r["solver"]:
+                raise damaged(p, f"not a whole sanity-check record (fields {missing or ['solver.status']} missing)")
             rows.append({**r, "solver_status": r["solver"]["status"], "choice": " ".join(r["choice"])})
     df = pd.DataFrame([{k: r.get(k) for k in SANITY_COLUMNS} for r in rows], columns=SANITY_COLUMNS)
     return df.sort_values(["method", "set_size", "set_id"]).reset_index(drop=True)
@@ -78,14 +82,21 @@ def study_table(
     *,
     sanity_paths=(),
     sanity_csv: str | None = None,
+    budgets_path: str | None = None,
 ) -> pd.DataFrame:
     """Every uniform and searched decision's evaluation in one table (deterministic row order), with
     top1_qat / loss_qat of the decisions that were fine-tuned and sanity_pass (whether the decision's
     method and set pick the highest precision everywhere with no budget; empty where not checked).
-    `sanity_csv`: also write the sanity table there."""
-    rows = [{**load_json(p), "method": "uniform"} for p in uniform_paths]
-    rows += [load_json(p) for p in eval_paths]
-    qat = {(r["method"], decision_target(r)): r for r in map(load_json, finetuned_paths)}
+    `sanity_csv`: also write the sanity table there. `budgets_path`: the budgets' caps (budgets.json of
+    check_budgets); when some budgets share a cap on this model, a last column `same_cap_as` names, on
+    each row of such a budget, the others (space-separated; their rows repeat the same decisions), and
+    a warning is logged. Without shared caps the table has no such column."""
+    rows = [{**load_evaluation(p, "uniform evaluation"), "method": "uniform"} for p in uniform_paths]
+    rows += [load_evaluation(p, "decision evaluation") for p in eval_paths]
+    qat = {
+        (r["method"], decision_target(r)): r
+        for r in (load_evaluation(p, "fine-tuned evaluation", ("method", "top1", "loss")) for p in finetuned_paths)
+    }
     sanity = sanity_table(list(sanity_paths))
     passes = {(r.method, r.set_size, r.set_id): bool(r.passes) for r in sanity.itertuples()}
     for r in rows:
@@ -94,10 +105,28 @@ def study_table(
         r["sanity_pass"] = passes.get((r["method"], r.get("set_size"), r.get("set_id")))
     if sanity_csv is not None:
         save_csv(sanity_csv, sanity)
-    df = pd.DataFrame([{k: r.get(k) for k in STUDY_COLUMNS} for r in rows], columns=STUDY_COLUMNS)
+    columns = STUDY_COLUMNS
+    shared = _shared_caps(budgets_path) if budgets_path is not None else {}
+    if shared:
+        columns = [*STUDY_COLUMNS, "same_cap_as"]
+        for r in rows:
+            r["same_cap_as"] = " ".join(shared.get(r.get("budget"), [])) or None
+        log.warning(
+            "budgets with the same cap (the same decisions, solved and evaluated once each): %s",
+            "; ".join(f"{b} = {' = '.join(o)}" for b, o in shared.items() if all(b < x for x in o)),
+        )
+    df = pd.DataFrame([{k: r.get(k) for k in columns} for r in rows], columns=columns)
     df = df.sort_values(["method", "set_size", "set_id", "budget", "option"], na_position="first")
     save_csv(out_csv, df.reset_index(drop=True))
     return df
+
+
+def _shared_caps(budgets_path: str) -> dict:
+    """{budget: [budgets with the same cap]} of the budgets that share one, from budgets.json."""
+    caps = load_json(budgets_path)
+    if not isinstance(caps, dict) or any(not isinstance(c, dict) or "same_cap_as" not in c for c in caps.values()):
+        raise damaged(budgets_path, "not a budgets record of check_budgets (each budget's `same_cap_as` expected)")
+    return {b: list(c["same_cap_as"]) for b, c in caps.items() if c["same_cap_as"]}
 
 
 def running_best(size: np.ndarray, acc: np.ndarray, grid: np.ndarray) -> np.ndarray:

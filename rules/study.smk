@@ -4,6 +4,7 @@ rule study_table:
         evals=decision_evals,
         finetuned=finetuned_evals,
         sanity=sanity_results,
+        budgets=paths.BUDGETS,  # which budgets share a cap (noted in the table)
     output:
         table=report(
             paths.STUDY_TABLE,

@@ -52,8 +52,10 @@ CUDA and more data-parallel processes than cores (where jobs run locally); `hawq
 training split, a set larger than the pool, a zero budget or an average-bits budget below the
 smallest weight bit-width. Equivalent budgets (`avg_bits-3`, `avg_bits-3.0`) are one budget; a
 budget below the smallest achievable size stops the run right after calibration (rule
-`check_budgets`), naming that size. Snakemake's own message for broken YAML names neither file nor
-line: `python -m mpqflow.validation my.yaml` does.
+`check_budgets`), naming that size. Budgets of different kinds that resolve to the same cap on the
+model (`avg_bits-4`, `size_rel-0.5`) are noted there, not merged: `same_cap_as` in `budgets.json`, a
+warning in its log and a `same_cap_as` column in `study.csv`. Snakemake's own message for broken YAML
+names neither file nor line: `python -m mpqflow.validation my.yaml` does.
 
 Key names: `<name>` is a key of your choosing (a model name), `[]` an item of a list. Defaults of
 keys under an object apply once that object is given (e.g. `finetune.grad_quant.bits` when

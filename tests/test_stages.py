@@ -324,10 +324,11 @@ def test_decision_for_another_table_is_refused(run, tmp_path):
     cfg, d = run
     table = load_layer_table(d / "layers.json")
     bad = tmp_path / "d.json"
-    save_decision(bad, {"candidates": ["conv3", "conv2"], "choice": ["w8a8", "w8a8"]})
+    record = {"method": "mpqco", "budget": "avg_bits-4", "set_size": 1, "set_id": 0}
+    save_decision(bad, {**record, "candidates": ["conv3", "conv2"], "choice": ["w8a8", "w8a8"]})
     with pytest.raises(ValueError, match="candidate layers differ"):
         load_decision(bad, table)
-    save_decision(bad, {"candidates": list(table.candidates), "choice": ["w4a8", "w8a8"]})
+    save_decision(bad, {**record, "candidates": list(table.candidates), "choice": ["w4a8", "w8a8"]})
     with pytest.raises(ValueError, match=r"options \['w4a8'\] are not in the option table"):
         load_decision(bad, table)
 

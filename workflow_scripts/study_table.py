@@ -11,4 +11,5 @@ study_table(
     list(snakemake.input.finetuned),
     sanity_paths=list(snakemake.input.sanity),
     sanity_csv=snakemake.output.sanity,
+    budgets_path=snakemake.input.budgets,
 )

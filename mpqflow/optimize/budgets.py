@@ -5,6 +5,7 @@ Usage:
     b.name                                    # "avg_bits-3.5" (stable, for file names; parse round-trips)
     size_cap, bitops_cap = b.to_caps(problem) # totals incl. fixed layers; raises InfeasibleBudget
     budgets = parse_budgets("avg_bits-4+bitops_rel-0.25")   # several caps at once
+    same_caps({"avg_bits-4": (8e6, None), "size_rel-0.5": (8e6, None)})  # which budgets resolve to one cap
 
 Kinds (all caps are totals over the whole quantized model, fixed first/last layers included):
     avg_bits    average weight bits over all quantized weights: size <= value * total numel
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KINDS", "BITS_PER_MB", "UNITS", "Budget", "InfeasibleBudget", "parse_budgets", "caps_of"]
+__all__ = ["KINDS", "BITS_PER_MB", "UNITS", "Budget", "InfeasibleBudget", "parse_budgets", "caps_of", "same_caps"]
 
 BITS_PER_MB = 8e6
 KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel", "cr")
@@ -177,3 +178,24 @@ def caps_of(budgets, problem) -> tuple[float | None, float | None]:
         size_cap = s if size_cap is None or (s is not None and s < size_cap) else size_cap
         bitops_cap = o if bitops_cap is None or (o is not None and o < bitops_cap) else bitops_cap
     return size_cap, bitops_cap
+
+
+def _whole(cap: float) -> int:
+    """The largest whole total a cap admits (sizes and BitOPs are whole numbers of bits), float noise
+    of 1e-9 relative forgiven: 4 * numel and 0.5 * (8 * numel) are one cap however they round."""
+    return math.floor(cap * (1 + 1e-9))
+
+
+def same_caps(caps: dict) -> dict:
+    """{budget: [the other budgets with the same cap, in the given order]} of {budget: (size_cap_bits,
+    bitops_cap)} (:meth:`Budget.to_caps`), every budget a key ([] when its cap is its own).
+
+    Budgets of different kinds can resolve to one cap on a model (avg_bits-4 and size_rel-0.5 when every
+    weight is in the 8-bit reference); they admit the same decisions, so each is solved and evaluated
+    to the same result. The names are only known to be one budget once the layer table is, after the
+    DAG is built, so they are noted, not merged.
+    """
+    keys = {
+        name: (0, _whole(size)) if size is not None else (1, _whole(bitops)) for name, (size, bitops) in caps.items()
+    }
+    return {name: [other for other in caps if other != name and keys[other] == key] for name, key in keys.items()}

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoints import torch_load
-from ..io import save_json, save_torch
+from ..io import damaged, regenerate_remedy, save_json, save_torch
 from .lsq import lsq_layers, lsq_range, prepare_lsq
 
 __all__ = ["EXPORT_FORMAT", "export_integer", "save_export", "read_export", "load_export"]
@@ -81,9 +81,11 @@ def save_export(path_pt, path_json, net: nn.Module) -> dict:
 
 def read_export(path_pt) -> dict:
     """The state written by :func:`save_export` (torch.load with weights_only=True, on the CPU)."""
-    state = torch_load(path_pt, "LSQ integer export", "expected a file written by mpqflow's save_export")
+    state = torch_load(
+        path_pt, "LSQ integer export", f"expected a file written by mpqflow's save_export; {regenerate_remedy(path_pt)}"
+    )
     if not isinstance(state, Mapping) or state.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path_pt}: not an LSQ integer export of format {EXPORT_FORMAT!r}")
+        raise damaged(path_pt, f"not an LSQ integer export of format {EXPORT_FORMAT!r}")
     return state
 
 

@@ -39,7 +39,7 @@ def calibrate(
         pool_batch_indices(len(train), plan, plan.pool_batches - 1)  # raises naming the keys
     ctx = calibrated_context(model, quant, seed, runtime, checkpoint, train)
     save_calibration(out_path, ctx.quantizer.state_dict(), ctx.table, ctx.checkpoint_sha256, quant.to_dict())
-    save_layer_table(layers_path, ctx.table)
+    save_layer_table(layers_path, ctx.table, ctx.checkpoint_sha256)
     log.info(
         "calibrated %d layers (%d candidates) on %d samples",
         len(ctx.table.layers),

@@ -9,14 +9,15 @@ No torch: it reads the evaluations' JSON files (stage evaluate), not the fine-tu
 
 from __future__ import annotations
 
-import pandas as pd
-
 from ..config import PlotsConfig
-from ..finetune_study import finetune_plot, finetune_table
+from ..finetune_study import FINETUNE_COLUMNS, finetune_plot, finetune_table
+from ..io import load_csv
 
 __all__ = ["finetune_table", "plot_finetune_table"]
 
 
 def plot_finetune_table(csv: str, png: str, plots: PlotsConfig) -> None:
     """PTQ vs fine-tuned top-1 of a table written by :func:`mpqflow.finetune_study.finetune_table`."""
-    finetune_plot(pd.read_csv(csv), png, dpi=plots.dpi, width=1.2 * plots.panel_width)
+    finetune_plot(
+        load_csv(csv, "fine-tuning table", FINETUNE_COLUMNS), png, dpi=plots.dpi, width=1.2 * plots.panel_width
+    )

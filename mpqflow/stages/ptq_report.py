@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..config import PlotsConfig
-from ..io import save_csv
+from ..io import load_csv, save_csv
 from ..ptq_study import ptq_plot, ptq_table
 
 __all__ = ["write_ptq_table", "plot_ptq_table"]
@@ -27,4 +27,9 @@ def write_ptq_table(results: list, csv: str) -> pd.DataFrame:
 
 def plot_ptq_table(csv: str, png: str, plots: PlotsConfig) -> None:
     """The PTQ study's bar chart of a table written by :func:`write_ptq_table`."""
-    ptq_plot(pd.read_csv(csv), png, dpi=plots.dpi, width=1.2 * plots.panel_width)
+    ptq_plot(
+        load_csv(csv, "PTQ table", ("option", "variant", "top1", "fp_top1")),
+        png,
+        dpi=plots.dpi,
+        width=1.2 * plots.panel_width,
+    )

@@ -19,13 +19,21 @@ import logging
 
 import numpy as np
 
-from ..artifacts import load_batch_file, load_layer_table, refuse_nonfinite, save_decision, set_identity
+from ..artifacts import (
+    check_set_matches_table,
+    load_batch_file,
+    load_layer_table,
+    refuse_nonfinite,
+    save_decision,
+    set_identity,
+)
 from ..config import SolverConfig
 from ..io import save_json
 from ..layers import LayerTable
 from ..methods import estimated_loss_increase, method_allowed, method_objective, settings_of, settings_record
 from ..names import option_name
 from ..optimize import Budget, Problem, build_problem, solve
+from ..optimize.budgets import same_caps
 
 __all__ = ["check_budgets", "solve_budget", "sanity_check", "sanity_checks"]
 log = logging.getLogger("mpqflow")
@@ -36,13 +44,31 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
 
     Raises InfeasibleBudget naming the budget and the smallest achievable size or BitOPs. Runs as
     soon as the layer table exists, so a bad budget stops the run before the sensitivity stage ends.
+    Each budget's record also lists, in `same_cap_as`, the budgets that resolve to the same cap on
+    this model (:func:`mpqflow.optimize.budgets.same_caps`), logged as a warning: they are solved and
+    evaluated to the same decisions. A layer table that is not whole or was edited since calibrate
+    wrote it is refused before anything is written.
     """
     table = load_layer_table(layers_path)
     problem = build_problem(table, linear=np.zeros(len(table.candidates) * len(table.options)))
-    caps = {}
-    for name in budgets:
-        size_cap, bitops_cap = Budget.parse(name).to_caps(problem)
-        caps[name] = {"size_cap_bits": size_cap, "bitops_cap": bitops_cap}
+    resolved = {name: Budget.parse(name).to_caps(problem) for name in budgets}
+    shared = same_caps(resolved)
+    caps = {
+        name: {"size_cap_bits": size_cap, "bitops_cap": bitops_cap, "same_cap_as": shared[name]}
+        for name, (size_cap, bitops_cap) in resolved.items()
+    }
+    for i, name in enumerate(budgets):
+        later = [other for other in shared[name] if list(budgets).index(other) > i]
+        if later:
+            cap = resolved[name][0] if resolved[name][0] is not None else resolved[name][1]
+            log.warning(
+                "budget %s has the same cap as %s on this model (%.0f %s): each is solved and evaluated to "
+                "the same decisions; keep one of them in `budgets` to save those jobs",
+                name,
+                ", ".join(later),
+                cap,
+                "weight bits" if resolved[name][0] is not None else "BitOPs",
+            )
     if out_path is not None:
         save_json(out_path, caps)
     log.info("every budget is achievable: %s", ", ".join(budgets))
@@ -50,17 +76,20 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
 
 
 def _method_problem(
-    table: LayerTable, pooled_path: str, method: str, settings
-) -> tuple[Problem, np.ndarray | None, tuple[int, int]]:
-    """The method's integer program over the pooled set, the options it allows (None: all) and the
-    set's (size, id) as its file records them."""
+    layers_path: str, pooled_path: str, method: str, settings
+) -> tuple[LayerTable, Problem, np.ndarray | None, tuple[int, int]]:
+    """The layer table, the method's integer program over the pooled set, the options it allows (None:
+    all) and the set's (size, id) as its file records them. The table must be whole and unedited,
+    calibrated from the checkpoint the set was computed on, and the set made with its candidates and options."""
     pooled = load_batch_file(pooled_path)
+    table = load_layer_table(layers_path, checkpoint_sha256=str(pooled["checkpoint_sha256"]), against=pooled_path)
+    check_set_matches_table(pooled, pooled_path, table, layers_path)
     G, linear = method_objective(method, pooled, table, settings)
     # a set file written before the estimators refused non-finite entries, or a method's arithmetic
     what = f"{method}'s objective on {pooled_path} (remove the file and its batch files and rerun them)"
     refuse_nonfinite({"G": G, "linear": linear}, table.candidates, len(table.options), what)
     allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
-    return build_problem(table, G, linear, allowed), allowed, set_identity(pooled, pooled_path)
+    return table, build_problem(table, G, linear, allowed), allowed, set_identity(pooled, pooled_path)
 
 
 def _solve(problem: Problem, budget, solver: SolverConfig):
@@ -87,9 +116,8 @@ def solve_budget(
 
     `settings`: the method's own settings (clado_na's k, limpq's alpha; {} for the others), recorded in
     the decision."""
-    table = load_layer_table(layers_path)
     own = settings_of(method, settings)
-    problem, allowed, (n, s) = _method_problem(table, pooled_path, method, own)
+    table, problem, allowed, (n, s) = _method_problem(layers_path, pooled_path, method, own)
     sol = _solve(problem, Budget.parse(budget), solver)
     decision = {
         "method": method,
@@ -139,8 +167,7 @@ def sanity_check(
     Writes {method, set_size, set_id, highest, layers, layers_at_highest, passes, choice,
     estimated_loss_increase (at the unconstrained optimum), estimated_at_highest (of all layers at
     the highest option; null where the method forbids it somewhere), solver}."""
-    table = load_layer_table(layers_path)
-    problem, _, (n, s) = _method_problem(table, pooled_path, method, settings)
+    table, problem, _, (n, s) = _method_problem(layers_path, pooled_path, method, settings)
     sol = _solve(problem, None, solver)
     highest = max(tuple(o) for o in table.options)
     at_highest = np.array([tuple(o) == highest for o in problem.options], dtype=np.float64)  # (n_allowed,)

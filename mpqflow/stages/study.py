@@ -12,13 +12,11 @@ No torch: the layer table comes from layers.json.
 
 from __future__ import annotations
 
-import pandas as pd
-
 from ..artifacts import load_batch_file, load_layer_table
 from ..config import PlotsConfig
-from ..io import save_csv
+from ..io import load_csv, save_csv
 from ..methods import clado_matrix
-from ..study import calibration_table, estimate_standard_errors, sanity_table, study_table
+from ..study import STUDY_COLUMNS, calibration_table, estimate_standard_errors, sanity_table, study_table
 from ..study_plots import (
     first_set_choices,
     plot_accuracy_vs_size,
@@ -50,7 +48,7 @@ def study_plots(
             for the methods that have settings, clado_na and limpq).
     """
     dpi, width = plots.dpi, plots.panel_width
-    df = pd.read_csv(table_csv)
+    df = load_csv(table_csv, "study table", STUDY_COLUMNS)
     table = load_layer_table(layers_path)
     if batch_files:
         df["estimate_se"] = estimate_standard_errors(df, batch_files, table, settings or {})

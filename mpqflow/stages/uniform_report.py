@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..io import load_json, save_csv
+from ..io import load_record, save_csv
 
 __all__ = ["UNIFORM_COLUMNS", "uniform_table"]
 
@@ -19,7 +19,7 @@ UNIFORM_COLUMNS = ["option", "top1", "top5", "loss", "fp_top1", "size_mb", "avg_
 
 def uniform_table(paths: list[str], out_csv: str) -> pd.DataFrame:
     """One row per uniform option, largest first; written atomically as CSV."""
-    rows = [{k: load_json(p)[k] for k in UNIFORM_COLUMNS} for p in paths]
+    rows = [{k: load_record(p, "uniform evaluation", UNIFORM_COLUMNS)[k] for k in UNIFORM_COLUMNS} for p in paths]
     df = pd.DataFrame(rows, columns=UNIFORM_COLUMNS).sort_values(["size_mb", "top1"], ascending=False)
     save_csv(out_csv, df)
     return df
