@@ -40,19 +40,30 @@ def _config(workdir: Path, epochs: int) -> Path:
     return path
 
 
-def _rank_pid(rank: int, session: int) -> int | None:
-    """The pid of the torchrun worker with RANK=`rank` among the processes of `session`."""
+def _parent(pid: int) -> int | None:
+    try:  # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after its ")"
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _rank_pid(rank: int, root: int) -> int | None:
+    """The pid of the torchrun worker with RANK=`rank` below process `root`. By ancestry, not by
+    session: torchrun starts each worker in a session of its own."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.getsid(int(entry.name)) != session:
-                continue
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ProcessLookupError):
+        except OSError:
             continue
-        if b"mpqflow.train.worker" in cmdline and f"RANK={rank}".encode() in environ:
+        if b"mpqflow.train.worker" not in cmdline or f"RANK={rank}".encode() not in environ:
+            continue
+        pid = int(entry.name)
+        while pid not in (None, 0, 1, root):
+            pid = _parent(pid)
+        if pid == root:
             return int(entry.name)
     return None
 
