@@ -27,8 +27,7 @@ import mpqflow.validation
 from mpqflow.artifacts import load_checkpoint
 from mpqflow.config import Config, ConfigError, Runtime, TrainSettings, validate_config
 from mpqflow.stages.train import train_or_load
-from mpqflow.train import DistEnv, LaunchError, cross_entropy_loss, fit, launch
-from mpqflow.train import loop
+from mpqflow.train import DistEnv, LaunchError, cross_entropy_loss, fit, launch, loop
 from mpqflow.train.loop import shard_bounds, steps_per_epoch
 from mpqflow.train.state import STATE_FILE
 
