@@ -120,8 +120,12 @@ def main() -> int:
             if marks[key] is None and key in text:
                 marks[key] = ended
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the session: snakemake, its job, torchrun and both ranks
+        if proc.poll() is None:  # given up: the ranks first (each in a session of its own), then snakemake's
+            for rank in (0, 1):
+                pid = _rank_pid(rank, proc.pid)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)  # also ends a stopped process
+            os.killpg(proc.pid, signal.SIGKILL)  # snakemake, its job and torchrun
             proc.wait()
         out.close()
 
