@@ -21,6 +21,10 @@ the single-process trainer did, so its results are bit for bit those of that tra
 BatchNorm statistics are per rank (no SyncBatchNorm), as in plain DDP: with BatchNorm, a run with W
 ranks is a different (equally valid) run than with one. Same settings, seed and W give the same
 result bit for bit, also when resumed from an epoch checkpoint (see :mod:`mpqflow.train.state`).
+
+Progress: rank 0 logs one line per epoch and shows a step bar within each epoch (tqdm to stderr, the
+rule's log in a job; redrawn every PROGRESS_INTERVAL_LOG_S into a log, so a long epoch is visible
+without flooding it). The bar reads only the clock and the loss already computed.
 """
 
 from __future__ import annotations
