@@ -11,6 +11,7 @@ file takes about 75 s on 2 cores).
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ import mpqflow.validation
 from mpqflow.artifacts import load_checkpoint
 from mpqflow.config import Config, ConfigError, Runtime, TrainSettings, validate_config
 from mpqflow.stages.train import train_or_load
-from mpqflow.train import DistEnv, LaunchError, cross_entropy_loss, fit, launch
+from mpqflow.train import DistEnv, LaunchError, cross_entropy_loss, fit, launch, loop
 from mpqflow.train.loop import shard_bounds, steps_per_epoch
 from mpqflow.train.state import STATE_FILE
 
@@ -193,6 +194,24 @@ def test_interrupted_one_process_run_resumes_bit_for_bit(tmp_path, one_thread):
     assert _equal(resumed, reference)
 
 
+def test_progress_shows_every_step_of_each_epoch_and_changes_no_result(tmp_path, one_thread, monkeypatch):
+    """The step bar (redrawn at every step here, not every 30 s as into a log) shows the steps within
+    each epoch with the running loss; without it the run gives the same weights bit for bit."""
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    monkeypatch.setattr(loop, "PROGRESS_INTERVAL_LOG_S", 0.0)
+    shown = tmp_path / "progress.log"
+    with open(shown, "w") as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        with_bar = fit(_model(), _data(), _settings(1), seed=0, env=env).state_dict()
+    text = shown.read_text()
+    for epoch in range(1, EPOCHS + 1):
+        for step in range(STEPS + 1):
+            assert f"train epoch {epoch} of {EPOCHS}: " in text and f"| {step}/{STEPS} [" in text, text
+    assert re.search(r"loss \d+\.\d{3}\]", text), text
+    monkeypatch.setattr(loop, "_step_bar", lambda label, steps, env: loop.tqdm(disable=True))
+    assert _equal(fit(_model(), _data(), _settings(1), seed=0, env=env).state_dict(), with_bar)
+
+
 # ---- real 2-process runs (torchrun, gloo) ----
 
 
@@ -215,6 +234,10 @@ def test_two_process_run_is_deterministic_and_only_rank_0_logs(
     assert _equal(_launch2(tmp_path, "again.pt", dropout=True), dropped)
     epoch_lines = [line for line in log.splitlines() if " train epoch " in line]
     assert len(epoch_lines) == EPOCHS and "samples/s" in epoch_lines[0] and "[rank" not in epoch_lines[0]
+    for epoch in range(1, EPOCHS + 1):  # rank 0's step bar reaches the log through torchrun's pipe
+        bar = [line for line in log.splitlines() if line.startswith(f"train epoch {epoch} of {EPOCHS}: ")]
+        assert bar and f"| 0/{STEPS} [" in bar[0] and f"| {STEPS}/{STEPS} [" in bar[-1], log
+        assert len(bar) <= 3, log  # redrawn every 30 s into a log: start, end and at most one more
     assert "hello from rank 0" in log and "hello from rank 1" not in log
     assert "[rank 1] rank 1 warns" in log  # other ranks keep their warnings
 

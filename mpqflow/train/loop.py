@@ -21,12 +21,17 @@ the single-process trainer did, so its results are bit for bit those of that tra
 BatchNorm statistics are per rank (no SyncBatchNorm), as in plain DDP: with BatchNorm, a run with W
 ranks is a different (equally valid) run than with one. Same settings, seed and W give the same
 result bit for bit, also when resumed from an epoch checkpoint (see :mod:`mpqflow.train.state`).
+
+Progress: rank 0 logs one line per epoch and shows a step bar within each epoch (tqdm to stderr, the
+rule's log in a job; redrawn every PROGRESS_INTERVAL_LOG_S into a log, so a long epoch is visible
+without flooding it). The bar reads only the clock and the loss already computed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable
 
@@ -192,17 +197,14 @@ def fit(
     net = _wrap(model, env, comm_hook)
     amp = getattr(settings, "amp", False) and env.device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-    bar = tqdm(
-        range(start, settings.epochs), desc=desc, mininterval=2, disable=not env.is_main, initial=start,
-        total=settings.epochs,
-    )  # fmt: skip
-    for epoch in bar:
+    per_epoch = steps_per_epoch(n, bs, world)
+    for epoch in range(start, settings.epochs):
         t0 = time.perf_counter()
-        loss_sum, correct, total = _epoch(net, train_set, settings, gen, env, loss_fn, opt, sched, autocast)
+        with _step_bar(f"{desc} epoch {epoch + 1} of {settings.epochs}", per_epoch, env) as bar:
+            loss_sum, correct, total = _epoch(net, train_set, settings, gen, env, loss_fn, opt, sched, autocast, bar)
         loss_sum, correct, total = all_reduce_sum([loss_sum, correct, total], env)
         rate = total / max(time.perf_counter() - t0, 1e-9)
         if env.is_main:
-            bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
             log.info(
                 "%s epoch %d/%d loss %.4f train-acc %.4f %.0f samples/s",
                 desc, epoch + 1, settings.epochs, loss_sum / total, correct / total, rate,
@@ -222,8 +224,28 @@ def fit(
     return model.eval()
 
 
-def _epoch(net, train_set, settings, gen, env: DistEnv, loss_fn, opt, sched, autocast) -> tuple[float, int, int]:
-    """One pass over the split; (loss sum, correct, samples) of this rank."""
+# Seconds between two redraws of the step bar: on a terminal it redraws in place; into a rule's log
+# (a file, or torchrun's pipe that the launcher copies there) every redraw becomes one more line,
+# so a long epoch writes one line per half minute rather than thousands.
+PROGRESS_INTERVAL_TTY_S = 2.0
+PROGRESS_INTERVAL_LOG_S = 30.0
+
+
+def _step_bar(label: str, steps: int, env: DistEnv) -> tqdm:
+    """The progress bar over one epoch's steps: on rank 0 only, to stderr (the rule's log in a job).
+
+    It shows the steps done, their rate and the epoch's time left, with rank 0's running mean loss.
+    It reads nothing but the clock and the loss already computed, so it changes no result."""
+    stream = sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    interval = PROGRESS_INTERVAL_TTY_S if tty else PROGRESS_INTERVAL_LOG_S
+    return tqdm(total=steps, desc=label, unit="step", mininterval=interval, disable=not env.is_main, file=stream)
+
+
+def _epoch(
+    net, train_set, settings, gen, env: DistEnv, loss_fn, opt, sched, autocast, bar: tqdm
+) -> tuple[float, int, int]:
+    """One pass over the split, one `bar` step per optimizer step; (loss sum, correct, samples) of this rank."""
     perm = torch.randperm(len(train_set), generator=gen).numpy()
     bs, world = settings.batch_size, env.world_size
     loss_sum, correct, total = 0.0, 0, 0
@@ -245,6 +267,9 @@ def _epoch(net, train_set, settings, gen, env: DistEnv, loss_fn, opt, sched, aut
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         total += len(y)
+        # refresh=False: the bar redraws on update(), at most once per mininterval
+        bar.set_postfix_str(f"loss {loss_sum / total:.3f}", refresh=False)
+        bar.update()
     return loss_sum, correct, total
 
 
