@@ -62,7 +62,7 @@ def digits_context(batch: int):
 
         with open(ROOT / "config.yaml") as f:
             cfg = Config.from_dict(validate_config(yaml.safe_load(f)))
-        runtime = Runtime(cfg.device, threads=2)
+        runtime = Runtime(cfg.device, threads=2, collective_timeout_s=cfg.collective_timeout_s)
         ctx = load_context(cfg.models["digits_resnet20"], cfg.quant, cfg.seed, runtime, str(model), str(calib))
         print(f"model: trained digits ResNet-20 from {model}")
     else:

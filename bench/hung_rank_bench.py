@@ -2,14 +2,14 @@
 `train_model` job under snakemake and time until the job, and snakemake, fail.
 
     python bench/hung_rank_bench.py                    # about 11 minutes: the 600 s timeout and the grace
-    python bench/hung_rank_bench.py --workdir /tmp/hung --epochs 400
+    python bench/hung_rank_bench.py --workdir /tmp/hung --epochs 400 --timeout 30   # about 1 minute
 
 The run is the tiny test config (tests/configs/tiny.yaml) with `models.tiny.train` at world_size 2 and
 enough epochs to be still training when the rank is stopped (after rank 0 logs its first epoch). A
 stopped process runs no code, so it neither answers its peer nor handles the SIGTERM torchrun sends:
-rank 0 fails when its collective reaches the process-group timeout (TIMEOUT_S of
-mpqflow/stages/train.py), then torchrun sends SIGTERM to the stopped rank, waits its grace period and
-sends SIGKILL. Prints, from the SIGSTOP: when rank 0's failure reached the log, when the job's log
+rank 0 fails when its collective reaches the process-group timeout (config key `collective_timeout_s`,
+600 s by default; `--timeout` sets it), then torchrun sends SIGTERM to the stopped rank, waits its
+grace period and sends SIGKILL. Prints, from the SIGSTOP: when rank 0's failure reached the log, when the job's log
 shows torchrun's failure report, and when snakemake exited (and with what status).
 """
 
@@ -32,9 +32,11 @@ LOG = Path("logs/tiny/train_model.log")  # the rule's log, relative to the work 
 POLL_S = 0.2
 
 
-def _config(workdir: Path, epochs: int) -> Path:
+def _config(workdir: Path, epochs: int, timeout_s: float | None) -> Path:
     cfg = yaml.safe_load(TINY.read_text())
     cfg["models"]["tiny"]["train"].update(epochs=epochs, world_size=2)
+    if timeout_s is not None:
+        cfg["collective_timeout_s"] = timeout_s
     path = workdir / "hung_rank.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -78,11 +80,12 @@ def main() -> int:
     ap.add_argument(
         "--epochs", type=int, default=400, help="epochs of the 2-process run (still training at the SIGSTOP)"
     )
+    ap.add_argument("--timeout", type=float, default=None, help="collective_timeout_s (default: the schema's)")
     ap.add_argument("--limit", type=float, default=1200.0, help="s after the SIGSTOP before giving up")
     args = ap.parse_args()
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="hung-rank-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    config = _config(workdir, args.epochs)
+    config = _config(workdir, args.epochs, args.timeout)
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(config), "--cores", "2", "results/tiny/model.pt",

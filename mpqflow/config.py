@@ -105,10 +105,18 @@ class Runtime(Section):
     Args:
         device: auto | cpu | cuda.
         threads: torch intra-op threads of the job (its rule's `threads:`).
+        collective_timeout_s: how long a data-parallel process waits for the others in a collective
+            before the job fails (the process-group timeout).
     """
 
     device: str
     threads: int
+    collective_timeout_s: float
+
+    @classmethod
+    def of_job(cls, config: dict, threads: int) -> Runtime:
+        """A job's runtime from the validated config and the threads Snakemake gave the job."""
+        return cls(config["device"], threads, float(config["collective_timeout_s"]))
 
 
 @dataclass(frozen=True)
@@ -408,6 +416,7 @@ class Config:
     seed: int
     device: str
     threads: int
+    collective_timeout_s: float
     models: dict  # name -> ModelConfig
     quant: QuantConfig
     sensitivity: SensitivityConfig
@@ -431,6 +440,7 @@ class Config:
             seed=cfg["seed"],
             device=cfg["device"],
             threads=cfg["threads"],
+            collective_timeout_s=float(cfg["collective_timeout_s"]),
             models={name: ModelConfig.from_dict(m) for name, m in cfg["models"].items()},
             quant=QuantConfig.from_dict(cfg["quant"]),
             sensitivity=SensitivityConfig.from_dict(cfg["sensitivity"]),
@@ -450,8 +460,8 @@ class Config:
 
     @property
     def runtime(self) -> Runtime:
-        """The execution settings (device, threads) of a job of this config."""
-        return Runtime(self.device, self.threads)
+        """The execution settings (device, threads, collective timeout) of a job of this config."""
+        return Runtime(self.device, self.threads, self.collective_timeout_s)
 
     @property
     def sample_plan(self) -> SamplePlanConfig:

@@ -1,7 +1,7 @@
 """Where a job runs: the torch device and thread count of its Runtime settings.
 
 Usage:
-    device = resolve_device(Runtime("auto", 2))   # cuda when available, else cpu; torch threads = 2
+    device = resolve_device(Runtime("auto", 2, 600.0))   # cuda when available, else cpu; torch threads = 2
     gen = seed_everything(0)                      # torch and numpy seeded; a generator for sampling
 """
 

@@ -229,6 +229,9 @@ def test_training_split_sizes_match_sklearn_and_cifar(tmp_path):
     for tf in (0.1, 0.25, 0.3, 0.5, 0.9):
         x_tr, _, _, _ = train_test_split(x, y, test_size=tf, random_state=0, stratify=y)
         assert train_samples({"name": "digits", "test_fraction": tf})[0] == len(x_tr)
+    (tmp_path / "cifar-100-python").mkdir()
+    for name in ("train", "test"):  # the layout check_paths asks for (the batches are read in the first job)
+        (tmp_path / "cifar-100-python" / name).write_bytes(b"")
     cifar = {
         "models": {"c": {"arch": "resnet20", "dataset": {"name": "cifar100", "root": str(tmp_path)}}},
         "sensitivity": {"pool_batches": 800},

@@ -129,7 +129,9 @@ def test_torchvision_model_sized_from_the_data(tmp_path, caplog):
 def test_weights_of_another_class_count_name_the_key(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(build_model("torchvision:resnet18", num_classes=1000).state_dict(), path)
-    with pytest.raises(ValueError, match=r"need the config key models\.<model>\.num_classes"):
+    with pytest.raises(
+        ValueError, match=r"1000 outputs where the model has 10 .*need models\.<model>\.num_classes: 1000"
+    ):
         load_weights(build_model("torchvision:resnet18", num_classes=10), path)
 
 

@@ -82,7 +82,7 @@ def w2a4(run):
     """The fine-tuned uniform W2A4 model (1 process) and its evaluation: (metrics, job, eval path)."""
     cfg, d = run
     job = _job(cfg, d, {"option": "w2a4"}, "uniform/w2a4")
-    record = run_finetune(job, Runtime("cpu", 1))
+    record = run_finetune(job, Runtime("cpu", 1, 600.0))
     metrics, path = _evaluate(cfg, d, job)
     assert {k: metrics[k] for k in record} == record
     return metrics, job, path
@@ -143,7 +143,7 @@ def test_decision_on_two_gloo_processes(run, tmp_path):
     log = tmp_path / "job.log"
     stderr, sys.stderr = sys.stderr, open(log, "w", buffering=1)  # as io.setup_logging sends it to the rule's log
     try:
-        record = run_finetune(job, Runtime("cpu", 2))
+        record = run_finetune(job, Runtime("cpu", 2, 600.0))
     finally:
         sys.stderr.close()
         sys.stderr = stderr

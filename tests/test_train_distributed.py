@@ -186,7 +186,7 @@ def test_interrupted_one_process_run_resumes_bit_for_bit(tmp_path, one_thread):
             raise Stop
         return cross_entropy_loss(model, x, y)
 
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    env = DistEnv(0, 1, 0, torch.device("cpu"), float("inf"))
     with pytest.raises(Stop):
         fit(_model(), _data(), _settings(1), seed=0, env=env, loss_fn=stopping, state_dir=state_dir)
     assert torch.load(state_dir / STATE_FILE, weights_only=True)["epoch"] == 2
@@ -197,7 +197,7 @@ def test_interrupted_one_process_run_resumes_bit_for_bit(tmp_path, one_thread):
 def test_progress_shows_every_step_of_each_epoch_and_changes_no_result(tmp_path, one_thread, monkeypatch):
     """The step bar (redrawn at every step here, not every 30 s as into a log) shows the steps within
     each epoch with the running loss; without it the run gives the same weights bit for bit."""
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    env = DistEnv(0, 1, 0, torch.device("cpu"), float("inf"))
     monkeypatch.setattr(loop, "PROGRESS_INTERVAL_LOG_S", 0.0)
     shown = tmp_path / "progress.log"
     with open(shown, "w") as stream:
@@ -293,7 +293,9 @@ def _raw(**train):
 def test_stage_trains_on_two_processes_and_removes_its_epoch_state(tmp_path):
     cfg = Config.from_dict(validate_config(_raw(world_size=2)))
     out, state_dir = tmp_path / "model.pt", tmp_path / ".train_state"
-    metrics = train_or_load(cfg.models["m"], 0, cfg.evaluation, Runtime("cpu", 2), str(out), state_dir=str(state_dir))
+    metrics = train_or_load(
+        cfg.models["m"], 0, cfg.evaluation, Runtime("cpu", 2, 600.0), str(out), state_dir=str(state_dir)
+    )
     assert 0.3 < metrics["top1"] <= 1.0 and load_checkpoint(out)["fp_metrics"] == metrics
     assert not state_dir.exists()  # removed once the checkpoint was written
 

@@ -26,7 +26,7 @@ from conftest import run_snakemake
 from PIL import Image
 
 from mpqflow.artifacts import load_calibration, load_checkpoint, load_layer_table
-from mpqflow.config import Config, load_config
+from mpqflow.config import Config, ConfigError, load_config
 from mpqflow.context import calibrate_quantizer, load_model
 from mpqflow.data import DataSpec, data_spec, load_split, stack
 from mpqflow.io import file_sha256
@@ -408,7 +408,7 @@ def test_gray_data_adapts_the_first_conv_by_name(arch, first, tmp_path, caplog):
         {"g": {"arch": f"torchvision:{arch}", "weights": str(three), "dataset": {"name": "digits"}}},
     )
     with pytest.raises(
-        ValueError, match=rf"(?s)rgb\.pth' does not fit the model.*size mismatch for {re.escape(first)}\.weight"
+        ValueError, match=rf"rgb\.pth' does not fit the model: its first conv '{re.escape(first)}' takes 3 input"
     ):
         train.train_or_load(cfg3.models["g"], cfg.seed, cfg.evaluation, cfg.runtime, str(tmp_path / "bad.pt"))
     assert not (tmp_path / "bad.pt").exists()
@@ -502,12 +502,11 @@ def test_cifar_folder_errors_name_the_file(digits_rgb, tmp_path):
     fails(run_calibrate, FileNotFoundError, r"data_batch_2' is missing")
     assert not (tmp_path / "results" / "calibration.pt").exists()
 
-    deep = _user_config(
-        tmp_path / "deep.yaml",
-        {"c": {"arch": "torchvision:resnet18", "weights": str(weights), "dataset": _dataset("cifar10", base)}},
-    )
+    # a root one level too deep: refused before any job (config_checks), naming the key and the layout
     with pytest.raises(
-        FileNotFoundError, match=r"cifar-10-batches-py/cifar-10-batches-py' does not exist; expected"
-    ) as err:
-        train.train_or_load(deep.models["c"], cfg.seed, cfg.evaluation, cfg.runtime, str(tmp_path / "deep.pt"))
-    assert "download" not in str(err.value)
+        ConfigError, match=r"'models.c.dataset.root': .*cifar-10-batches-py' has no cifar-10-batches-py/"
+    ):
+        _user_config(
+            tmp_path / "deep.yaml",
+            {"c": {"arch": "torchvision:resnet18", "weights": str(weights), "dataset": _dataset("cifar10", base)}},
+        )

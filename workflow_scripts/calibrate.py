@@ -10,7 +10,7 @@ calibrate(
     ModelConfig.from_dict(p.model),
     QuantConfig.from_dict(p.quant),
     p.seed,
-    Runtime(snakemake.config["device"], snakemake.threads),
+    Runtime.of_job(snakemake.config, snakemake.threads),
     snakemake.input.model,
     snakemake.output.calibration,
     snakemake.output.layers,

@@ -11,7 +11,7 @@ evaluate_decisions(
     QuantConfig.from_dict(p.quant),
     SamplePlanConfig.from_dict(p.plan),
     EvaluationConfig.from_dict(p.evaluation),
-    Runtime(snakemake.config["device"], snakemake.threads),
+    Runtime.of_job(snakemake.config, snakemake.threads),
     snakemake.input.model,
     snakemake.input.calibration,
     list(snakemake.input.decisions),

@@ -11,7 +11,7 @@ evaluate_uniform(
     QuantConfig.from_dict(p.quant),
     p.seed,
     EvaluationConfig.from_dict(p.evaluation),
-    Runtime(snakemake.config["device"], snakemake.threads),
+    Runtime.of_job(snakemake.config, snakemake.threads),
     snakemake.input.model,
     snakemake.input.calibration,
     list(p.options),

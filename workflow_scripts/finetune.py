@@ -20,4 +20,4 @@ job = dict(
     masks=snakemake.input.get("masks"),  # a limpq set file when limpq.prune is on
 )
 # threads: the whole job's (finetune_threads: world_size x config threads); each rank gets its share
-run_finetune(job, Runtime(snakemake.config["device"], snakemake.threads))
+run_finetune(job, Runtime.of_job(snakemake.config, snakemake.threads))

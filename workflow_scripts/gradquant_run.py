@@ -13,7 +13,7 @@ run_gradquant(
     seed=p.seed,
     evaluation=EvaluationConfig.from_dict(p.evaluation),
     # threads: the whole job's (world_size x config threads); each rank gets its share
-    runtime=Runtime(snakemake.config["device"], snakemake.threads),
+    runtime=Runtime.of_job(snakemake.config, snakemake.threads),
     out_path=snakemake.output.run,
     state_dir=p.state_dir,
 )

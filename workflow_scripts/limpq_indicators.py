@@ -22,4 +22,4 @@ job = dict(
     state_dir=p.state_dir,
 )
 # threads: the whole job's (limpq_threads: world_size x config threads); each rank gets its share
-run_limpq_indicators(job, Runtime(snakemake.config["device"], snakemake.threads))
+run_limpq_indicators(job, Runtime.of_job(snakemake.config, snakemake.threads))

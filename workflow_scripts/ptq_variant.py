@@ -13,7 +13,7 @@ ptq_variant(
     PtqConfig.from_dict(p.ptq),
     p.seed,
     EvaluationConfig.from_dict(p.evaluation),
-    Runtime(snakemake.config["device"], snakemake.threads),
+    Runtime.of_job(snakemake.config, snakemake.threads),
     snakemake.input.model,
     snakemake.output.metrics,
 )

@@ -14,7 +14,7 @@ sensitivity_batch(
     QuantConfig.from_dict(p.quant),
     plan,
     dict(p.settings),
-    Runtime(snakemake.config["device"], snakemake.threads),
+    Runtime.of_job(snakemake.config, snakemake.threads),
     snakemake.input.model,
     snakemake.input.calibration,
     snakemake.wildcards.estimator,

@@ -13,7 +13,7 @@ train_or_load(
     # changing evaluation.batch_size must not retrain the model and invalidate everything after it.
     EvaluationConfig.from_dict(snakemake.config["evaluation"]),
     # threads: the whole job's (train_threads: world_size x config threads); each rank gets its share
-    Runtime(snakemake.config["device"], snakemake.threads),
+    Runtime.of_job(snakemake.config, snakemake.threads),
     snakemake.output.model,
     state_dir=p.state_dir,
 )

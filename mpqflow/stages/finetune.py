@@ -7,7 +7,7 @@ sections and JSON-ready values, which the launcher hands to torchrun's workers t
                                target={"decision": ".../avg_bits-2.5.json"},   # or {"option": "w2a4"}
                                outputs={"model": ..., "export": ..., "export_meta": ...},
                                state_dir="results/m/.finetune_state/..."),
-                          Runtime("cpu", threads=2))
+                          Runtime("cpu", threads=2, collective_timeout_s=600.0))
     net = mpqflow.finetuned.load_finetuned("results/m/finetuned/clado/set_4x0/avg_bits-2.5.pt")
 
 run_finetune starts `finetune.world_size` ranks (:func:`mpqflow.train.launch`: this process for one,
@@ -64,7 +64,8 @@ def run_finetune(job: dict, runtime: Runtime) -> dict:
     The workers' output goes to this process's stderr (the rule's log after io.setup_logging)."""
     job = {"tag": code_hash(__name__), **job}  # an epoch checkpoint of other fine-tuning code is not resumed
     world_size = job["settings"].world_size
-    launch(f"{__name__}:finetune", job, world_size, threads=runtime.threads, device=runtime.device)
+    launch(f"{__name__}:finetune", job, world_size, threads=runtime.threads,
+           timeout_s=runtime.collective_timeout_s, device=runtime.device)  # fmt: skip
     return read_finetuned(job["outputs"]["model"])["record"]
 
 
@@ -97,7 +98,12 @@ def finetune(
     t0 = time.perf_counter()
     ft, model_cfg, quant_cfg = settings, model, quant
     ctx = load_context(
-        model_cfg, quant_cfg, seed, Runtime(str(env.device), torch.get_num_threads()), checkpoint, calibration
+        model_cfg,
+        quant_cfg,
+        seed,
+        Runtime(str(env.device), torch.get_num_threads(), env.timeout_s),
+        checkpoint,
+        calibration,
     )
     assignment, fields = _assignment(ctx, target)
     if env.is_main:

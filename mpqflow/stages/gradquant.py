@@ -2,7 +2,7 @@
 
 Usage (workflow_scripts/gradquant_run.py):
     spec = GradQuantStudyConfig.from_dict(cfg["gradquant"]).run_spec("alq-3bit")   # processes, epochs, exchange
-    run_gradquant(model_cfg, spec, "alq-3bit", seed=0, evaluation=evaluation_cfg, runtime=Runtime("cpu", 2),
+    run_gradquant(model_cfg, spec, "alq-3bit", seed=0, evaluation=evaluation_cfg, runtime=Runtime("cpu", 2, 600.0),
                   out_path="results/m/gradquant/alq-3bit.json", state_dir="results/m/.gradquant_state/alq-3bit")
 
 A run trains the model from scratch (its arch, data and train settings; the study's epochs) on
@@ -36,8 +36,6 @@ from ..train import DistEnv, clear_state, fit, launch
 __all__ = ["run_gradquant", "gradquant_job", "run_settings"]
 log = logging.getLogger("mpqflow")
 
-TIMEOUT_S = 600.0  # s a rank waits for the others in a collective before the run fails
-
 
 def run_settings(model: ModelConfig, spec: dict) -> TrainSettings:
     """The model's train settings with a run's processes, epochs and exchange (GradQuantStudyConfig.run_spec)."""
@@ -65,7 +63,9 @@ def run_gradquant(
     kwargs = dict(model=model, spec=spec, run=run, seed=seed, evaluation=evaluation, out_path=out_path,
                   state_dir=state_dir)  # fmt: skip
     target = f"{__name__}:{gradquant_job.__name__}"
-    launch(target, kwargs, world, threads=runtime.threads, timeout_s=TIMEOUT_S, device=runtime.device)
+    launch(
+        target, kwargs, world, threads=runtime.threads, timeout_s=runtime.collective_timeout_s, device=runtime.device
+    )
 
 
 def _exchange(settings: TrainSettings, seed: int, env: DistEnv) -> tuple:

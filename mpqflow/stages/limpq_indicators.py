@@ -8,7 +8,7 @@ config sections and JSON-ready values, which the launcher hands to torchrun's wo
                               batches=[1, 3, 5, 6],          # the set's pool batches; None: data train
                               out_path="results/m/sensitivity/limpq/set_4x0.npz",
                               state_dir="results/m/.limpq_state/set_4x0"),
-                         Runtime("cpu", threads=2))
+                         Runtime("cpu", threads=2, collective_timeout_s=600.0))
 
 With `settings.indicators` (a LIMPQ-format pickle) the file is imported onto the layer table and no
 training runs: every set then holds the same indicators. Otherwise `settings.world_size` ranks
@@ -66,7 +66,8 @@ def run_limpq_indicators(job: dict, runtime: Runtime) -> None:
         import_indicators(job, settings)
         return
     job = {"tag": code_hash(__name__), **job}  # an epoch checkpoint of other indicator code is not resumed
-    launch(f"{__name__}:limpq_indicators", job, settings.world_size, threads=runtime.threads, device=runtime.device)
+    launch(f"{__name__}:limpq_indicators", job, settings.world_size, threads=runtime.threads,
+           timeout_s=runtime.collective_timeout_s, device=runtime.device)  # fmt: skip
 
 
 def import_indicators(job: dict, settings: LimpqConfig) -> None:
@@ -112,7 +113,7 @@ def limpq_indicators(
     """
     t0 = time.perf_counter()
     lp, model_cfg, quant_cfg, sample_plan = settings, model, quant, plan
-    runtime = Runtime(str(env.device), torch.get_num_threads())
+    runtime = Runtime(str(env.device), torch.get_num_threads(), env.timeout_s)
     ctx = load_context(model_cfg, quant_cfg, seed, runtime, checkpoint, calibration)
     data = ctx.train_set
     if batches is not None:

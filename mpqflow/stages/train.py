@@ -22,10 +22,8 @@ from ..models import fresh_model, load_weights
 from ..runtime import resolve_device, seed_everything
 from ..train import DistEnv, clear_state, fit, launch
 
-__all__ = ["train_or_load", "train_job", "TIMEOUT_S"]
+__all__ = ["train_or_load", "train_job"]
 log = logging.getLogger("mpqflow")
-
-TIMEOUT_S = 600.0  # s a rank waits for the others in a collective before the run fails
 
 
 def train_or_load(
@@ -55,7 +53,7 @@ def train_or_load(
     }
     target = f"{__name__}:{train_job.__name__}"
     w = model.train.world_size
-    launch(target, kwargs, w, threads=runtime.threads, timeout_s=TIMEOUT_S, device=runtime.device)
+    launch(target, kwargs, w, threads=runtime.threads, timeout_s=runtime.collective_timeout_s, device=runtime.device)
     return fp_metrics(out_path)
 
 

@@ -39,5 +39,5 @@ def train_model(model, train_set, cfg, seed: int, device="cpu"):
     config.TrainSettings (its world_size is not used here)."""
     import torch
 
-    env = DistEnv(0, 1, 0, torch.device(device))
+    env = DistEnv(0, 1, 0, torch.device(device), float("inf"))  # no peers to wait for
     return fit(model, train_set, cfg, seed=seed, env=env)

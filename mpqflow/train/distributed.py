@@ -34,12 +34,14 @@ class DistEnv:
         world_size: number of processes.
         local_rank: rank on this node (the GPU index on CUDA).
         device: the torch device this rank computes on.
+        timeout_s: the process-group timeout a collective waits for the other ranks (inf: a world of one).
     """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    timeout_s: float
 
     @property
     def is_main(self) -> bool:
@@ -98,7 +100,7 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> DistEnv:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         extra = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **extra)
-    return DistEnv(rank, world, local_rank, dev)
+    return DistEnv(rank, world, local_rank, dev, timeout_s)
 
 
 def shutdown(env: DistEnv, *, wait: bool = False) -> None:
