@@ -179,8 +179,8 @@ def limpq_imported(wildcards):
 
 
 def latency_table(wildcards):
-    """The per-layer latency table (latency.table) as an input of every rule that builds a problem:
-    editing the table re-checks the budgets and re-solves."""
+    """The per-layer latency table (latency.table) as an input of the jobs that build a problem
+    (check_budgets, solve_budget, sanity_check), so that editing the table re-solves."""
     table = config["latency"]["table"]
     return {} if table is None else {"latency": table}
 

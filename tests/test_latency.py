@@ -141,7 +141,9 @@ def test_fixed_layers_count_when_the_table_has_them_and_extra_columns_and_option
     candidates_only = latency_costs(read_latency_table(_write(tmp_path / "c.csv", _rows(with_fixed=False))), TABLE)
     assert not candidates_only.fixed_counted and candidates_only.fixed_ms == 0.0
     assignment = TABLE.uniform_assignment((4, 8))
-    assert full.total_ms(assignment, TABLE) == pytest.approx(costs.fixed_ms + sum(_ms(l, (4, 8)) for l in TABLE.candidates))
+    assert full.total_ms(assignment, TABLE) == pytest.approx(
+        costs.fixed_ms + sum(_ms(l, (4, 8)) for l in TABLE.candidates)
+    )
 
 
 # ---- the caps, in every back-end ---------------------------------------------------------------
@@ -170,7 +172,10 @@ def _brute_force(problem, caps):
 def test_a_latency_budget_is_respected_by_the_table_sum_at_the_brute_force_optimum(kind, backend):
     for seed in range(2):
         problem = _with_latency(make_problem(seed, kind), seed)
-        fastest, slowest = problem.min_latency_ms(), problem.total_latency_ms(problem.x_of([ix[-1] for ix in problem.layers]))
+        fastest, slowest = (
+            problem.min_latency_ms(),
+            problem.total_latency_ms(problem.x_of([ix[-1] for ix in problem.layers])),
+        )
         mid = (fastest + slowest) / 2
         for budget in (f"latency_ms-{mid:.6f}", f"latency_rel-{mid / problem.reference_latency_ms:.6f}",
                        [f"latency_ms-{mid:.6f}", "avg_bits-5"]):  # fmt: skip
@@ -195,7 +200,9 @@ def test_latency_rel_is_a_fraction_of_the_all_w8a8_table_sum_fixed_layers_includ
     assert caps_of("latency_rel-0.5", problem).latency_ms == pytest.approx(0.5 * problem.reference_latency_ms)
     assert Budget.parse("latency_rel-1").to_caps(problem).latency_ms == pytest.approx(problem.total_latency_ms(w8a8))
     least = problem.min_latency_ms()
-    with pytest.raises(InfeasibleBudget, match=rf"latency_ms-0.1 is infeasible: the smallest achievable latency is {least:.6g} ms"):
+    with pytest.raises(
+        InfeasibleBudget, match=rf"latency_ms-0.1 is infeasible: the smallest achievable latency is {least:.6g} ms"
+    ):
         caps_of("latency_ms-0.1", problem)
     no_w8a8 = LayerTable(**{**TABLE.__dict__, "options": ((4, 8), (2, 4))})
     narrow = build_problem(no_w8a8, linear=np.zeros(6), latency=read_latency_table(_write(tmp_path / "n.csv", [
@@ -230,7 +237,9 @@ def test_check_budgets_records_the_latency_caps_and_refuses_a_table_that_misses_
     layers = tmp_path / "layers.json"
     save_layer_table(layers, TABLE, "0" * 64)
     good = _write(tmp_path / "t.csv", _rows())
-    caps = check_budgets(str(layers), ["latency_rel-0.6", "avg_bits-4"], str(tmp_path / "b.json"), latency_path=str(good))
+    caps = check_budgets(
+        str(layers), ["latency_rel-0.6", "avg_bits-4"], str(tmp_path / "b.json"), latency_path=str(good)
+    )
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(caps))
     lat = build_problem(TABLE, linear=np.zeros(12), latency=read_latency_table(good))
     assert caps["latency_rel-0.6"]["latency_cap_ms"] == pytest.approx(0.6 * lat.reference_latency_ms)

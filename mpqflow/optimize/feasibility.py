@@ -82,7 +82,9 @@ def check_jointly_feasible(problem: Problem, budgets, size_cap, bitops_cap, late
         )
         if len(placed) == 2:  # the converse, for the other kind
             other = within[0]
-            back = _least_under(problem, *rows[other.cap_index], tuple(c if i == place else None for i, c in enumerate(caps)))
+            back = _least_under(
+                problem, *rows[other.cap_index], tuple(c if i == place else None for i, c in enumerate(caps))
+            )
             if back is not None:
                 msg += (
                     f"; within {over.name} the smallest achievable {_WHAT[other.cap_index]} "

@@ -66,7 +66,10 @@ def local_search(
     n, lo = problem.n, problem.layer_of
     choice = problem.choice_of(x0).copy()
     # every cap as (cost, running total, cap with the tolerance of is_feasible)
-    caps = [(cost, fixed + float(cost[choice].sum()), cap * (1 + 1e-9)) for cost, fixed, cap in problem.cap_rows(size_cap, bitops_cap, latency_cap)]
+    caps = [
+        (cost, fixed + float(cost[choice].sum()), cap * (1 + 1e-9))
+        for cost, fixed, cap in problem.cap_rows(size_cap, bitops_cap, latency_cap)
+    ]
     totals = [t for _, t, _ in caps]
     cross = lo[:, None] != lo[None, :]
     for _ in range(max_rounds):

@@ -245,7 +245,8 @@ class Problem:
             return False
         xf = np.asarray(x, np.float64)
         return all(
-            fixed + float(cost @ xf) <= cap * (1 + 1e-9) for cost, fixed, cap in self.cap_rows(size_cap, bitops_cap, latency_cap)
+            fixed + float(cost @ xf) <= cap * (1 + 1e-9)
+            for cost, fixed, cap in self.cap_rows(size_cap, bitops_cap, latency_cap)
         )
 
     # ---- reference points -----------------------------------------------------------------------

@@ -248,8 +248,6 @@ def sanity_checks(
     latency_path: str | None = None,
 ) -> list[dict]:
     """:func:`sanity_check` of one method on each set, written as one JSON list (what the workflow runs)."""
-    results = [
-        sanity_check(layers_path, p, method, solver, settings, latency_path=latency_path) for p in pooled_paths
-    ]
+    results = [sanity_check(layers_path, p, method, solver, settings, latency_path=latency_path) for p in pooled_paths]
     save_json(out_path, results)
     return results
