@@ -84,11 +84,11 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None, latenc
         if later:
             place, cap = next((i, c) for i, c in enumerate(resolved[name]) if c is not None)
             log.warning(
-                "budget %s has the same cap as %s on this model (%.6g %s): each is solved and evaluated to "
+                "budget %s has the same cap as %s on this model (%s %s): each is solved and evaluated to "
                 "the same decisions; keep one of them in `budgets` to save those jobs",
                 name,
                 ", ".join(later),
-                cap,
+                f"{cap:.6g}" if place == 2 else f"{cap:.0f}",  # whole bits and BitOPs, fractional ms
                 ("weight bits", "BitOPs", "ms by the latency table")[place],
             )
     if out_path is not None:
