@@ -32,7 +32,7 @@ def shor_bound(problem, budget: str) -> float:
     """The SDP relaxation's optimum (size caps only: the synthetic budgets are average bits)."""
     import cvxpy as cp
 
-    size_cap, _ = caps_of(budget, problem)
+    size_cap = caps_of(budget, problem).size_bits
     n, lo = problem.n, problem.layer_of
     same = lo[:, None] == lo[None, :]
     G = np.where(same, 0.0, problem.G) + np.diag(np.diag(problem.G))  # within-layer entries vanish

@@ -44,6 +44,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mpqflow.config",
             "mpqflow.codehash",
             "mpqflow.checkpoints",
+            # the latency table's reader: torch- and numpy-free, read by config_checks at DAG build
+            "mpqflow.deploy",
+            "mpqflow.deploy.latency",
         ),
     ),
     (

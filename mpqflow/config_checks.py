@@ -2,14 +2,15 @@
 
 Usage (what :func:`mpqflow.validation.validate_config` runs after the schema, in this order):
     check_paths(cfg); cfg["budgets"] = check_budgets(cfg); check_ptq_options(cfg); check_samples(cfg)
-    check_set_sizes(cfg); check_world_size(cfg); check_gradquant(cfg); check_limpq(cfg)
+    check_set_sizes(cfg); check_world_size(cfg); check_gradquant(cfg); check_limpq(cfg); check_latency(cfg)
     cfg["finetune"] = check_finetune(cfg)
 
 Weights files are torch.save files, dataset roots exist with their class folders (ImageNet-style)
 or CIFAR's batch files, the training split
 holds the calibration samples and the pool, set sizes fit the pool, budgets are positive and not
 certainly infeasible (returned in canonical names), a data-parallel batch covers its processes, and
-every fine-tuning target names a decision the config makes. Each raises ConfigError naming the key.
+every fine-tuning target names a decision the config makes, a latency budget has its latency table
+and that table reads. Each raises ConfigError naming the key.
 
 No torch here (nor numpy): the Snakefile runs these while building the DAG.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from .checkpoints import EXPECTED as _CHECKPOINT_EXPECTED
 from .checkpoints import looks_like_torch_save
+from .deploy.latency import LatencyTableError, read_latency_table
 from .names import option_name, option_table, parse_option
 from .paths import target_name, uniform_target
 
@@ -104,7 +106,9 @@ def _check_classes(name: str, m: dict) -> None:
         )
 
 
-BUDGET_KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel", "cr")  # as mpqflow.optimize.budgets.KINDS
+# as mpqflow.optimize.budgets.KINDS and LATENCY_KINDS (not imported: that module needs numpy)
+BUDGET_KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel", "cr", "latency_ms", "latency_rel")
+LATENCY_KINDS = ("latency_ms", "latency_rel")
 
 
 def _fmt_number(v: float) -> str:
@@ -297,6 +301,32 @@ def check_limpq(cfg: dict) -> None:
             f"config key 'limpq.world_size': {lp['world_size']} processes need a batch_size of at least "
             f"{lp['world_size']} (limpq.batch_size is {lp['batch_size']}, the global batch split over the processes)"
         )
+
+
+def check_latency(cfg: dict) -> None:
+    """A latency budget needs latency.table; a configured table reads as one (file, columns, options,
+    positive times, no duplicates) and has every configured option for some layer. Which layers it
+    must have needs the layer table: :mod:`mpqflow.input_checks` checks them on the meta device."""
+    path = cfg["latency"]["table"]
+    for i, name in enumerate(cfg["budgets"]):
+        if name.partition("-")[0] in LATENCY_KINDS and path is None:
+            raise ConfigError(
+                f"config key 'budgets[{i}]': {name!r} caps the latency, which needs a per-layer latency table; "
+                "set config key 'latency.table' to a CSV of layer, option, ms, spread (docs/methods.md)"
+            )
+    if path is None:
+        return
+    try:
+        table = read_latency_table(path)
+    except LatencyTableError as err:
+        raise ConfigError(f"config key 'latency.table': {err}") from None
+    have = {o for _, o in table.ms}
+    for o in option_table(cfg["quant"]["w_bits"], cfg["quant"]["a_bits"]):
+        if o not in have:
+            raise ConfigError(
+                f"config key 'latency.table': {path!r} has no row at option {option_name(o)} for any layer; "
+                f"expected every candidate layer at every option of quant.w_bits x quant.a_bits"
+            )
 
 
 def finetune_target_name(target: dict) -> str:

@@ -8,6 +8,9 @@ Usage (the Snakefile runs it right after :func:`mpqflow.validation.validate_conf
   the meta device (no memory, no data) for the dataset's channels and class count.
 - ``limpq.indicators`` (with method limpq): a LIMPQ pickle of plain data whose layers and bit-widths
   are those of each model's layer table, traced on the meta device the way calibration traces it.
+- ``latency.table``: a per-layer latency table with a row for every candidate layer of each model's
+  layer table (traced on the meta device) at every option, and no layer the table does not have.
+  Where the trace cannot run, the check_budgets job checks it, first after calibration.
 
 torch is imported only when one of these keys is set: a config without them pays nothing.
 """
@@ -31,6 +34,9 @@ def check_named_files(cfg: dict) -> None:
     if "limpq" in cfg["methods"] and cfg["limpq"]["indicators"] is not None:
         for name, model in typed.models.items():
             _check_indicators(cfg["limpq"]["indicators"], name, model, typed.quant, cfg["seed"])
+    if cfg["latency"]["table"] is not None:
+        for name, model in typed.models.items():
+            _check_latency_table(cfg["latency"]["table"], name, model, typed.quant, cfg["seed"])
 
 
 def _meta_model(name: str, model: ModelConfig, seed: int):
@@ -95,3 +101,17 @@ def _check_indicators(path: str, name: str, model: ModelConfig, quant: QuantConf
             read_limpq_pickle(path, table)
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from None
+
+
+def _check_latency_table(path: str, name: str, model: ModelConfig, quant: QuantConfig, seed: int) -> None:
+    """The latency table against the layer table traced on meta (the check_budgets job checks it
+    where the trace cannot run)."""
+    from .deploy.latency import LatencyTableError, check_against_layers, read_latency_table
+
+    table = meta_layer_table(name, model, quant, seed)
+    if table is None:
+        return
+    try:
+        check_against_layers(read_latency_table(path), table)
+    except LatencyTableError as err:
+        raise ConfigError(f"config key 'latency.table' (model {name!r}): {err}") from None

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .artifacts import decision_target, load_batch_file, load_evaluation
+from .artifacts import decision_target, load_batch_file, load_evaluation, load_layer_table
 from .io import damaged, load_json, save_csv
 from .names import parse_option
 
@@ -83,6 +83,8 @@ def study_table(
     sanity_paths=(),
     sanity_csv: str | None = None,
     budgets_path: str | None = None,
+    latency_path: str | None = None,
+    layers_path: str | None = None,
 ) -> pd.DataFrame:
     """Every uniform and searched decision's evaluation in one table (deterministic row order), with
     top1_qat / loss_qat of the decisions that were fine-tuned and sanity_pass (whether the decision's
@@ -90,7 +92,10 @@ def study_table(
     `sanity_csv`: also write the sanity table there. `budgets_path`: the budgets' caps (budgets.json of
     check_budgets); when some budgets share a cap on this model, a last column `same_cap_as` names, on
     each row of such a budget, the others (space-separated; their rows repeat the same decisions), and
-    a warning is logged. Without shared caps the table has no such column."""
+    a warning is logged. Without shared caps the table has no such column. `latency_path` (latency.table,
+    with `layers_path`, the layer table it fits): a column `latency_ms` after gbitops, each row's
+    latency by the table's sum over its assignment (:meth:`mpqflow.deploy.latency.LatencyTable.total_ms`);
+    without a table the table has no such column."""
     rows = [{**load_evaluation(p, "uniform evaluation"), "method": "uniform"} for p in uniform_paths]
     rows += [load_evaluation(p, "decision evaluation") for p in eval_paths]
     qat = {
@@ -106,9 +111,11 @@ def study_table(
     if sanity_csv is not None:
         save_csv(sanity_csv, sanity)
     columns = STUDY_COLUMNS
+    if latency_path is not None:
+        columns = _with_latency(rows, eval_paths, uniform_paths, latency_path, layers_path)
     shared = _shared_caps(budgets_path) if budgets_path is not None else {}
     if shared:
-        columns = [*STUDY_COLUMNS, "same_cap_as"]
+        columns = [*columns, "same_cap_as"]
         for r in rows:
             r["same_cap_as"] = " ".join(shared.get(r.get("budget"), [])) or None
         log.warning(
@@ -119,6 +126,20 @@ def study_table(
     df = df.sort_values(["method", "set_size", "set_id", "budget", "option"], na_position="first")
     save_csv(out_csv, df.reset_index(drop=True))
     return df
+
+
+def _with_latency(rows: list, eval_paths, uniform_paths, latency_path: str, layers_path: str) -> list:
+    """Each row's `latency_ms` by the latency table; the study columns with latency_ms after gbitops."""
+    from .deploy.latency import check_against_layers, read_latency_table
+
+    table, latency = load_layer_table(layers_path), read_latency_table(latency_path)
+    check_against_layers(latency, table)
+    for r, path in zip(rows, [*uniform_paths, *eval_paths]):
+        if not isinstance(r.get("assignment"), dict):
+            raise damaged(path, "no `assignment` (layer -> [w_bits, a_bits]) to sum the latency table over")
+        r["latency_ms"] = latency.total_ms({l: tuple(o) for l, o in r["assignment"].items()}, table)
+    at = STUDY_COLUMNS.index("gbitops") + 1
+    return [*STUDY_COLUMNS[:at], "latency_ms", *STUDY_COLUMNS[at:]]
 
 
 def _shared_caps(budgets_path: str) -> dict:

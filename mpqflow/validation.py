@@ -172,6 +172,7 @@ def validate_config(config: Mapping, *, local: bool = True) -> dict:
     checks.check_world_size(cfg)
     checks.check_gradquant(cfg)
     checks.check_limpq(cfg)
+    checks.check_latency(cfg)
     cfg["finetune"] = checks.check_finetune(cfg)
     if local:
         check_device(cfg)

@@ -178,6 +178,20 @@ def limpq_imported(wildcards):
     return {} if LIMPQ.indicators is None else {"imported": LIMPQ.indicators}
 
 
+def latency_table(wildcards):
+    """The per-layer latency table (latency.table) as an input of the jobs that build a problem
+    (check_budgets, solve_budget, sanity_check), so that editing the table re-solves."""
+    table = config["latency"]["table"]
+    return {} if table is None else {"latency": table}
+
+
+def study_latency(wildcards):
+    """The latency table and the layer table it fits, for the study table's latency_ms column (none
+    without latency.table: the default study's inputs stay as they were)."""
+    table = config["latency"]["table"]
+    return {} if table is None else {"latency": table, "layers": paths.LAYERS}
+
+
 def limpq_batches(wildcards):
     """The pool batches set NxS's indicator run trains on (limpq.data: set), None for the whole
     training split: a param, so growing the pool retrains exactly the sets whose batches changed.

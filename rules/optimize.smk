@@ -2,6 +2,7 @@
 # stops the run here, naming the smallest achievable size or BitOPs.
 rule check_budgets:
     input:
+        unpack(latency_table),
         layers=paths.LAYERS,
     output:
         caps=paths.BUDGETS,
@@ -20,6 +21,7 @@ rule check_budgets:
 
 rule solve_budget:
     input:
+        unpack(latency_table),
         layers=paths.LAYERS,
         pooled=method_set_file,
     output:
@@ -45,6 +47,7 @@ rule solve_budget:
 # solves: a job each would cost more in start-up than in solving).
 rule sanity_check:
     input:
+        unpack(latency_table),
         layers=paths.LAYERS,
         pooled=method_set_files,
     output:

@@ -1,5 +1,6 @@
 rule study_table:
     input:
+        unpack(study_latency),
         uniform=uniform_evals,
         evals=decision_evals,
         finetuned=finetuned_evals,

@@ -361,7 +361,7 @@ def test_set_size_larger_than_the_pool():
             _with(budgets=["bits-3"]),
             (
                 "config key 'budgets[0]': 'bits-3' is not a budget; expected kind-value with kind one of avg_bits, "
-                "size_mb, size_rel, gbitops, bitops_rel, cr and a number, e.g. avg_bits-3.5"
+                "size_mb, size_rel, gbitops, bitops_rel, cr, latency_ms, latency_rel and a number, e.g. avg_bits-3.5"
             ),
         ),
         (_with(budgets=["avg_bits-3", "avg_bits-x"]), "config key 'budgets[1]': 'avg_bits-x' is not a budget"),

@@ -72,7 +72,7 @@ def make_problem(seed, kind, L=5, K=3, options=None):
 
 def brute_force(problem, budget):
     """(best objective, its x) by enumerating every one-hot decision within the budget."""
-    size_cap, bitops_cap = (None, None) if budget is None else Budget.parse(budget).to_caps(problem)
+    size_cap, bitops_cap, _ = (None, None, None) if budget is None else Budget.parse(budget).to_caps(problem)
     best = (np.inf, None)
     for choice in itertools.product(*problem.layers):
         x = problem.x_of(choice)
@@ -105,7 +105,7 @@ def test_every_backend_finds_the_brute_force_optimum(kind, backend):
             sol = solve(problem, budget, backend=backend, time_limit=30, mip_gap=1e-9)
             assert sol.status == "optimal", (kind, budget)
             assert sol.objective == pytest.approx(best, rel=1e-7, abs=1e-9), (kind, seed, budget, backend)
-            size_cap, bitops_cap = (None, None) if budget is None else Budget.parse(budget).to_caps(problem)
+            size_cap, bitops_cap, _ = (None, None, None) if budget is None else Budget.parse(budget).to_caps(problem)
             assert problem.is_feasible(sol.x, size_cap, bitops_cap)
             assert sol.bound <= sol.objective + 1e-9 and sol.gap <= 1e-6
 
@@ -171,7 +171,7 @@ def test_jointly_infeasible_budgets_name_both_and_the_smallest_bitops_within_the
         Budget("avg_bits", 1.01 * problem.min_size_bits() / problem.total_numel),
         Budget("bitops_rel", 1.01 * problem.min_bitops() / problem.reference_bitops),
     )
-    size_cap, bitops_cap = caps_of([size, ops], problem)  # each alone is feasible
+    size_cap, bitops_cap, _ = caps_of([size, ops], problem)  # each alone is feasible
     decisions = [problem.x_of(ch) for ch in itertools.product(*problem.layers)]
     assert not any(problem.is_feasible(x, size_cap, bitops_cap) for x in decisions)
     least_ops = min(problem.total_bitops(x) for x in decisions if problem.is_feasible(x, size_cap))
@@ -211,7 +211,7 @@ def test_jointly_feasible_budgets_that_no_cheapest_choice_meets_are_solved():
 def test_time_limit_returns_a_feasible_decision_with_its_gap():
     problem = make_problem(3, "indefinite", L=40, K=3)
     sol = solve(problem, "avg_bits-4", backend="highs", time_limit=0.05)
-    size_cap, _ = Budget.parse("avg_bits-4").to_caps(problem)
+    size_cap = Budget.parse("avg_bits-4").to_caps(problem).size_bits
     assert problem.is_feasible(sol.x, size_cap)
     assert sol.status == "time_limit" and sol.gap > 0 and sol.bound < sol.objective
     assert sol.to_dict()["status"] == "time_limit"
@@ -222,7 +222,7 @@ def test_node_limit_is_a_reproducible_stop(backend):
     """A solve stopped by its node limit gives the same decision however much time it was allowed
     (a time-limited one depends on the machine's speed and load)."""
     problem = make_problem(3, "indefinite", L=20, K=3)
-    size_cap, _ = Budget.parse("avg_bits-4").to_caps(problem)
+    size_cap = Budget.parse("avg_bits-4").to_caps(problem).size_bits
     a, b = (solve(problem, "avg_bits-4", backend=backend, time_limit=t, node_limit=3) for t in (300, 600))
     assert a.status == b.status == "node_limit"
     assert np.array_equal(a.x, b.x) and a.objective == b.objective
@@ -258,7 +258,7 @@ def test_incumbent_is_feasible_deterministic_and_no_worse_than_plain_descent(kin
 
 def test_repair_brings_the_all_8_bit_choice_within_both_caps():
     problem = make_problem(2, "indefinite", L=10)
-    size_cap, bitops_cap = caps_of(["avg_bits-4", "bitops_rel-0.3"], problem)
+    size_cap, bitops_cap, _ = caps_of(["avg_bits-4", "bitops_rel-0.3"], problem)
     top = np.array([ix[-1] for ix in problem.layers])  # (8, 8) everywhere: over both caps
     assert not problem.is_feasible(problem.x_of(top), size_cap, bitops_cap)
     fixed = repair(problem, top, size_cap, bitops_cap)

@@ -22,7 +22,7 @@ def _relaxation(problem, Q, c, size_cap):
 @pytest.mark.parametrize("kind", ["indefinite", "psd", "zeros"])
 def test_qcr_form_is_exact_on_every_decision_and_psd(kind):
     problem = make_problem(3, kind, L=4, K=3)
-    size_cap, bitops_cap = caps_of(["avg_bits-4", "bitops_rel-0.5"], problem)
+    size_cap, bitops_cap, _ = caps_of(["avg_bits-4", "bitops_rel-0.5"], problem)
     Q, c = qcr_form(problem, size_cap, bitops_cap)
     assert np.linalg.eigvalsh(Q)[0] >= 0
     for choice in itertools.product(*problem.layers):
@@ -32,7 +32,7 @@ def test_qcr_form_is_exact_on_every_decision_and_psd(kind):
 
 def test_qcr_relaxation_is_stronger_than_the_diagonal_shift():
     problem = make_problem(4, "indefinite", L=5, K=3)
-    size_cap, _ = caps_of("avg_bits-4", problem)
+    size_cap = caps_of("avg_bits-4", problem).size_bits
     Q, c = qcr_form(problem, size_cap, None)
     lam = -np.linalg.eigvalsh(problem.G)[0]
     shifted = _relaxation(problem, problem.G + lam * np.eye(problem.n), -lam * np.ones(problem.n), size_cap)

@@ -12,4 +12,5 @@ sanity_checks(
     SolverConfig.from_dict(snakemake.params.solver),
     snakemake.output.result,
     snakemake.params.settings,
+    latency_path=snakemake.input.get("latency"),  # latency.table, when configured
 )

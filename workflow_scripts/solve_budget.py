@@ -13,4 +13,5 @@ solve_budget(
     SolverConfig.from_dict(snakemake.params.solver),
     snakemake.output.decision,
     snakemake.params.settings,
+    latency_path=snakemake.input.get("latency"),  # latency.table, when configured
 )

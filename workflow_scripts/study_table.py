@@ -12,4 +12,6 @@ study_table(
     sanity_paths=list(snakemake.input.sanity),
     sanity_csv=snakemake.output.sanity,
     budgets_path=snakemake.input.budgets,
+    latency_path=snakemake.input.get("latency"),  # latency.table, when configured: a latency_ms column
+    layers_path=snakemake.input.get("layers"),
 )

@@ -1,8 +1,11 @@
 """The exact back-ends: HiGHS (tight linearization), Gurobi (convex MIQP), SCIP (convex MINLP).
 
 Usage:
-    x, stop, bound = highs(problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit)
+    x, stop, bound = highs(problem, size_cap, bitops_cap, latency_cap, time_limit, mip_gap, x0, node_limit)
     # the same signature for gurobi and scip; FUNCTIONS maps a back-end's name to it
+
+Each cap that is not None (total bits, BitOPs, ms: Problem.cap_rows) is one linear row
+cost . x <= cap - fixed.
 
 x: the back-end's best decision ((n,) 0/1) or None; stop: the back-end's own stop reason in one
 vocabulary ("optimal", "node_limit", "time_limit", "gap_limit", "infeasible", ...); bound: its dual
@@ -61,7 +64,7 @@ def _highs_stop(status) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", status.name.removeprefix("k")).lower()
 
 
-def highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
+def highs(problem: Problem, size_cap, bitops_cap, latency_cap, time_limit, mip_gap, x0, node_limit=None):
     """min Σ_a c_a x_a + Σ_{a<c cross-layer} 2 G_ac y_ac, with Σ_{c∈m} y_ac = x_a for every a and layer m ≠ l(a).
 
     With x binary these equalities force y_ac = x_a x_c, so y stays continuous in [0, 1].
@@ -88,10 +91,8 @@ def highs(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_
 
     for ix in problem.layers:  # one option per layer
         add_row(ix, np.ones(len(ix)), 1.0, 1.0)
-    if size_cap is not None:
-        add_row(np.arange(n), problem.size_bits, -np.inf, size_cap - problem.fixed_size_bits)
-    if bitops_cap is not None:
-        add_row(np.arange(n), problem.bitops, -np.inf, bitops_cap - problem.fixed_bitops)
+    for row_cost, fixed, cap in problem.cap_rows(size_cap, bitops_cap, latency_cap):
+        add_row(np.arange(n), row_cost, -np.inf, cap - fixed)
     if P:
         # Row (a, m): Σ_{c∈m} y_{ac} − x_a = 0; each y_ac sits in row (a, l(c)) and row (c, l(a)).
         L = problem.L
@@ -184,14 +185,14 @@ def _gurobi_stop(gp, status: int) -> str:
     return names.get(status, f"status_{status}")
 
 
-def gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
+def gurobi(problem: Problem, size_cap, bitops_cap, latency_cap, time_limit, mip_gap, x0, node_limit=None):
     """Gurobi's convex MIQP branch and bound. An indefinite G (clado_raw) goes in as its QCR form
     (qcr.py): exact on every decision, PSD, and as strong at the root as the SDP bound. A PSD G goes
     in as it is (convex_form). Should SCS fail, an indefinite G falls back to Gurobi's native
     nonconvex binary QP (the diagonal shift's relaxation is too weak to close the gap)."""
     gp = _require("gurobipy", "gurobi")
     _gurobi_check_licence(gp, problem.n)  # before the QCR's SDP spends seconds on a model it would refuse
-    form = qcr_if_indefinite(problem, size_cap, bitops_cap)
+    form = qcr_if_indefinite(problem, size_cap, bitops_cap, latency_cap)
     if form is not None:
         Q, lin = form
     elif not problem.is_linear and not is_psd(problem):  # SCS failed
@@ -204,10 +205,8 @@ def gurobi(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node
         x = m.addMVar(problem.n, vtype=gp.GRB.BINARY)
         for ix in problem.layers:
             m.addConstr(x[ix].sum() == 1)
-        if size_cap is not None:
-            m.addConstr(problem.size_bits @ x <= size_cap - problem.fixed_size_bits)
-        if bitops_cap is not None:
-            m.addConstr(problem.bitops @ x <= bitops_cap - problem.fixed_bitops)
+        for cost, fixed, cap in problem.cap_rows(size_cap, bitops_cap, latency_cap):
+            m.addConstr(cost @ x <= cap - fixed)
         m.setObjective(lin @ x + (x @ Q @ x if Q is not None else 0), gp.GRB.MINIMIZE)
         m.Params.TimeLimit, m.Params.MIPGap, m.Params.Seed, m.Params.Threads = time_limit, mip_gap, 0, 1
         m.Params.NonConvex = 2  # an indefinite Q (and a PSD one that rounding leaves a hair short)
@@ -240,14 +239,14 @@ _SCIP_STOPS = {
 }
 
 
-def scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit=None):
+def scip(problem: Problem, size_cap, bitops_cap, latency_cap, time_limit, mip_gap, x0, node_limit=None):
     """A convex form as t ≥ ‖Fᵀx‖², Q = F Fᵀ: SCIP's convex MINLP branch and bound. A PSD G as it is
     (convex_form), an indefinite one in its QCR form (qcr.py), whose root bound is far stronger than
     the diagonal shift's. SCIP stopping at limits/gap is reported as gap_limit, not optimal."""
     pyscipopt = _require("pyscipopt", "scip")
     Model, quicksum = pyscipopt.Model, pyscipopt.quicksum
 
-    form = qcr_if_indefinite(problem, size_cap, bitops_cap)
+    form = qcr_if_indefinite(problem, size_cap, bitops_cap, latency_cap)
     Q, lin = form if form is not None else convex_form(problem)
     m = Model()
     m.hideOutput()
@@ -259,14 +258,8 @@ def scip(problem: Problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_l
     x = [m.addVar(vtype="B") for _ in range(problem.n)]
     for ix in problem.layers:
         m.addCons(quicksum(x[i] for i in ix) == 1)
-    if size_cap is not None:
-        m.addCons(
-            quicksum(float(problem.size_bits[i]) * x[i] for i in range(problem.n)) <= size_cap - problem.fixed_size_bits
-        )
-    if bitops_cap is not None:
-        m.addCons(
-            quicksum(float(problem.bitops[i]) * x[i] for i in range(problem.n)) <= bitops_cap - problem.fixed_bitops
-        )
+    for cost, fixed, cap in problem.cap_rows(size_cap, bitops_cap, latency_cap):
+        m.addCons(quicksum(float(cost[i]) * x[i] for i in range(problem.n)) <= cap - fixed)
     obj = quicksum(float(lin[i]) * x[i] for i in range(problem.n))
     if Q is not None:
         lam, V = np.linalg.eigh(Q)  # all >= 0

@@ -1,11 +1,12 @@
-"""Budgets: a bound on model size or BitOPs, parsed from config strings, turned into caps of a Problem.
+"""Budgets: a bound on model size, BitOPs or latency, parsed from config strings, turned into caps of a Problem.
 
 Usage:
     b = Budget.parse("avg_bits-3.5")          # or Budget("avg_bits", 3.5), or {"avg_bits": 3.5}
     b.name                                    # "avg_bits-3.5" (stable, for file names; parse round-trips)
-    size_cap, bitops_cap = b.to_caps(problem) # totals incl. fixed layers; raises InfeasibleBudget
+    size_cap, bitops_cap, latency_cap = b.to_caps(problem)  # totals incl. fixed layers; one is set
     budgets = parse_budgets("avg_bits-4+bitops_rel-0.25")   # several caps at once
-    same_caps({"avg_bits-4": (8e6, None), "size_rel-0.5": (8e6, None)})  # which budgets resolve to one cap
+    caps_of(budgets, problem)                 # Caps(size_bits, bitops, latency_ms): the tightest of each
+    same_caps({"avg_bits-4": (8e6, None, None), "size_rel-0.5": (8e6, None, None)})  # budgets of one cap
 
 Kinds (all caps are totals over the whole quantized model, fixed first/last layers included):
     avg_bits    average weight bits over all quantized weights: size <= value * total numel
@@ -17,20 +18,30 @@ Kinds (all caps are totals over the whole quantized model, fixed first/last laye
                 layers at their fixed bits and unreached weights at 32, <= 32 * total weights / value.
                 So cr-12.2 = avg_bits-(32/12.2); weights are those of Conv2d/Linear layers (no biases,
                 no BatchNorm), as LIMPQ counts them.
+    latency_ms  the latency table's sum in milliseconds (HAWQ-V3's constraint; mpqflow.deploy.latency:
+                fixed layers count where the table has their rows, else the sum is over candidates)
+    latency_rel fraction of the all-W8A8 model's table sum (candidates at w8a8, fixed layers as fixed)
+The latency kinds need a problem built with a latency table (Problem.latency_ms).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["KINDS", "BITS_PER_MB", "UNITS", "Budget", "InfeasibleBudget", "parse_budgets", "caps_of", "same_caps"]
+__all__ = [
+    "KINDS", "LATENCY_KINDS", "BITS_PER_MB", "UNITS", "Budget", "Caps", "InfeasibleBudget", "NoLatencyTable",
+    "parse_budgets",
+    "caps_of", "same_caps",
+]  # fmt: skip
 
 BITS_PER_MB = 8e6
-KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel", "cr")
+KINDS = ("avg_bits", "size_mb", "size_rel", "gbitops", "bitops_rel", "cr", "latency_ms", "latency_rel")
 _SIZE_KINDS = ("avg_bits", "size_mb", "size_rel", "cr")
+LATENCY_KINDS = ("latency_ms", "latency_rel")
 UNITS = {
     "avg_bits": "average bits",
     "size_mb": "MB",
@@ -38,11 +49,26 @@ UNITS = {
     "gbitops": "GBitOPs",
     "bitops_rel": "of the all-W8A8 BitOPs",
     "cr": "x compression against FP32",
+    "latency_ms": "ms",
+    "latency_rel": "of the all-W8A8 latency",
 }  # how Budget.in_unit's values read
+_CAP = {"size": 0, "bitops": 1, "latency": 2}  # each cap's place in Caps
+
+
+class Caps(NamedTuple):
+    """The caps of one or more budgets, totals over the whole model; None where no budget sets one."""
+
+    size_bits: float | None = None
+    bitops: float | None = None
+    latency_ms: float | None = None
 
 
 class InfeasibleBudget(ValueError):
-    """No decision meets the budget; the message names the smallest achievable size or BitOPs."""
+    """No decision meets the budget; the message names the smallest achievable size, BitOPs or latency."""
+
+
+class NoLatencyTable(ValueError):
+    """A latency budget on a problem built without a latency table (or latency_rel without w8a8 rows)."""
 
 
 def _fmt(v: float) -> str:
@@ -52,10 +78,10 @@ def _fmt(v: float) -> str:
 
 @dataclass(frozen=True)
 class Budget:
-    """A bound on size or BitOPs.
+    """A bound on size, BitOPs or latency.
 
     Args:
-        kind: one of KINDS (avg_bits, size_mb, size_rel, gbitops, bitops_rel).
+        kind: one of KINDS (avg_bits, size_mb, size_rel, gbitops, bitops_rel, cr, latency_ms, latency_rel).
         value: positive, finite; in the kind's unit.
     """
 
@@ -83,8 +109,18 @@ class Budget:
 
     @property
     def is_size(self) -> bool:
-        """True for size budgets (avg_bits, size_mb, size_rel, cr), False for BitOPs budgets."""
+        """True for size budgets (avg_bits, size_mb, size_rel, cr)."""
         return self.kind in _SIZE_KINDS
+
+    @property
+    def is_latency(self) -> bool:
+        """True for latency budgets (latency_ms, latency_rel)."""
+        return self.kind in LATENCY_KINDS
+
+    @property
+    def cap_index(self) -> int:
+        """Which place of Caps this budget sets: 0 size, 1 BitOPs, 2 latency."""
+        return _CAP["size" if self.is_size else "latency" if self.is_latency else "bitops"]
 
     @classmethod
     def parse(cls, spec) -> Budget:
@@ -107,8 +143,30 @@ class Budget:
             return cls(spec[0], spec[1])
         raise ValueError(f"cannot read a budget from {spec!r}")
 
+    def _reference_latency(self, problem) -> float:
+        """The all-W8A8 latency of latency_rel, or NoLatencyTable saying why there is none."""
+        self._latency_of(problem)
+        if problem.reference_latency_ms is None:
+            raise NoLatencyTable(
+                f"budget {self.name} is a fraction of the all-W8A8 latency, but the latency table has no w8a8 "
+                "row for every candidate layer; add them or use latency_ms"
+            )
+        return problem.reference_latency_ms
+
+    def _latency_of(self, problem) -> None:
+        if problem.latency_ms is None:
+            raise NoLatencyTable(
+                f"budget {self.name} is a latency budget, but the problem has no per-layer latency table "
+                "(config key latency.table)"
+            )
+
     def cap(self, problem) -> float:
-        """The cap in bits (size kinds) or BitOPs (BitOPs kinds), total over the model."""
+        """The cap in bits (size kinds), BitOPs (BitOPs kinds) or ms (latency kinds), total over the model."""
+        if self.kind == "latency_ms":
+            self._latency_of(problem)
+            return self.value
+        if self.kind == "latency_rel":
+            return self.value * self._reference_latency(problem)
         if self.kind == "avg_bits":
             return self.value * problem.total_numel
         if self.kind == "size_mb":
@@ -122,7 +180,11 @@ class Budget:
         return self.value * problem.reference_bitops
 
     def in_unit(self, problem, amount: float) -> float:
-        """`amount` (bits or BitOPs, total) expressed in this budget's unit."""
+        """`amount` (bits, BitOPs or ms, total) expressed in this budget's unit."""
+        if self.kind == "latency_ms":
+            return amount
+        if self.kind == "latency_rel":
+            return amount / self._reference_latency(problem)
         if self.kind == "avg_bits":
             return amount / problem.total_numel
         if self.kind == "size_mb":
@@ -135,13 +197,16 @@ class Budget:
             return amount / 1e9
         return amount / problem.reference_bitops
 
-    def to_caps(self, problem) -> tuple[float | None, float | None]:
-        """(size_cap_bits, None) or (None, bitops_cap); raises InfeasibleBudget below the minimum."""
+    def to_caps(self, problem) -> Caps:
+        """Caps with this budget's cap in its place (size, BitOPs or latency), the others None; raises
+        InfeasibleBudget below the minimum, NoLatencyTable for a latency budget without a table."""
         cap = self.cap(problem)
-        least = problem.min_size_bits() if self.is_size else problem.min_bitops()
+        least = (problem.min_size_bits, problem.min_bitops, problem.min_latency_ms)[self.cap_index]()
         if cap < least * (1 - 1e-9):
             raise InfeasibleBudget(self._infeasible_message(problem, least))
-        return (cap, None) if self.is_size else (None, cap)
+        caps = [None, None, None]
+        caps[self.cap_index] = cap
+        return Caps(*caps)
 
     def _infeasible_message(self, problem, least: float) -> str:
         unit = UNITS[self.kind]
@@ -151,6 +216,8 @@ class Budget:
                 f"budget {self.name} is infeasible: the highest achievable compression ratio is "
                 f"{self.in_unit(problem, least):.6g} ({least / BITS_PER_MB:.6g} MB, {least:.0f} bits)"
             )
+        if self.is_latency:
+            return head + f"latency is {self.in_unit(problem, least):.6g} {unit} ({least:.6g} ms by the latency table)"
         if self.is_size:
             return (
                 head + f"size is {self.in_unit(problem, least):.6g} {unit} "
@@ -170,14 +237,14 @@ def parse_budgets(spec) -> tuple[Budget, ...]:
     return (Budget.parse(spec),)
 
 
-def caps_of(budgets, problem) -> tuple[float | None, float | None]:
-    """The tightest (size_cap_bits, bitops_cap) of several budgets; InfeasibleBudget below a minimum."""
-    size_cap = bitops_cap = None
+def caps_of(budgets, problem) -> Caps:
+    """The tightest Caps(size_bits, bitops, latency_ms) of several budgets; InfeasibleBudget below a minimum."""
+    tightest = [None, None, None]
     for b in parse_budgets(budgets):
-        s, o = b.to_caps(problem)
-        size_cap = s if size_cap is None or (s is not None and s < size_cap) else size_cap
-        bitops_cap = o if bitops_cap is None or (o is not None and o < bitops_cap) else bitops_cap
-    return size_cap, bitops_cap
+        for i, c in enumerate(b.to_caps(problem)):
+            if c is not None and (tightest[i] is None or c < tightest[i]):
+                tightest[i] = c
+    return Caps(*tightest)
 
 
 def _whole(cap: float) -> int:
@@ -186,16 +253,22 @@ def _whole(cap: float) -> int:
     return math.floor(cap * (1 + 1e-9))
 
 
+def _cap_key(caps) -> tuple:
+    """(place, the cap as compared): whole bits and BitOPs (_whole); milliseconds are not whole, so
+    two latency caps are one when they agree to 12 significant digits (latency_rel-0.5 of 2 ms and
+    latency_ms-1)."""
+    i, cap = next((i, c) for i, c in enumerate(caps) if c is not None)
+    return (i, _whole(cap)) if i < 2 else (i, float(f"{cap:.12g}"))
+
+
 def same_caps(caps: dict) -> dict:
-    """{budget: [the other budgets with the same cap, in the given order]} of {budget: (size_cap_bits,
-    bitops_cap)} (:meth:`Budget.to_caps`), every budget a key ([] when its cap is its own).
+    """{budget: [the other budgets with the same cap, in the given order]} of {budget: Caps}
+    (:meth:`Budget.to_caps`: one cap set each), every budget a key ([] when its cap is its own).
 
     Budgets of different kinds can resolve to one cap on a model (avg_bits-4 and size_rel-0.5 when every
     weight is in the 8-bit reference); they admit the same decisions, so each is solved and evaluated
     to the same result. The names are only known to be one budget once the layer table is, after the
     DAG is built, so they are noted, not merged.
     """
-    keys = {
-        name: (0, _whole(size)) if size is not None else (1, _whole(bitops)) for name, (size, bitops) in caps.items()
-    }
+    keys = {name: _cap_key(c) for name, c in caps.items()}
     return {name: [other for other in caps if other != name and keys[other] == key] for name, key in keys.items()}

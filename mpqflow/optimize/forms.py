@@ -4,7 +4,7 @@ Usage:
     G = cross_layer_quadratic(problem)         # G with zero within-layer blocks (None if linear)
     is_psd(problem)                            # a PSD-projected method's G
     Q, c = convex_form(problem)                # Q = G + λI ⪰ 0, c = linear − λ (the diagonal shift)
-    form = qcr_if_indefinite(problem, size_cap, bitops_cap)   # the QCR form of an indefinite G, else None
+    form = qcr_if_indefinite(problem, size_cap, bitops_cap, latency_cap)   # QCR of an indefinite G, else None
 
 Every form has the problem's objective on every one-hot binary x.
 """
@@ -56,9 +56,9 @@ def convex_form(problem: Problem) -> tuple[np.ndarray | None, np.ndarray]:
     return shift_to_psd(problem.G, c)
 
 
-def qcr_if_indefinite(problem: Problem, size_cap, bitops_cap) -> tuple[np.ndarray, np.ndarray] | None:
+def qcr_if_indefinite(problem: Problem, size_cap, bitops_cap, latency_cap=None) -> tuple[np.ndarray, np.ndarray] | None:
     """The QCR form (qcr.py) of an indefinite G; None for a linear or PSD problem, or if SCS fails.
     A PSD G is left as it is: there the SDP costs more than it saves (bench/README.md)."""
     if problem.is_linear or is_psd(problem):
         return None
-    return qcr_form(problem, size_cap, bitops_cap)
+    return qcr_form(problem, size_cap, bitops_cap, latency_cap)

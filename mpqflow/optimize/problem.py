@@ -6,9 +6,14 @@ Usage:
                 fixed_size_bits=..., fixed_bitops=..., numel=numel_per_layer)
     x = p.x_of(choice)            # (n,) 0/1 from one option index per layer
     p.objective(x), p.total_size_bits(x), p.total_bitops(x), p.avg_bits(x)
+    p.total_latency_ms(x)         # with latency_ms per option (a latency table), else an error
+    p.cap_rows(size_cap, bitops_cap, latency_cap)   # [(cost, fixed, cap)] of the caps that are set
 
 Variables x in {0,1}^n, option i belongs to candidate layer layer_of[i]; exactly one option per layer.
 Objective x^T G x + linear . x (either term may be absent, not both).
+
+Caps come in the order (size_cap, bitops_cap, latency_cap) everywhere (budgets.caps_of): totals
+over the whole model in bits, BitOPs and milliseconds, None for no cap.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ class Problem:
         fixed_size_bits, fixed_bitops: cost of the layers that are not searched (first/last at 8 bits).
         numel: (L,) weights per candidate layer; default size_bits / w_bits of each layer's first option.
         fixed_numel: weights in the fixed layers; default fixed_size_bits / 8 (fixed layers at 8 bits).
+        latency_ms: (n,) each option's latency in ms from a latency table, or None (no latency
+            budget can then be set).
+        fixed_latency_ms: the fixed layers' latency (0 where the table has no rows for them).
+        reference_latency_ms: the all-W8A8 model's latency, the reference of latency_rel; None
+            where the table has no w8a8 rows.
     """
 
     layer_of: np.ndarray
@@ -62,6 +72,9 @@ class Problem:
     fixed_bitops: float = 0.0
     numel: np.ndarray | None = None
     fixed_numel: float | None = None
+    latency_ms: np.ndarray | None = None
+    fixed_latency_ms: float = 0.0
+    reference_latency_ms: float | None = None
     layers: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -90,6 +103,7 @@ class Problem:
                 raise ValueError(f"{name} must be non-negative")
             set_(name, arr)
         self._check_objective(n)
+        self._check_latency(n)
         for name in ("fixed_size_bits", "fixed_bitops"):
             v = float(getattr(self, name))
             if not np.isfinite(v) or v < 0:
@@ -109,6 +123,23 @@ class Problem:
         if not np.isfinite(fixed_numel) or fixed_numel < 0:
             raise ValueError(f"fixed_numel must be finite and non-negative, got {fixed_numel}")
         set_("fixed_numel", fixed_numel)
+
+    def _check_latency(self, n: int) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.latency_ms is not None:
+            arr = _frozen_array(self.latency_ms, np.float64, "latency_ms", (n,))
+            if np.any(arr <= 0):
+                raise ValueError("latency_ms must be positive")
+            set_("latency_ms", arr)
+        v = float(self.fixed_latency_ms)
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"fixed_latency_ms must be finite and non-negative, got {v}")
+        set_("fixed_latency_ms", v)
+        if self.reference_latency_ms is not None:
+            r = float(self.reference_latency_ms)
+            if not np.isfinite(r) or r <= 0:
+                raise ValueError(f"reference_latency_ms must be finite and positive, got {r}")
+            set_("reference_latency_ms", r)
 
     def _check_objective(self, n: int) -> None:
         if self.G is None and self.linear is None:
@@ -187,16 +218,36 @@ class Problem:
         """BitOPs of the whole model (fixed layers included)."""
         return self.fixed_bitops + float(self.bitops @ np.asarray(x, np.float64))
 
+    def total_latency_ms(self, x) -> float:
+        """The latency table's sum for this decision in ms (fixed layers as the table counts them)."""
+        return self.fixed_latency_ms + float(self._latency() @ np.asarray(x, np.float64))
+
+    def _latency(self) -> np.ndarray:
+        if self.latency_ms is None:
+            raise ValueError("this problem has no latency table (latency_ms), so no latency total or cap")
+        return self.latency_ms
+
+    def cap_rows(self, size_cap=None, bitops_cap=None, latency_cap=None) -> list:
+        """[(cost (n,), fixed total, cap)] of each cap that is set, in the order size, BitOPs, latency:
+        the linear constraints cost . x <= cap - fixed that every back-end adds."""
+        rows = [(self.size_bits, self.fixed_size_bits, size_cap), (self.bitops, self.fixed_bitops, bitops_cap)]
+        if latency_cap is not None:
+            rows.append((self._latency(), self.fixed_latency_ms, latency_cap))
+        return [(cost, fixed, cap) for cost, fixed, cap in rows if cap is not None]
+
     def avg_bits(self, x) -> float:
         """Average weight bits over all quantized weights (fixed layers included)."""
         return self.total_size_bits(x) / self.total_numel
 
-    def is_feasible(self, x, size_cap: float | None = None, bitops_cap: float | None = None) -> bool:
-        """One-hot and within both caps (totals, fixed layers included; relative tolerance 1e-9)."""
+    def is_feasible(self, x, size_cap=None, bitops_cap=None, latency_cap=None) -> bool:
+        """One-hot and within every cap (totals, fixed layers included; relative tolerance 1e-9)."""
         if not self.is_one_hot(x):
             return False
-        ok_size = size_cap is None or self.total_size_bits(x) <= size_cap * (1 + 1e-9)
-        return ok_size and (bitops_cap is None or self.total_bitops(x) <= bitops_cap * (1 + 1e-9))
+        xf = np.asarray(x, np.float64)
+        return all(
+            fixed + float(cost @ xf) <= cap * (1 + 1e-9)
+            for cost, fixed, cap in self.cap_rows(size_cap, bitops_cap, latency_cap)
+        )
 
     # ---- reference points -----------------------------------------------------------------------
     @property
@@ -229,28 +280,44 @@ class Problem:
         """Smallest achievable total BitOPs (cheapest option of every layer)."""
         return self.fixed_bitops + float(sum(self.bitops[ix].min() for ix in self.layers))
 
-    def min_both(self, size_cap: float | None, bitops_cap: float | None) -> np.ndarray | None:
-        """A decision within both caps if the per-layer cheapest choices show one exists cheaply, else None.
+    def min_latency_ms(self) -> float:
+        """Smallest achievable total latency in ms (fastest option of every layer)."""
+        lat = self._latency()
+        return self.fixed_latency_ms + float(sum(lat[ix].min() for ix in self.layers))
 
-        Tries the smallest-size and the smallest-BitOPs choices (exact when only one cap is set).
+    def min_both(self, size_cap=None, bitops_cap=None, latency_cap=None) -> np.ndarray | None:
+        """A decision within every cap if the per-layer cheapest choices show one exists cheaply, else None.
+
+        Tries the smallest-size, the smallest-BitOPs and (with a latency cap) the fastest choices, ties
+        broken by the other costs (exact when only one cap is set).
         """
-        for cost in (self.size_bits, self.bitops):
-            x = self.x_of([ix[np.lexsort((self.bitops[ix] + self.size_bits[ix], cost[ix]))[0]] for ix in self.layers])
-            if self.is_feasible(x, size_cap, bitops_cap):
+        costs = [self.size_bits, self.bitops] + ([self._latency()] if latency_cap is not None else [])
+        for cost in costs:
+            tie = self.bitops + self.size_bits  # a cheaper choice on the other costs first
+            x = self.x_of([ix[np.lexsort((tie[ix], cost[ix]))[0]] for ix in self.layers])
+            if self.is_feasible(x, size_cap, bitops_cap, latency_cap):
                 return x
         return None
 
 
-def build_problem(table, G=None, linear=None, allowed=None) -> Problem:
+def build_problem(table, G=None, linear=None, allowed=None, latency=None) -> Problem:
     """The integer program of an objective xᵀGx + linear·x over a layer table (:class:`mpqflow.layers.LayerTable`:
     candidates, options, numel, macs, fixed, unreached_numel): one option per
     candidate layer, each option's size and BitOPs, the fixed layers' totals.
 
     `allowed`: (n,) bool over the table's options (option i = l*K + k); the others are left out of the
-    problem (G, linear and the problem's options are then over the allowed ones only)."""
+    problem (G, linear and the problem's options are then over the allowed ones only).
+
+    `latency`: a :class:`mpqflow.deploy.latency.LatencyTable` that fits the layer table, or None; it
+    gives every option its latency (the latency budgets' costs)."""
     K = len(table.options)
     keep = np.ones(len(table.candidates) * K, bool) if allowed is None else np.asarray(allowed, bool)
     sub = (lambda a: a) if allowed is None else (lambda a: None if a is None else np.asarray(a)[keep])
+    costs = None
+    if latency is not None:
+        from ..deploy.latency import latency_costs
+
+        costs = latency_costs(latency, table)
     return Problem(
         G=None if G is None else (G if allowed is None else np.asarray(G)[np.ix_(keep, keep)]),
         linear=sub(linear),
@@ -266,4 +333,7 @@ def build_problem(table, G=None, linear=None, allowed=None) -> Problem:
         fixed_bitops=float(sum(table.macs[l] * w * a for l, (w, a) in table.fixed.items())),
         numel=np.array([table.numel[l] for l in table.candidates], float),
         fixed_numel=float(sum(table.numel[l] for l in table.fixed) + table.unreached_numel),
+        latency_ms=None if costs is None else np.array(costs.per_option, float)[keep],
+        fixed_latency_ms=0.0 if costs is None else costs.fixed_ms,
+        reference_latency_ms=None if costs is None else costs.reference_ms,
     )

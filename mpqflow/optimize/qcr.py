@@ -2,7 +2,7 @@
 continuous relaxation, for a convex MIQP solver.
 
 Usage:
-    form = qcr_form(problem, size_cap, bitops_cap)   # None if the SDP solver fails
+    form = qcr_form(problem, size_cap, bitops_cap, latency_cap)   # None if the SDP solver fails
     Q, c = form                                       # xᵀQx + c·x = xᵀGx + linear·x on every decision
 
 On a one-hot binary x three families of terms vanish: x_a² − x_a, x_a·x_b for two options a ≠ b of
@@ -66,7 +66,12 @@ def _perturbation_maps(problem: Problem):
 
 
 def qcr_form(
-    problem: Problem, size_cap: float | None, bitops_cap: float | None, eps: float = 1e-4, max_iters: int = 20000
+    problem: Problem,
+    size_cap: float | None,
+    bitops_cap: float | None,
+    latency_cap: float | None = None,
+    eps: float = 1e-4,
+    max_iters: int = 20000,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(Q, c): xᵀQx + c·x equals the problem's objective on every one-hot binary x, and Q ⪰ 0.
 
@@ -86,14 +91,7 @@ def qcr_form(
     beta = cp.Variable(L)  # one option per layer
     t = cp.Variable()
     # The caps as Σ (cost/cap) x ≤ 1 - fixed/cap: scaled to O(1), which SCS needs to converge.
-    caps = [
-        (cost / cap, 1.0 - fixed / cap)
-        for cost, fixed, cap in (
-            (problem.size_bits, problem.fixed_size_bits, size_cap),
-            (problem.bitops, problem.fixed_bitops, bitops_cap),
-        )
-        if cap is not None
-    ]
+    caps = [(cost / cap, 1.0 - fixed / cap) for cost, fixed, cap in problem.cap_rows(size_cap, bitops_cap, latency_cap)]
     mu = cp.Variable(len(caps), nonneg=True) if caps else None
     # Subtracted: xᵀMx + m·x, M = mat(S v) + (A Eᵀ + E Aᵀ)/2, m = −v_diag − A·1 (zero on decisions).
     M = cp.reshape(S @ v, (n, n), order="C") + (A @ E.T + E @ A.T) / 2

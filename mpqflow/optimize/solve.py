@@ -79,13 +79,13 @@ def auto_backends(problem: Problem) -> list:
     return ["gurobi", "scip"] if is_psd(problem) else ["gurobi", "highs"]
 
 
-def _run_chain(chain, problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit):
+def _run_chain(chain, problem, caps, time_limit, mip_gap, x0, node_limit):
     """(x, stop, bound, back-end) of the first back-end of `chain` that is available; only
     BackendUnavailable moves on to the next one, any other error propagates."""
     for i, backend in enumerate(chain):
         nodes = node_limit.get(backend) if isinstance(node_limit, dict) else node_limit
         try:
-            x, stop, bound = _BACKENDS[backend](problem, size_cap, bitops_cap, time_limit, mip_gap, x0, nodes)
+            x, stop, bound = _BACKENDS[backend](problem, *caps, time_limit, mip_gap, x0, nodes)
             return x, stop, bound, backend
         except BackendUnavailable as err:  # a missing package, or a licence that refuses the size
             if i == len(chain) - 1:
@@ -115,21 +115,22 @@ def solve(
             limit it stops at the same point on any machine and under any load, so a solve that is
             not proven optimal still gives the same decision.
 
-    Raises InfeasibleBudget below a budget's minimum (naming the smallest achievable size or
-    BitOPs) or for budgets that no decision meets together (check_jointly_feasible), and
-    BackendUnavailable when no back-end of the choice can run.
+    Raises InfeasibleBudget below a budget's minimum (naming the smallest achievable size, BitOPs
+    or latency) or for budgets that no decision meets together (check_jointly_feasible),
+    NoLatencyTable for a latency budget on a problem without latencies, and BackendUnavailable when
+    no back-end of the choice can run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown solver backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     t0 = time.perf_counter()
-    size_cap, bitops_cap = caps_of(budget, problem)
-    x0 = incumbent(problem, size_cap, bitops_cap)
-    if x0 is None:  # only with both caps set: are they jointly feasible at all?
-        check_jointly_feasible(problem, budget, size_cap, bitops_cap)
+    caps = caps_of(budget, problem)
+    x0 = incumbent(problem, *caps)
+    if x0 is None:  # only with several caps set: are they jointly feasible at all?
+        check_jointly_feasible(problem, budget, *caps)
     chain = auto_backends(problem) if backend == "auto" else [backend]
-    x, stop, bound, backend = _run_chain(chain, problem, size_cap, bitops_cap, time_limit, mip_gap, x0, node_limit)
+    x, stop, bound, backend = _run_chain(chain, problem, caps, time_limit, mip_gap, x0, node_limit)
     optimal = stop == "optimal"
-    if x is None or not problem.is_feasible(x, size_cap, bitops_cap):
+    if x is None or not problem.is_feasible(x, *caps):
         if x0 is None:
             raise RuntimeError(f"{backend} found no decision within {time_limit} s ({stop}) and no incumbent exists")
         x, optimal = x0, False

@@ -9,6 +9,8 @@ Usage (what workflow_scripts/check_budgets.py and solve_budget.py call):
                   "results/m/sanity/clado.json", {})   # no budget: highest precision everywhere?
 
 `settings` is the method's own settings (:func:`mpqflow.methods.method_settings`: {} for most).
+Each takes `latency_path=` (config key latency.table): the per-layer latency table that latency
+budgets cap (:mod:`mpqflow.deploy.latency`); decisions then record their table latency.
 
 No torch: the layer table comes from layers.json, the objective from numpy arrays.
 """
@@ -28,6 +30,7 @@ from ..artifacts import (
     set_identity,
 )
 from ..config import SolverConfig
+from ..deploy.latency import LatencyTableError, check_against_layers, read_latency_table
 from ..io import save_json
 from ..layers import LayerTable
 from ..methods import estimated_loss_increase, method_allowed, method_objective, settings_of, settings_record
@@ -39,7 +42,19 @@ __all__ = ["check_budgets", "solve_budget", "sanity_check", "sanity_checks"]
 log = logging.getLogger("mpqflow")
 
 
-def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dict:
+def _latency(latency_path: str | None, table: LayerTable, layers_path: str):
+    """The latency table of config key latency.table checked against the layer table, or None."""
+    if latency_path is None:
+        return None
+    try:
+        latency = read_latency_table(latency_path)
+        check_against_layers(latency, table)
+    except LatencyTableError as err:
+        raise LatencyTableError(f"config key 'latency.table': {err} (layer table {layers_path})") from None
+    return latency
+
+
+def check_budgets(layers_path: str, budgets, out_path: str | None = None, latency_path: str | None = None) -> dict:
     """Check every budget against the layer table before any solve; record each one's caps.
 
     Raises InfeasibleBudget naming the budget and the smallest achievable size or BitOPs. Runs as
@@ -47,27 +62,34 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
     Each budget's record also lists, in `same_cap_as`, the budgets that resolve to the same cap on
     this model (:func:`mpqflow.optimize.budgets.same_caps`), logged as a warning: they are solved and
     evaluated to the same decisions. A layer table that is not whole or was edited since calibrate
-    wrote it is refused before anything is written.
+    wrote it is refused before anything is written, and so is a latency table (`latency_path`) that
+    does not fit it (a layer or option missing, a layer it does not have).
     """
     table = load_layer_table(layers_path)
-    problem = build_problem(table, linear=np.zeros(len(table.candidates) * len(table.options)))
+    latency = _latency(latency_path, table, layers_path)
+    problem = build_problem(table, linear=np.zeros(len(table.candidates) * len(table.options)), latency=latency)
     resolved = {name: Budget.parse(name).to_caps(problem) for name in budgets}
     shared = same_caps(resolved)
     caps = {
-        name: {"size_cap_bits": size_cap, "bitops_cap": bitops_cap, "same_cap_as": shared[name]}
-        for name, (size_cap, bitops_cap) in resolved.items()
+        name: {
+            "size_cap_bits": c.size_bits,
+            "bitops_cap": c.bitops,
+            **({} if latency is None else {"latency_cap_ms": c.latency_ms}),
+            "same_cap_as": shared[name],
+        }
+        for name, c in resolved.items()
     }
     for i, name in enumerate(budgets):
         later = [other for other in shared[name] if list(budgets).index(other) > i]
         if later:
-            cap = resolved[name][0] if resolved[name][0] is not None else resolved[name][1]
+            place, cap = next((i, c) for i, c in enumerate(resolved[name]) if c is not None)
             log.warning(
-                "budget %s has the same cap as %s on this model (%.0f %s): each is solved and evaluated to "
+                "budget %s has the same cap as %s on this model (%s %s): each is solved and evaluated to "
                 "the same decisions; keep one of them in `budgets` to save those jobs",
                 name,
                 ", ".join(later),
-                cap,
-                "weight bits" if resolved[name][0] is not None else "BitOPs",
+                f"{cap:.6g}" if place == 2 else f"{cap:.0f}",  # whole bits and BitOPs, fractional ms
+                ("weight bits", "BitOPs", "ms by the latency table")[place],
             )
     if out_path is not None:
         save_json(out_path, caps)
@@ -76,11 +98,12 @@ def check_budgets(layers_path: str, budgets, out_path: str | None = None) -> dic
 
 
 def _method_problem(
-    layers_path: str, pooled_path: str, method: str, settings
+    layers_path: str, pooled_path: str, method: str, settings, latency_path: str | None = None
 ) -> tuple[LayerTable, Problem, np.ndarray | None, tuple[int, int]]:
     """The layer table, the method's integer program over the pooled set, the options it allows (None:
     all) and the set's (size, id) as its file records them. The table must be whole and unedited,
-    calibrated from the checkpoint the set was computed on, and the set made with its candidates and options."""
+    calibrated from the checkpoint the set was computed on, and the set made with its candidates and
+    options; a latency table (`latency_path`) gives every option its latency."""
     pooled = load_batch_file(pooled_path)
     table = load_layer_table(layers_path, checkpoint_sha256=str(pooled["checkpoint_sha256"]), against=pooled_path)
     check_set_matches_table(pooled, pooled_path, table, layers_path)
@@ -89,7 +112,9 @@ def _method_problem(
     what = f"{method}'s objective on {pooled_path} (remove the file and its batch files and rerun them)"
     refuse_nonfinite({"G": G, "linear": linear}, table.candidates, len(table.options), what)
     allowed = method_allowed(method, pooled, table)  # None, or LIMPQ's outlier rule
-    return table, build_problem(table, G, linear, allowed), allowed, set_identity(pooled, pooled_path)
+    latency = _latency(latency_path, table, layers_path)
+    problem = build_problem(table, G, linear, allowed, latency=latency)
+    return table, problem, allowed, set_identity(pooled, pooled_path)
 
 
 def _solve(problem: Problem, budget, solver: SolverConfig):
@@ -111,13 +136,15 @@ def solve_budget(
     solver: SolverConfig,
     out_path: str,
     settings: dict,
+    latency_path: str | None = None,
 ) -> dict:
     """Form the method's objective from the pooled set, solve exactly under the budget, write the decision.
 
     `settings`: the method's own settings (clado_na's k, limpq's alpha; {} for the others), recorded in
-    the decision."""
+    the decision. `latency_path`: the latency table (latency.table); the decision then records its
+    `latency_ms`, the table's sum."""
     own = settings_of(method, settings)
-    table, problem, allowed, (n, s) = _method_problem(layers_path, pooled_path, method, own)
+    table, problem, allowed, (n, s) = _method_problem(layers_path, pooled_path, method, own, latency_path)
     sol = _solve(problem, Budget.parse(budget), solver)
     decision = {
         "method": method,
@@ -132,6 +159,8 @@ def solve_budget(
         "gbitops": problem.total_bitops(sol.x) / 1e9,
         "solver": sol.to_dict(),
     }
+    if problem.latency_ms is not None:
+        decision["latency_ms"] = problem.total_latency_ms(sol.x)
     decision.update(settings_record(own))
     if allowed is not None:  # what the method ruled out, so a surprising choice can be traced
         K = len(table.options)
@@ -160,14 +189,16 @@ def sanity_check(
     solver: SolverConfig,
     settings: dict,
     out_path: str | None = None,
+    latency_path: str | None = None,
 ) -> dict:
     """The seed's sanity check as a result: solve once with no budget; an estimate worth trusting
     picks the highest-precision option (largest w_bits, then a_bits) at every candidate layer.
+    With a latency table (`latency_path`) the result records the choice's `latency_ms`.
 
     Writes {method, set_size, set_id, highest, layers, layers_at_highest, passes, choice,
     estimated_loss_increase (at the unconstrained optimum), estimated_at_highest (of all layers at
     the highest option; null where the method forbids it somewhere), solver}."""
-    table, problem, _, (n, s) = _method_problem(layers_path, pooled_path, method, settings)
+    table, problem, _, (n, s) = _method_problem(layers_path, pooled_path, method, settings, latency_path)
     sol = _solve(problem, None, solver)
     highest = max(tuple(o) for o in table.options)
     at_highest = np.array([tuple(o) == highest for o in problem.options], dtype=np.float64)  # (n_allowed,)
@@ -187,6 +218,8 @@ def sanity_check(
         "estimated_at_highest": float(estimated_loss_increase(method, objective, at_highest)) if reachable else None,
         "solver": sol.to_dict(),
     }
+    if problem.latency_ms is not None:
+        result["latency_ms"] = problem.total_latency_ms(sol.x)
     log.info(
         "%s set_%dx%d with no budget: %d of %d layers at %s (%s), estimate %.4g (%s at %s everywhere)",
         method,
@@ -206,9 +239,15 @@ def sanity_check(
 
 
 def sanity_checks(
-    layers_path: str, pooled_paths: list[str], method: str, solver: SolverConfig, out_path: str, settings: dict
+    layers_path: str,
+    pooled_paths: list[str],
+    method: str,
+    solver: SolverConfig,
+    out_path: str,
+    settings: dict,
+    latency_path: str | None = None,
 ) -> list[dict]:
     """:func:`sanity_check` of one method on each set, written as one JSON list (what the workflow runs)."""
-    results = [sanity_check(layers_path, p, method, solver, settings) for p in pooled_paths]
+    results = [sanity_check(layers_path, p, method, solver, settings, latency_path=latency_path) for p in pooled_paths]
     save_json(out_path, results)
     return results
