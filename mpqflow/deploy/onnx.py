@@ -45,7 +45,6 @@ class_names: see :func:`mpqflow.data.preprocessing`).
 from __future__ import annotations
 
 import json
-import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +53,11 @@ import onnx
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ..io import atomic_path
 from ..quant.lsq import lsq_layers
+from .graph import Graph, float_module_node, function_node, method_node, pair, split_clips_before_narrow_q
 
 __all__ = ["FORMATS", "BIAS_MODES", "SUPPORTED", "QuantTensor", "LayerQuant", "ptq_layers", "lsq_layers_export"]
 __all__ += ["export_onnx", "build_onnx"]
@@ -215,41 +214,7 @@ def _check_range(layer: str, kind: str, q: QuantTensor) -> None:
         raise ValueError(f"layer {layer!r}: {kind} scales must be finite and > 0")
 
 
-class _Graph:
-    """The ONNX nodes and initializers under construction, with unique names."""
-
-    def __init__(self):
-        self.nodes: list = []
-        self.inits: list = []
-        self._names: set[str] = set()
-
-    def name(self, base: str) -> str:
-        base, i = base.replace("/", "."), 0
-        out = base
-        while out in self._names:
-            i += 1
-            out = f"{base}_{i}"
-        self._names.add(out)
-        return out
-
-    def const(self, base: str, array) -> str:
-        name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def typed(self, base: str, elem: int, values, dims) -> str:
-        """An initializer of an ONNX integer type (int2/int4 have no numpy dtype; make_tensor packs them)."""
-        name = self.name(base)
-        self.inits.append(helper.make_tensor(name, elem, list(dims), np.asarray(values).reshape(-1).tolist()))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], base: str, **attrs) -> str:
-        out = self.name(base)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
-        return out
-
-
-def _qparams(g: _Graph, base: str, q: QuantTensor, elem: int) -> tuple[str, str, dict]:
+def _qparams(g: Graph, base: str, q: QuantTensor, elem: int) -> tuple[str, str, dict]:
     scale = q.scale.float().reshape(-1)
     zp = q.zero_point.to(torch.int64).reshape(-1)
     per_axis = q.axis is not None and scale.numel() > 1
@@ -259,13 +224,13 @@ def _qparams(g: _Graph, base: str, q: QuantTensor, elem: int) -> tuple[str, str,
     return s, z, ({"axis": int(q.axis)} if per_axis else {})
 
 
-def _int_clip(g: _Graph, base: str, x: str, q: QuantTensor, elem: int) -> str:
+def _int_clip(g: Graph, base: str, x: str, q: QuantTensor, elem: int) -> str:
     """QCDQ's Clip on 8-bit codes: the layer's bit-width as [quant_min, quant_max]."""
     lo, hi = g.typed(f"{base}.qmin", elem, [q.quant_min], []), g.typed(f"{base}.qmax", elem, [q.quant_max], [])
     return g.op("Clip", [x, lo, hi], f"{base}.clip")
 
 
-def _quantize_input(g: _Graph, layer: str, x: str, q: QuantTensor, fmt: str, int2: bool) -> str:
+def _quantize_input(g: Graph, layer: str, x: str, q: QuantTensor, fmt: str, int2: bool) -> str:
     elem, tmin, tmax = _storage(q, fmt, int2)
     base = f"{layer}.input_quant"
     s, z, axis = _qparams(g, base, q, elem)
@@ -282,7 +247,7 @@ def _quantize_input(g: _Graph, layer: str, x: str, q: QuantTensor, fmt: str, int
     return g.op("DequantizeLinear", [code, s, z], f"{base}.dq", **axis)
 
 
-def _weight(g: _Graph, layer: str, module: nn.Module, q: QuantTensor | None, fmt: str, int2: bool, linear: bool):
+def _weight(g: Graph, layer: str, module: nn.Module, q: QuantTensor | None, fmt: str, int2: bool, linear: bool):
     """The weight input of the Conv / MatMul: float, or the integer codes dequantized. Linear weights are
     transposed to (in, out) for MatMul, their per-channel axis with them."""
     if q is None:
@@ -301,19 +266,15 @@ def _weight(g: _Graph, layer: str, module: nn.Module, q: QuantTensor | None, fmt
     return g.op("DequantizeLinear", [code, s, z], f"{base}.dq", **ax)
 
 
-def _pair(v) -> list[int]:
-    return list(v) if isinstance(v, (tuple, list)) else [int(v), int(v)]
-
-
 def _conv(g, name, m: nn.Conv2d, x, lq: LayerQuant | None, fmt, int2, bias_mode):
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise NotImplementedError(f"layer {name!r}: padding {m.padding!r} / mode {m.padding_mode!r} (only int zeros)")
     if lq is not None and lq.act is not None:
         x = _quantize_input(g, name, x, lq.act, fmt, int2)
     w = _weight(g, name, m, None if lq is None else lq.weight, fmt, int2, linear=False)
-    ph, pw = _pair(m.padding)
-    attrs = dict(kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride), pads=[ph, pw, ph, pw])
-    attrs.update(dilations=_pair(m.dilation), group=m.groups)
+    ph, pw = pair(m.padding)
+    attrs = dict(kernel_shape=pair(m.kernel_size), strides=pair(m.stride), pads=[ph, pw, ph, pw])
+    attrs.update(dilations=pair(m.dilation), group=m.groups)
     inputs = [x, w]
     b = None if m.bias is None else m.bias.detach().float().cpu().numpy()
     if b is not None and bias_mode == "conv":
@@ -337,143 +298,13 @@ def _linear(g, name, m: nn.Linear, x, lq: LayerQuant | None, fmt, int2, bias_mod
     return y
 
 
-def _batchnorm(g, name, m: nn.BatchNorm2d, x):
-    if m.running_mean is None:
-        raise NotImplementedError(f"layer {name!r}: BatchNorm without running statistics")
-    c = m.num_features
-    w = m.weight.detach() if m.affine else torch.ones(c)
-    b = m.bias.detach() if m.affine else torch.zeros(c)
-    ins = [g.const(f"{name}.{k}", t.float().cpu().numpy()) for k, t in (("weight", w), ("bias", b))]
-    ins += [g.const(f"{name}.{k}", getattr(m, k).float().cpu().numpy()) for k in ("running_mean", "running_var")]
-    return g.op("BatchNormalization", [x, *ins], name, epsilon=float(m.eps))
-
-
-def _clip(g, base, x, lo: float, hi: float):
-    return g.op("Clip", [x, g.const(f"{base}.min", np.float32(lo)), g.const(f"{base}.max", np.float32(hi))], base)
-
-
-def _pool(g, base, x, op, kernel, stride, padding, ceil_mode, dilation=1, count_include_pad=True):
-    ph, pw = _pair(padding)
-    attrs = dict(kernel_shape=_pair(kernel), strides=_pair(stride if stride else kernel), pads=[ph, pw, ph, pw])
-    attrs["ceil_mode"] = int(bool(ceil_mode))
-    if op == "MaxPool":
-        attrs["dilations"] = _pair(dilation)
-    else:
-        attrs["count_include_pad"] = int(bool(count_include_pad))
-    return g.op(op, [x], base, **attrs)
-
-
-def _global_pool(g, base, x, output_size):
-    if _pair(output_size) != [1, 1]:
-        raise NotImplementedError(f"{base}: adaptive average pooling to {output_size} (only to 1x1)")
-    return g.op("GlobalAveragePool", [x], base)
-
-
-def _flatten(g, base, x, start_dim=0, end_dim=-1):
-    if end_dim != -1:
-        raise NotImplementedError(f"{base}: flatten with end_dim={end_dim} (only -1)")
-    return g.op("Flatten", [x], base, axis=int(start_dim))
-
-
-_NARROW = {TensorProto.INT2, TensorProto.UINT2, TensorProto.INT4, TensorProto.UINT4}
-
-
-def _split_clips_before_narrow_q(g: _Graph) -> None:
-    """Float Clip → QuantizeLinear(int4 / int2) becomes Max → Min → QuantizeLinear (same values).
-
-    ORT 1.32's ClipQuantFusion reads the QuantizeLinear's zero point to decide whether the Clip is
-    redundant and throws "Unexpected data type for QuantizeLinear input y_zero_point" for 4-bit and
-    2-bit types at session creation (MobileNetV2's ReLU6 before a 4-bit input, or the float clip of a
-    narrow range); Max / Min are not fused, so the session loads."""
-    zp_type = {t.name: t.data_type for t in g.inits}
-    narrow_inputs = {
-        n.input[0] for n in g.nodes if n.op_type == "QuantizeLinear" and zp_type.get(n.input[2]) in _NARROW
-    }
-    nodes = []
-    for n in g.nodes:
-        if n.op_type == "Clip" and n.output[0] in narrow_inputs and zp_type.get(n.input[1]) == TensorProto.FLOAT:
-            low = g.name(f"{n.name}.max")
-            nodes.append(helper.make_node("Max", [n.input[0], n.input[1]], [low], name=low))
-            nodes.append(helper.make_node("Min", [low, n.input[2]], [n.output[0]], name=n.name))
-        else:
-            nodes.append(n)
-    g.nodes = nodes
-
-
 def _module_node(g, name, m, x, layers, fmt, int2, bias_mode):
     lq = layers.get(name)
     if isinstance(m, nn.Conv2d):
         return _conv(g, name, m, x, lq, fmt, int2, bias_mode)
     if isinstance(m, nn.Linear):
         return _linear(g, name, m, x, lq, fmt, int2, bias_mode)
-    if isinstance(m, nn.BatchNorm2d):
-        return _batchnorm(g, name, m, x)
-    if isinstance(m, nn.ReLU):
-        return g.op("Relu", [x], name)
-    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 included
-        return _clip(g, name, x, m.min_val, m.max_val)
-    if isinstance(m, nn.MaxPool2d):
-        return _pool(g, name, x, "MaxPool", m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation)
-    if isinstance(m, nn.AvgPool2d):
-        return _pool(g, name, x, "AveragePool", m.kernel_size, m.stride, m.padding, m.ceil_mode, 1, m.count_include_pad)
-    if isinstance(m, nn.AdaptiveAvgPool2d):
-        return _global_pool(g, name, x, m.output_size)
-    if isinstance(m, nn.Flatten):
-        return _flatten(g, name, x, m.start_dim, m.end_dim)
-    if isinstance(m, (nn.Dropout, nn.Identity)):
-        return x  # eval mode
-    raise NotImplementedError(f"module {name!r} ({type(m).__name__}) has no ONNX translation here")
-
-
-def _kw(node, names: tuple[str, ...], defaults: tuple) -> list:
-    """Positional and keyword arguments after the input, by name, defaults filled in."""
-    args = list(node.args[1:]) + [None] * len(names)
-    return [node.kwargs.get(n, args[i] if args[i] is not None else d) for i, (n, d) in enumerate(zip(names, defaults))]
-
-
-_RELU = (F.relu, torch.relu, torch.relu_)
-_ADD = (operator.add, operator.iadd, torch.add)
-
-
-def _function_node(g, node, ins):
-    f, base = node.target, node.name
-    if f in _RELU:
-        return g.op("Relu", [ins[0]], base)
-    if f is F.relu6:
-        return _clip(g, base, ins[0], 0.0, 6.0)
-    if f is F.hardtanh:
-        lo, hi = _kw(node, ("min_val", "max_val"), (-1.0, 1.0))
-        return _clip(g, base, ins[0], lo, hi)
-    if f in _ADD + (operator.mul, torch.mul) and "alpha" not in node.kwargs:
-        if len(ins) != 2:
-            raise NotImplementedError(f"node {base!r}: {f.__name__} with a constant operand")
-        return g.op("Mul" if f in (operator.mul, torch.mul) else "Add", ins, base)
-    if f in (F.max_pool2d, torch.max_pool2d):
-        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-        kernel, stride, pad, dil, ceil, ret = _kw(node, names, (None, None, 0, 1, 0, 0))
-        if ret:
-            raise NotImplementedError(f"{base}: max_pool2d with return_indices")
-        return _pool(g, base, ins[0], "MaxPool", kernel, stride, pad, ceil, dil)
-    if f in (F.avg_pool2d, torch._C._nn.avg_pool2d):
-        kernel, stride, pad, ceil, incl = _kw(
-            node, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"), (None, None, 0, 0, 1)
-        )
-        return _pool(g, base, ins[0], "AveragePool", kernel, stride, pad, ceil, 1, incl)
-    if f is F.adaptive_avg_pool2d:
-        return _global_pool(g, base, ins[0], _kw(node, ("output_size",), (None,))[0])
-    if f is torch.flatten:
-        return _flatten(g, base, ins[0], *_kw(node, ("start_dim", "end_dim"), (0, -1)))
-    raise NotImplementedError(f"node {base!r}: function {getattr(f, '__name__', f)!r} has no ONNX translation here")
-
-
-def _method_node(g, node, ins):
-    if node.target == "flatten":
-        return _flatten(g, node.name, ins[0], *_kw(node, ("start_dim", "end_dim"), (0, -1)))
-    if node.target in ("relu", "relu_"):
-        return g.op("Relu", [ins[0]], node.name)
-    if node.target in ("add", "add_", "__add__") and "alpha" not in node.kwargs:
-        return g.op("Add", ins[:2], node.name)
-    raise NotImplementedError(f"node {node.name!r}: method .{node.target}() has no ONNX translation here")
+    return float_module_node(g, name, m, x)
 
 
 SUPPORTED = (
@@ -533,7 +364,7 @@ def build_onnx(
         graph_module = torch.fx.GraphModule(net, _LeafTracer().trace(net))
         with torch.no_grad():
             out_shape = list(net(example[:1]).shape[1:])
-        g, values, output = _Graph(), {}, None
+        g, values, output = Graph(), {}, None
         for node in graph_module.graph.nodes:
             if node.op == "placeholder":
                 if values:
@@ -550,15 +381,15 @@ def build_onnx(
             if node.op == "call_module":
                 values[node] = _module_node(g, node.target, modules[node.target], ins[0], layers, fmt, int2, bias)
             elif node.op == "call_function":
-                values[node] = _function_node(g, node, ins)
+                values[node] = function_node(g, node, ins)
             else:
-                values[node] = _method_node(g, node, ins)
+                values[node] = method_node(g, node, ins)
     finally:
         net.train(was_training)
     if not isinstance(output, torch.fx.Node):
         raise NotImplementedError("models whose output is not a single tensor")
     if fmt == "qdq":
-        _split_clips_before_narrow_q(g)
+        split_clips_before_narrow_q(g)
     g.nodes.append(helper.make_node("Identity", [values[output]], [OUTPUT_NAME], name=OUTPUT_NAME))
     graph = helper.make_graph(
         g.nodes,
