@@ -66,6 +66,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mpqflow.evaluate",
             "mpqflow.finetuned",
             "mpqflow.indicators",  # LIMPQ indicator files and the LIMPQ objective (torch-free)
+            "mpqflow.deploy.*",  # ONNX export of quantized models and ONNX Runtime evaluation (issue 25)
         ),
     ),
     ("model-aware", ("mpqflow.methods", "mpqflow.context", "mpqflow.input_checks")),

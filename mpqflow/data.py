@@ -38,6 +38,7 @@ __all__ = [
     "DataSpec",
     "data_spec",
     "image_folder_classes",
+    "preprocessing",
     "load_split",
     "SamplePlan",
     "sensitivity_set",
@@ -50,6 +51,7 @@ __all__ = [
 # name -> (input channels, classes, input size); an ImageNet-style folder counts its class folders
 DATASETS = {"digits": (1, 10, 8), "cifar10": (3, 10, 32), "cifar100": (3, 100, 32), "imagenet": (3, None, None)}
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -114,15 +116,26 @@ def data_spec(model, seed: int) -> DataSpec:
     return DataSpec(ds.name, ds.root, ds.test_fraction, ds.image_size, seed)
 
 
-def _digits(spec: DataSpec, split: str) -> Dataset:
-    import torch
+def _digits_split(spec: DataSpec):
+    """(x_train, x_test, y_train, y_test) of the digits: raw (N, 64) pixels in 0..16, stratified, seeded."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from torch.utils.data import TensorDataset
 
     x, y = load_digits(return_X_y=True)  # (1797, 64) in 0..16
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=spec.test_fraction, random_state=spec.seed, stratify=y)
-    mean, std = x_tr.mean(), x_tr.std()  # statistics of the training split only
+    return train_test_split(x, y, test_size=spec.test_fraction, random_state=spec.seed, stratify=y)
+
+
+def _digits_stats(x_train: np.ndarray) -> tuple[float, float]:
+    """One mean and std over every pixel of the training split (the held-out split is never looked at)."""
+    return float(x_train.mean()), float(x_train.std())
+
+
+def _digits(spec: DataSpec, split: str) -> Dataset:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    x_tr, x_te, y_tr, y_te = _digits_split(spec)
+    mean, std = _digits_stats(x_tr)
     x_sel, y_sel = (x_tr, y_tr) if split == "train" else (x_te, y_te)
     images = torch.tensor((x_sel - mean) / std, dtype=torch.float32).reshape(-1, 1, 8, 8)
     return TensorDataset(images, torch.tensor(y_sel, dtype=torch.long))
@@ -204,10 +217,36 @@ def _imagenet(spec: DataSpec, split: str) -> Dataset:
             T.Resize(spec.image_size * 8 // 7),
             T.CenterCrop(spec.image_size),
             T.ToTensor(),
-            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
         ]
     )
     return torchvision.datasets.ImageFolder(str(folder), transform=tf)
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def preprocessing(spec: DataSpec) -> dict:
+    """What a user must do to an image before the model sees it, as load_split does it (JSON-able):
+    resize (shorter side, or None), crop (center crop size, or None), pixel_max (raw pixels are divided
+    by it: 255 for 8-bit images, 1 for the digits' 0..16 values), mean and std per channel (applied
+    after the division), class_names (None where the dataset has no names stored)."""
+    if spec.name == "digits":
+        mean, std = _digits_stats(_digits_split(spec)[0])
+        names = [str(d) for d in range(10)]
+        return dict(resize=None, crop=None, pixel_max=1.0, mean=[mean], std=[std], class_names=names)
+    if spec.name in ("cifar10", "cifar100"):
+        names = list(CIFAR10_CLASSES) if spec.name == "cifar10" else None
+        mean, std = list(_CIFAR_MEAN), list(_CIFAR_STD)
+        return dict(resize=None, crop=None, pixel_max=255.0, mean=mean, std=std, class_names=names)
+    return dict(
+        resize=spec.image_size * 8 // 7,
+        crop=spec.image_size,
+        pixel_max=255.0,
+        mean=list(_IMAGENET_MEAN),
+        std=list(_IMAGENET_STD),
+        class_names=image_folder_classes(Path(spec.root) / "train"),
+    )
 
 
 def load_split(spec: DataSpec, split: str) -> Dataset:
