@@ -54,9 +54,7 @@ def main() -> None:
         quant = QuantConfig.from_dict({**q, "fold_bn": fold_bn})
         ctx = calibrated_context(model, quant, cfg.seed, cfg.runtime, args.checkpoint)
         top1[fold_bn] = {
-            option_name(o): evaluate_assignment(ctx, ctx.table.uniform_assignment(o), cfg.evaluation.batch_size)[
-                "top1"
-            ]
+            option_name(o): evaluate_assignment(ctx, ctx.table.uniform_assignment(o), cfg.evaluation.batch_size)["top1"]
             for o in ctx.table.options
         }
         fp = evaluate_assignment(ctx, {}, cfg.evaluation.batch_size)["top1"]

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-
 from conftest import TINY, run_snakemake
+
 from mpqflow.artifacts import load_calibration, load_layer_table
 from mpqflow.config import Config, QuantConfig, validate_config
 from mpqflow.context import load_context

@@ -11,8 +11,9 @@ is, and everything else of the model's state_dict unchanged (biases, BN, FP laye
 The weight is codes · scale, bit for bit the fake-quantized weight of the fine-tuned model.
 ``meta["folded_bn"]`` = {conv: bn} BatchNorms folded into convs before fine-tuning (quant.fold_bn):
 their convs' biases hold the BN and the BN entries are absent; :func:`load_export` folds the fresh
-model's layout the same way. ``meta["layers"][L]`` = {w_bits, a_bits, w_signed, a_signed, w_per_channel, weight_scale (list),
-act_scale (float), shape} (None for an FP part). Sub-8-bit codes are stored one per int8 (not packed).
+model's layout the same way. ``meta["layers"][L]`` = {w_bits, a_bits, w_signed, a_signed, w_per_channel,
+weight_scale (list), act_scale (float), shape} (None for an FP part). Sub-8-bit codes are stored one
+per int8 (not packed).
 """
 
 from __future__ import annotations

@@ -95,7 +95,9 @@ def fold_batchnorm(net: nn.Module) -> dict[str, str]:
     would not). BatchNorms that cannot be folded stay, and a warning names each with the reason.
     """
     if net.training:
-        raise ValueError("fold_batchnorm needs an eval-mode model (call net.eval() first): folding uses running statistics")
+        raise ValueError(
+            "fold_batchnorm needs an eval-mode model (call net.eval() first): folding uses running statistics"
+        )
     pairs, left = foldable_batchnorms(net)
     for conv_name, bn_name in pairs.items():
         conv, bn = net.get_submodule(conv_name), net.get_submodule(bn_name)
