@@ -270,8 +270,13 @@ def load_calibration(path, checkpoint_sha256: str, quant: dict) -> tuple[dict, L
         keys = sorted(
             k for k in set(quant) | set(calib["quant_config"]) if quant.get(k) != calib["quant_config"].get(k)
         )
+        made = calib["quant_config"]
+        values = "; ".join(
+            f"quant.{k}: {made.get(k, '(absent)')!r} there, {quant.get(k, '(absent)')!r} in the config" for k in keys
+        )
         raise ValueError(
-            f"{path} was made with other quant settings than the config's 'quant' section (differing keys: {keys})"
+            f"{path} was made with other quant settings than the config's 'quant' section (differing keys: "
+            f"{keys}; {values}); rerun calibrate with this config"
         )
     return calib["quantizer"], LayerTable.from_dict(calib["table"])
 

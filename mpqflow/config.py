@@ -179,6 +179,7 @@ class QuantConfig(Section):
     fix_first_last: bool
     calibration_samples: int
     calibration_batch_size: int
+    fold_bn: bool
 
     @property
     def options(self) -> list[tuple[int, int]]:

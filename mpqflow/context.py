@@ -2,13 +2,16 @@
 
 Usage:
     net = load_model(model_cfg, "results/m/model.pt", device)
+    net, folded = quantization_model(model_cfg, quant, "results/m/model.pt", device)  # BNs folded per quant.fold_bn
     table, quantizer = calibrate_quantizer(net, train_set, quant, seed, device, workers=0)
     ctx = load_context(model_cfg, quant, seed, runtime, "results/m/model.pt", "results/m/calibration.pt")
     with ctx.quantizer.applied(ctx.table.uniform_assignment((4, 8))):
         logits = ctx.net(x)
 
 A Context is built once per job and not changed afterwards (frozen); its data splits load on
-first use.
+first use. Every quantization stage gets its model from :func:`quantization_model`, the one place
+where ``quant.fold_bn`` folds the BatchNorms (:mod:`mpqflow.quant.fold`): calibration, sensitivity,
+evaluation, PTQ, LIMPQ and fine-tuning then all see the same folded convs.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from .data import DataSpec, SamplePlan, data_spec, iterate, load_split, stack
 from .io import file_sha256
 from .layers import LayerTable
 from .models import fresh_model, layer_macs, quantizable_layers, unreached_layers, unreached_numel
-from .quant import ModelQuantizer, QuantScheme
+from .quant import ModelQuantizer, QuantScheme, fold_batchnorm
 from .runtime import resolve_device, seed_everything
 
 __all__ = [
     "load_model",
+    "quantization_model",
     "layer_table",
     "build_quantizer",
     "calibrate_quantizer",
@@ -47,8 +51,21 @@ def load_model(model: ModelConfig, checkpoint: str, device, seed: int = 0) -> to
     return net.to(device).eval()
 
 
-def layer_table(net: torch.nn.Module, example: torch.Tensor, quant: QuantConfig) -> LayerTable:
-    """Quantizable layers of `net` (traced on `example`), with first/last fixed per `quant`."""
+def quantization_model(
+    model: ModelConfig, quant: QuantConfig, checkpoint: str, device, seed: int = 0
+) -> tuple[torch.nn.Module, dict[str, str]]:
+    """(the FP model as quantization sees it, {conv: bn} folded): :func:`load_model`, then, with
+    ``quant.fold_bn``, every foldable BatchNorm2d folded into its conv (eval mode, running statistics)."""
+    net = load_model(model, checkpoint, device, seed)
+    folded = fold_batchnorm(net) if quant.fold_bn else {}
+    return net, folded
+
+
+def layer_table(
+    net: torch.nn.Module, example: torch.Tensor, quant: QuantConfig, folded_bn: dict | None = None
+) -> LayerTable:
+    """Quantizable layers of `net` (traced on `example`), with first/last fixed per `quant`;
+    `folded_bn` ({conv: bn}) records what :func:`quantization_model` folded."""
     layers = tuple(quantizable_layers(net, example[:1]))
     unreached = tuple(unreached_layers(net, list(layers)))
     if unreached:
@@ -67,6 +84,8 @@ def layer_table(net: torch.nn.Module, example: torch.Tensor, quant: QuantConfig)
         numel={**{l: int(modules[l].weight.numel()) for l in layers}, **unreached_numel(net, list(unreached))},
         macs={l: int(v) for l, v in layer_macs(net, example[:1]).items()},
         unreached=unreached,
+        fold_bn=bool(quant.fold_bn),
+        folded_bn=dict(folded_bn or {}),
     )
 
 
@@ -84,14 +103,17 @@ def build_quantizer(net: torch.nn.Module, table: LayerTable, quant: QuantConfig)
     )
 
 
-def calibrate_quantizer(net, train_set, quant: QuantConfig, seed: int, device, workers: int = 0):
-    """(layer table, calibrated quantizer) from the sample plan's calibration samples.
+def calibrate_quantizer(
+    net, train_set, quant: QuantConfig, seed: int, device, workers: int = 0, folded_bn: dict | None = None
+):
+    """(layer table, calibrated quantizer) from the sample plan's calibration samples (`folded_bn`:
+    what was folded into `net`, recorded in the table).
 
     The calibration samples do not depend on the sensitivity pool, so growing the pool keeps them.
     """
     plan = SamplePlan(len(train_set), quant.calibration_samples, 0, 1, seed)
     example, _ = stack(train_set, plan.calibration()[:2])
-    table = layer_table(net, example.to(device), quant)
+    table = layer_table(net, example.to(device), quant, folded_bn)
     quantizer = build_quantizer(net, table, quant)
     batches = (x.to(device) for x, _ in iterate(train_set, quant.calibration_batch_size, plan.calibration(), workers))
     quantizer.calibrate(batches)
@@ -139,11 +161,17 @@ class Context:
 def load_context(
     model: ModelConfig, quant: QuantConfig, seed: int, runtime: Runtime, checkpoint: str, calibration: str
 ) -> Context:
-    """Load model + calibrated quantizer; refuse a calibration made from another checkpoint or quant section."""
+    """Load model + calibrated quantizer; refuse a calibration made from another checkpoint or quant
+    section (fold_bn included), or whose folded BatchNorms are not the ones this model folds."""
     device = resolve_device(runtime)
-    net = load_model(model, checkpoint, device, seed)
     sha = file_sha256(checkpoint)
     state, table = load_calibration(calibration, sha, quant.to_dict())
+    net, folded = quantization_model(model, quant, checkpoint, device, seed)
+    if folded != table.folded_bn:
+        raise ValueError(
+            f"{calibration} was calibrated with BatchNorms {table.folded_bn} folded, but this model folds "
+            f"{folded} (quant.fold_bn: {quant.fold_bn}); the model code changed since: rerun calibrate"
+        )
     quantizer = build_quantizer(net, table, quant)
     quantizer.load_state_dict(state)
     return Context(net, quantizer, table, quant, sha, device, data_spec(model, seed), model.dataset.workers)
@@ -158,6 +186,6 @@ def calibrated_context(
     seed_everything(seed)
     spec = data_spec(model, seed)
     train_set = load_split(spec, "train") if train_set is None else train_set
-    net = load_model(model, checkpoint, device, seed)
-    table, quantizer = calibrate_quantizer(net, train_set, quant, seed, device, model.dataset.workers)
+    net, folded = quantization_model(model, quant, checkpoint, device, seed)
+    table, quantizer = calibrate_quantizer(net, train_set, quant, seed, device, model.dataset.workers, folded)
     return Context(net, quantizer, table, quant, file_sha256(checkpoint), device, spec, model.dataset.workers)

@@ -6,8 +6,10 @@ Usage:
     net = load_finetuned(path)         # the model in eval mode (or load_finetuned(ckpt, "cuda"))
 
 `build` holds what :func:`mpqflow.models.build_model` needs (arch, in_channels, image_size,
-num_classes); `record` says what was fine-tuned and how (method, set, budget or option, epochs,
-processes, distillation, seconds). The file is read with ``weights_only``: no code is unpickled.
+num_classes); `folded_bn` ({conv: bn}, empty without quant.fold_bn) the BatchNorms folded into
+convs before fine-tuning (the rebuilt architecture is folded the same way before the weights load);
+`record` says what was fine-tuned and how (method, set, budget or option, epochs, processes,
+distillation, seconds). The file is read with ``weights_only``: no code is unpickled.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn as nn
 from .checkpoints import torch_load
 from .io import damaged, regenerate_remedy, save_torch
 from .models import build_model
-from .quant import lsq_assignment, prepare_lsq
+from .quant import fold_structure, lsq_assignment, prepare_lsq
 
 __all__ = ["FINETUNED_FORMAT", "save_finetuned", "read_finetuned", "load_finetuned"]
 
@@ -26,13 +28,23 @@ FINETUNED_FORMAT = "mpqflow-finetuned/1"
 _KEYS = ("build", "per_channel", "state_dict", "assignment", "record", "checkpoint_sha256")
 
 
-def save_finetuned(path, net: nn.Module, build: dict, per_channel: bool, record: dict, checkpoint_sha256: str):
-    """Write the LSQ model `net` (from :func:`mpqflow.quant.prepare_lsq`) atomically, with how to rebuild it."""
+def save_finetuned(
+    path,
+    net: nn.Module,
+    build: dict,
+    per_channel: bool,
+    record: dict,
+    checkpoint_sha256: str,
+    folded_bn: dict | None = None,
+):
+    """Write the LSQ model `net` (from :func:`mpqflow.quant.prepare_lsq`) atomically, with how to
+    rebuild it (`folded_bn`: the {conv: bn} folded into it before fine-tuning)."""
     net = net.cpu().eval()
     assignment = {l: list(o) for l, o in lsq_assignment(net).items()}
     save_torch(path, {
         "format": FINETUNED_FORMAT, "build": build, "per_channel": per_channel, "state_dict": net.state_dict(),
         "assignment": assignment, "record": record, "checkpoint_sha256": checkpoint_sha256,
+        "folded_bn": dict(folded_bn or {}),
     })  # fmt: skip
 
 
@@ -59,8 +71,10 @@ def load_finetuned(path_or_ckpt, device="cpu") -> nn.Module:
     assignment = {l: tuple(o) for l, o in ckpt["assignment"].items()}
     # An input grid's sign is learned state, not config: read it from the saved quantizer's range.
     act_signed = {l: bool(state[f"{l}.act_quant.quant_min"] < 0) for l, (_, a) in assignment.items() if a is not None}
+    # Files written before fold_bn existed have no folded_bn: they were fine-tuned unfolded.
+    fp_net = fold_structure(build_model(**ckpt["build"]), ckpt.get("folded_bn", {}))
     net = prepare_lsq(
-        build_model(**ckpt["build"]),
+        fp_net,
         assignment,
         weight_init=None,
         per_channel=ckpt["per_channel"],

@@ -11,11 +11,11 @@ from a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["LayerTable", "TABLE_FIELDS", "table_fault"]
 
-TABLE_FIELDS = ("layers", "candidates", "fixed", "options", "numel", "macs", "unreached")
+TABLE_FIELDS = ("layers", "candidates", "fixed", "options", "numel", "macs", "unreached", "fold_bn", "folded_bn")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class LayerTable:
             per layer of `layers`.
         unreached: weights the quantizer cannot reach (used through functional calls); they stay FP and
             count as 32-bit weights in every size (and average bits).
+        fold_bn: whether the model was loaded with its BatchNorms folded into the convs (quant.fold_bn).
+        folded_bn: conv -> the BatchNorm2d folded into it (empty without fold_bn); a conv's name is
+            unchanged by folding, so every other field names the same layers either way.
     """
 
     layers: tuple[str, ...]
@@ -40,6 +43,8 @@ class LayerTable:
     numel: dict
     macs: dict
     unreached: tuple[str, ...] = ()
+    fold_bn: bool = False
+    folded_bn: dict = field(default_factory=dict)
 
     @property
     def unreached_numel(self) -> int:
@@ -82,6 +87,8 @@ class LayerTable:
             "numel": dict(self.numel),
             "macs": dict(self.macs),
             "unreached": list(self.unreached),
+            "fold_bn": bool(self.fold_bn),
+            "folded_bn": dict(self.folded_bn),
         }
 
     @classmethod
@@ -95,6 +102,8 @@ class LayerTable:
             dict(t["numel"]),
             dict(t["macs"]),
             tuple(t.get("unreached", ())),  # absent in tables written before it was recorded
+            bool(t["fold_bn"]),
+            dict(t["folded_bn"]),
         )
 
 
@@ -119,7 +128,9 @@ def table_fault(t) -> str | None:
     for f in ("layers", "candidates", "options", "unreached"):
         if not isinstance(t[f], list):
             return f"field {f!r} is a {type(t[f]).__name__}, expected a list"
-    for f in ("fixed", "numel", "macs"):
+    if not isinstance(t["fold_bn"], bool):
+        return f"field 'fold_bn' is {t['fold_bn']!r}, expected true or false"
+    for f in ("fixed", "numel", "macs", "folded_bn"):
         if not isinstance(t[f], dict):
             return f"field {f!r} is a {type(t[f]).__name__}, expected an object keyed by layer"
     layers = t["layers"]
@@ -136,6 +147,11 @@ def table_fault(t) -> str | None:
         unknown = [l for l in names if l not in known]
         if unknown:
             return f"field {f!r} names {unknown}, not in field 'layers'"
+    unfolded = [l for l in t["folded_bn"] if l not in known]
+    if unfolded:
+        return f"field 'folded_bn' names {unfolded}, not in field 'layers'"
+    if t["folded_bn"] and not t["fold_bn"]:
+        return "field 'folded_bn' lists folded BatchNorms but field 'fold_bn' is false"
     both = sorted(set(t["candidates"]) & set(t["fixed"]))
     if both:
         return f"layer(s) {both} are both candidates and fixed"

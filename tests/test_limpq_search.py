@@ -27,7 +27,7 @@ def _quant(w_bits, a_bits):
     return QuantConfig.from_dict(
         {
             "weight": {}, "activation": {}, "w_bits": list(w_bits), "a_bits": list(a_bits), "fixed_bits": 8,
-            "fix_first_last": True, "calibration_samples": 64, "calibration_batch_size": 64,
+            "fix_first_last": True, "calibration_samples": 64, "calibration_batch_size": 64, "fold_bn": False,
         }
     )  # fmt: skip
 

@@ -15,9 +15,11 @@ GEMMLOWP qparams), :mod:`.bitalloc` (per-channel bits), :mod:`.bias_correction`,
 (bit-rate); ``QuantScheme.levels`` alq / amq fits its levels with :mod:`mpqflow.levels` (a leaf that the
 gradient exchange shares). Quantization-aware fine-tuning: :mod:`.lsq` (LSQ learnable quantizers and
 layers, ``prepare_lsq`` initialised from a calibrated ModelQuantizer), :mod:`.export` (integer export).
+:mod:`.fold` folds BatchNorms into their convs (``quant.fold_bn``), before any of the above sees the model.
 """
 
 from .export import EXPORT_FORMAT, export_integer, load_export, read_export, save_export
+from .fold import fold_batchnorm, fold_structure, foldable_batchnorms
 from .functional import (
     choose_qparams,
     clip_ratios,
@@ -87,4 +89,7 @@ __all__ = [
     "save_export",
     "read_export",
     "load_export",
+    "foldable_batchnorms",
+    "fold_batchnorm",
+    "fold_structure",
 ]

@@ -9,8 +9,11 @@
 per output channel or ()) when its weight is quantized, ``L.act_scale`` (float32 ()) when its input
 is, and everything else of the model's state_dict unchanged (biases, BN, FP layers, as float).
 The weight is codes · scale, bit for bit the fake-quantized weight of the fine-tuned model.
-``meta["layers"][L]`` = {w_bits, a_bits, w_signed, a_signed, w_per_channel, weight_scale (list),
-act_scale (float), shape} (None for an FP part). Sub-8-bit codes are stored one per int8 (not packed).
+``meta["folded_bn"]`` = {conv: bn} BatchNorms folded into convs before fine-tuning (quant.fold_bn):
+their convs' biases hold the BN and the BN entries are absent; :func:`load_export` folds the fresh
+model's layout the same way. ``meta["layers"][L]`` = {w_bits, a_bits, w_signed, a_signed, w_per_channel,
+weight_scale (list), act_scale (float), shape} (None for an FP part). Sub-8-bit codes are stored one
+per int8 (not packed).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn as nn
 
 from ..checkpoints import torch_load
 from ..io import damaged, regenerate_remedy, save_json, save_torch
+from .fold import fold_structure
 from .lsq import lsq_layers, lsq_range, prepare_lsq
 
 __all__ = ["EXPORT_FORMAT", "export_integer", "save_export", "read_export", "load_export"]
@@ -44,15 +48,16 @@ def _layer_meta(m: nn.Module) -> dict:
     }
 
 
-def export_integer(net: nn.Module) -> tuple[dict, dict]:
-    """(state, meta) of the model's LSQ layers as integers plus its other state as float (CPU copies).
+def export_integer(net: nn.Module, folded_bn: dict | None = None) -> tuple[dict, dict]:
+    """(state, meta) of the model's LSQ layers as integers plus its other state as float (CPU copies);
+    `folded_bn` ({conv: bn}) says which BatchNorms were folded into `net`'s convs.
 
     Every quantizer must be initialised (ValueError otherwise). See the module docstring for the layout.
     """
     layers, tensors = lsq_layers(net), {}
     if not layers:
         raise ValueError("the model has no LSQ layers: prepare_lsq it first")
-    meta = {"format": EXPORT_FORMAT, "layers": {}}
+    meta = {"format": EXPORT_FORMAT, "folded_bn": dict(folded_bn or {}), "layers": {}}
     for name, m in layers.items():
         for part in (m.weight_quant, m.act_quant):
             if part is not None and (part.signed is None or not part.initialized):
@@ -71,9 +76,9 @@ def export_integer(net: nn.Module) -> tuple[dict, dict]:
     return {"format": EXPORT_FORMAT, "meta": meta, "tensors": tensors}, meta
 
 
-def save_export(path_pt, path_json, net: nn.Module) -> dict:
+def save_export(path_pt, path_json, net: nn.Module, folded_bn: dict | None = None) -> dict:
     """Write :func:`export_integer`'s state (torch.save) and meta (JSON), each atomically; returns meta."""
-    state, meta = export_integer(net)
+    state, meta = export_integer(net, folded_bn)
     save_torch(path_pt, state)
     save_json(path_json, meta)
     return meta
@@ -131,6 +136,7 @@ def load_export(net: nn.Module, state: Mapping, meta: Mapping | None = None) -> 
     if lsq_layers(net):
         raise ValueError(f"load_export needs a fresh FP model; it has LSQ layers {sorted(lsq_layers(net))}")
     layers, tensors = state["meta"]["layers"], state["tensors"]
+    fold_structure(net, state["meta"].get("folded_bn", {}))  # absent in exports made before fold_bn: unfolded
     _prepare(net, layers)
     own, full, used = net.state_dict(), {}, set()
     for name, e in layers.items():

@@ -136,8 +136,8 @@ def finetune(
              "num_classes": model_cfg.num_classes or spec.num_classes}  # fmt: skip
     record = {**fields, "epochs": train.epochs, "world_size": env.world_size, "distill": ft.distill,
               "train_seconds": time.perf_counter() - t0}  # fmt: skip
-    save_finetuned(outputs["model"], net, build, per_channel, record, ctx.checkpoint_sha256)
-    save_export(outputs["export"], outputs["export_meta"], net)
+    save_finetuned(outputs["model"], net, build, per_channel, record, ctx.checkpoint_sha256, ctx.table.folded_bn)
+    save_export(outputs["export"], outputs["export_meta"], net, ctx.table.folded_bn)
     log.info("fine-tuned %s in %.0f s on %d process(es)", fields, record["train_seconds"], env.world_size)
     clear_state(state_dir)
     return record
