@@ -162,18 +162,11 @@ def test_calibration_records_fold_bn_and_the_other_setting_is_refused(tmp_path):
             load_context(m, _quant(cfg, not fold_bn), cfg.seed, cfg.runtime, ckpt, str(d / "calibration.pt"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fold_bn", [True, False])
-def test_every_stage_of_the_tiny_workflow_runs_with_either_setting(tmp_path, fold_bn):
-    """One tiny run per setting: calibrate, every sensitivity estimator (clado, mpqco, hawq), the LIMPQ
-    indicators, solve, evaluate, the PTQ variants (naive, all = ACIQ + bit allocation + bias
-    correction) and LSQ fine-tuning with its integer export all run on the folded (unfolded) model."""
-    raw = yaml.safe_load(TINY.read_text())
-    raw["quant"]["fold_bn"] = fold_bn
-    config = tmp_path / "tiny_fold.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    run_snakemake(tmp_path, "--quiet", "rules", configfile=config)
-    res = tmp_path / "results" / "tiny"
+def _check_tiny_run(workdir, raw: dict, fold_bn: bool) -> None:
+    """Calibrate, every sensitivity estimator (clado, mpqco, hawq), the LIMPQ indicators, solve,
+    evaluate, the PTQ variants (naive, all = ACIQ + bit allocation + bias correction) and LSQ
+    fine-tuning with its integer export ran on the folded (unfolded) model of a tiny run."""
+    res = workdir / "results" / "tiny"
     table = load_layer_table(res / "layers.json")
     assert table.fold_bn is fold_bn
     assert table.folded_bn == ({"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"} if fold_bn else {})
@@ -190,3 +183,20 @@ def test_every_stage_of_the_tiny_workflow_runs_with_either_setting(tmp_path, fol
     assert export["meta"]["folded_bn"] == table.folded_bn
     exported = load_export(fresh_model(cfg.models["tiny"], cfg.seed), export)
     assert evaluate_fp(exported, test, 256, torch.device("cpu"))["top1"] == pytest.approx(record["top1"])
+
+
+def test_every_stage_of_the_tiny_workflow_runs_folded(tiny_run):
+    """The tiny config folds by default (the schema's quant.fold_bn): the suite's shared run is folded."""
+    raw = yaml.safe_load(TINY.read_text())
+    assert "fold_bn" not in raw["quant"]
+    _check_tiny_run(tiny_run, raw, True)
+
+
+@pytest.mark.slow
+def test_every_stage_of_the_tiny_workflow_runs_unfolded(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["quant"]["fold_bn"] = False
+    config = tmp_path / "tiny_fold.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_snakemake(tmp_path, "--quiet", "rules", configfile=config)
+    _check_tiny_run(tmp_path, raw, False)
