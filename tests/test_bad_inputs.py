@@ -163,7 +163,16 @@ def test_a_bad_indicator_file_is_refused_before_any_job(tmp_path, case, expected
             _tiny_indicator_file(path, rename={table.candidates[0]: "features.0"})
         elif case == "missing_layer":
             _tiny_indicator_file(path, drop=table.candidates[-1])
-    out = _refused_before_any_job(tmp_path, _with_limpq_file(RAW, path), "config key 'limpq.indicators'", str(path))
+    raw = _with_limpq_file(RAW, path)
+    if case in ("not_a_pickle", "wrong_bits"):  # through the workflow (two cases keep the suite short)
+        out = _refused_before_any_job(tmp_path, raw, "config key 'limpq.indicators'", str(path))
+    else:  # the check the Snakefile runs right after validation, called as it calls it
+        from mpqflow.input_checks import check_named_files
+
+        with pytest.raises(ConfigError) as err:
+            check_named_files(validate_config(raw))
+        out = str(err.value)
+        assert "config key 'limpq.indicators'" in out and str(path) in out
     assert expected in out, out[-3000:]
 
 

@@ -30,6 +30,7 @@ from mpqflow.deploy.onnx import build_onnx, export_onnx, lsq_layers_export, ptq_
 from mpqflow.deploy.runtime import evaluate_session, file_metadata, measure_latency, open_session
 from mpqflow.models import DigitsCNN, quantizable_layers
 from mpqflow.quant import ModelQuantizer, QuantScheme, init_activations, prepare_lsq
+from mpqflow.quant.fold import fold_batchnorm
 
 W_CYCLE, A_CYCLE = (2, 3, 4, 8), (4, 8)
 
@@ -80,10 +81,16 @@ def _batches(x, batch=16):
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
 
 
+@pytest.mark.parametrize("fold_bn", [False, True])
 @pytest.mark.parametrize("fmt", ["qcdq", "qdq"])
 @pytest.mark.parametrize("arch", ["digits_cnn", "resnet18", "mobilenet_v2"])
-def test_mixed_ptq_decision_runs_bit_exact_in_ort_with_power_of_two_scales(tmp_path, arch, fmt):
+def test_mixed_ptq_decision_runs_bit_exact_in_ort_with_power_of_two_scales(tmp_path, arch, fmt, fold_bn):
+    """Unfolded, a float BatchNormalization sits between a conv and the next quantizer; folded
+    (quant.fold_bn), the conv carries the BN's scale in its weight and its shift in the bias."""
     net, shape = _model(arch)
+    if fold_bn:
+        assert fold_batchnorm(net)  # the folded convs' names, as the quantization model has them
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(2))
     q = _ptq(net, x, pow2=True)
     w_used, a_used = {w for w, _ in q.assignment.values()}, {a for _, a in q.assignment.values()}
