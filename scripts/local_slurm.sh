@@ -239,12 +239,25 @@ stop_one() {  # SIGTERM, wait up to 15 s, then SIGKILL
     say "$name stopped"
 }
 
+remove_configs() {  # only the files write_configs wrote (they carry $MARKER)
+    local f
+    for f in slurm.conf slurmdbd.conf; do
+        if [[ -e $CONF_DIR/$f ]] && grep -qF "$MARKER" "$CONF_DIR/$f"; then
+            rm -f "$CONF_DIR/$f"
+        fi
+    done
+}
+
 stop() {
-    [[ -d $STATE/run ]] || { say "nothing to stop ($STATE/run does not exist)"; return 0; }
+    # The configs go too: a slurm.conf naming a controller that is down makes every `scontrol` wait
+    # about 9 s, and Snakemake's SLURM plugin runs `scontrol show config` whenever snakemake starts
+    # (measured: `snakemake --version` 10.3 s with the stale file, 1.4 s without). `start` writes them again.
+    [[ -d $STATE/run ]] || { say "nothing to stop ($STATE/run does not exist)"; remove_configs; return 0; }
     local i
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
         stop_one "${DAEMONS[i]}"
     done
+    remove_configs
 }
 
 status() {

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from conftest import TINY, run_snakemake
+from conftest import TINY
 
 from mpqflow.artifacts import load_calibration, load_layer_table
 from mpqflow.config import Config, QuantConfig, validate_config
@@ -190,13 +190,3 @@ def test_every_stage_of_the_tiny_workflow_runs_folded(tiny_run):
     raw = yaml.safe_load(TINY.read_text())
     assert "fold_bn" not in raw["quant"]
     _check_tiny_run(tiny_run, raw, True)
-
-
-@pytest.mark.slow
-def test_every_stage_of_the_tiny_workflow_runs_unfolded(tmp_path):
-    raw = yaml.safe_load(TINY.read_text())
-    raw["quant"]["fold_bn"] = False
-    config = tmp_path / "tiny_fold.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    run_snakemake(tmp_path, "--quiet", "rules", configfile=config)
-    _check_tiny_run(tmp_path, raw, False)

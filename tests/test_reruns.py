@@ -129,6 +129,7 @@ def _sanity(config):
 
 
 PLOTS = ["results/tiny/plots/accuracy_vs_size.png"]
+HEATMAP = ["results/tiny/plots/interaction_heatmap.png"]  # CLADO's matrix of the largest first set
 FT_TABLE = {"finetune_table": ["results/tiny/finetune.csv"], "finetune_plot": ["results/tiny/plots/finetune.png"]}
 
 
@@ -220,6 +221,8 @@ def test_larger_pool_computes_only_new_batches(tiny):
         "study_plots": PLOTS,
         **_finetuned(config, _searched_target({f"{n}x{s}" for n, s in changed_sets})),
     }
+    if (max(config["study"]["set_sizes"]), 0) in changed_sets:  # the heat map's set
+        expected["interaction_heatmap"] = HEATMAP
     assert dry_run(workdir, bigger, "pool") == expected
     # The finished batch files the new sets reuse are there and are not recomputed.
     reused = set().union(*new.values()) - set(new_batches)
@@ -286,6 +289,7 @@ def test_plot_settings_rerun_only_plots(tiny):
     changed["plots"]["dpi"] = config["plots"]["dpi"] + 10
     assert dry_run(workdir, changed, "plots") == {
         "study_plots": PLOTS,
+        "interaction_heatmap": HEATMAP,
         "ptq_plot": ["results/tiny/plots/ptq.png"],
         "finetune_plot": FT_TABLE["finetune_plot"],
     }
@@ -445,7 +449,7 @@ def test_plot_code_change_redraws_only_plots(tiny, repo_copy, tmp_path):
     (the uniform table, the PTQ and fine-tuning studies draw with their own modules)."""
     workdir, config = tiny
     found = dry_run(workdir, config, "code", snakefile=_edit(repo_copy, tmp_path, "mpqflow/study_plots.py"))
-    assert found == {"study_table": STUDY, "study_plots": PLOTS}
+    assert found == {"study_table": STUDY, "study_plots": PLOTS, "interaction_heatmap": HEATMAP}
 
 
 # The gradient-quantization study is not part of `all`: its own short run, two runs of one epoch.

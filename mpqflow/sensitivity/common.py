@@ -164,7 +164,8 @@ def make_context(
     fix_first_last: bool | None = None,
     device=None,
 ):
-    """A calibrated context.Context for an in-memory model (tests, benchmarks; no files involved).
+    """A calibrated context.Context for an in-memory model (tests, benchmarks; no files involved),
+    quantized as given (no BatchNorm folding: fold it first to study a folded model).
 
     Args:
         net: the model (put in eval mode, moved to `device`).
@@ -194,6 +195,9 @@ def make_context(
             "a_bits": list(a_bits),
             "fixed_bits": 8,
             "fix_first_last": fix_first_last,
+            # the model is quantized as given: a caller who wants it folded folds it first
+            # (mpqflow.quant.fold.fold_batchnorm), as the stages do where they load it
+            "fold_bn": False,
             "calibration_samples": int(calib_x.shape[0]),
             "calibration_batch_size": int(calib_x.shape[0]),
             **(quant or {}),
