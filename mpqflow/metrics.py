@@ -18,7 +18,14 @@ from tqdm import tqdm
 
 from .data import iterate
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "batch_scores"]
+
+
+def batch_scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+    """(summed cross-entropy, top-1 hits, top-5 hits) of one batch's logits (B, K) against labels (B,)."""
+    loss = float(F.cross_entropy(logits, y, reduction="sum"))
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, k)
+    return loss, int(hits[:, 0].sum()), int(hits.any(1).sum())
 
 
 @torch.no_grad()
@@ -31,11 +38,6 @@ def evaluate(model, dataset, batch_size: int = 256, device="cpu", indices=None, 
     bar = tqdm(batches, desc="evaluate", total=total, unit="batch", mininterval=2, delay=5, file=sys.stderr)
     for x, y in bar:
         x, y = x.to(device), y.to(device)
-        logits = model(x)  # (B, K)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices == y[:, None]  # (B, k)
-        top1 += int(hits[:, 0].sum())
-        top5 += int(hits.any(1).sum())
-        n += len(y)
+        batch_loss, batch_top1, batch_top5 = batch_scores(model(x), y)
+        loss, top1, top5, n = loss + batch_loss, top1 + batch_top1, top5 + batch_top5, n + len(y)
     return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "n": n}

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
+
+from ..metrics import batch_scores
 
 __all__ = ["OPTIMIZATION_LEVELS", "open_session", "file_metadata", "evaluate_session", "measure_latency"]
 log = logging.getLogger("mpqflow")
@@ -106,12 +107,8 @@ def evaluate_session(
         x = torch.as_tensor(x).float().cpu()
         y = torch.as_tensor(y).cpu()
         logits = torch.from_numpy(_run(sess, x.numpy()))  # (B, K)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices == y[:, None]  # (B, k)
-        top1 += int(hits[:, 0].sum())
-        top5 += int(hits.any(1).sum())
-        n += len(y)
+        batch_loss, batch_top1, batch_top5 = batch_scores(logits, y)
+        loss, top1, top5, n = loss + batch_loss, top1 + batch_top1, top5 + batch_top5, n + len(y)
         if reference is not None:
             ref = reference(x).detach().float().cpu()  # (B, K)
             if ref.shape != logits.shape:
