@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from conftest import TINY
+from conftest import TINY, run_snakemake
 
 from mpqflow.artifacts import load_calibration, load_layer_table
 from mpqflow.config import Config, QuantConfig, validate_config
@@ -185,8 +185,18 @@ def _check_tiny_run(workdir, raw: dict, fold_bn: bool) -> None:
     assert evaluate_fp(exported, test, 256, torch.device("cpu"))["top1"] == pytest.approx(record["top1"])
 
 
-def test_every_stage_of_the_tiny_workflow_runs_folded(tiny_run):
-    """The tiny config folds by default (the schema's quant.fold_bn): the suite's shared run is folded."""
+def test_every_stage_of_the_tiny_workflow_runs_unfolded(tiny_run):
+    """The tiny config does not fold (the schema's quant.fold_bn): the suite's shared run is unfolded."""
     raw = yaml.safe_load(TINY.read_text())
     assert "fold_bn" not in raw["quant"]
-    _check_tiny_run(tiny_run, raw, True)
+    _check_tiny_run(tiny_run, raw, False)
+
+
+@pytest.mark.slow
+def test_every_stage_of_the_tiny_workflow_runs_folded(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["quant"]["fold_bn"] = True
+    config = tmp_path / "tiny_fold.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_snakemake(tmp_path, "--quiet", "rules", configfile=config)
+    _check_tiny_run(tmp_path, raw, True)
